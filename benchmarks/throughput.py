@@ -1,0 +1,117 @@
+"""SimCLR throughput: the backbone ceiling, the views alone, and the full training step.
+
+Measures, on one device, images per second (each image makes 2 views) of
+  (a) ceiling:  backbone + projection head + NT-Xent forward/backward + optimizer step on pre-made views,
+  (b) views:    the toolkit's GPU view policy alone (uint8 batch -> 2 normalised views),
+  (c) full:     (b) then (a), i.e. one SimCLR training step from a uint8 batch already on the device,
+and writes a JSON result with the commit, device, library versions and peak memory.
+
+  python benchmarks/throughput.py                       # resnet18 CIFAR stem, batch 512, bf16, channels_last
+  python benchmarks/throughput.py --device cpu --batch 64 --steps 5 --warmup 2   # a CPU smoke measurement
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.methods import SimCLR
+from ssl_toolkit.optim import param_groups
+from ssl_toolkit.views import ViewConfig
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
+    """Seconds per call of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def environment(device: torch.device) -> dict:
+    import kornia
+    import pytorch_lightning
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
+            "python": platform.python_version(), "torch": torch.__version__, "kornia": kornia.__version__,
+            "pytorch_lightning": pytorch_lightning.__version__, "cuda": torch.version.cuda}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--no-cifar-stem", action="store_true")
+    p.add_argument("--batch", type=int, default=512)
+    p.add_argument("--size", type=int, default=32, help="image and crop side")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/throughput-<device>.json)")
+    a = p.parse_args()
+    device = torch.device(a.device)
+    torch.backends.cudnn.benchmark = True
+    torch.manual_seed(0)
+
+    model = SimCLR(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=ViewConfig(crop_size=a.size),
+                   channels_last=not a.no_channels_last).to(device)
+    model.setup("fit")
+    opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.06, momentum=0.9)
+    images = torch.randint(0, 256, (a.batch, 3, a.size, a.size), dtype=torch.uint8, device=device)
+    premade = model.view_policy(images)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+
+    def train_step(views):
+        with amp:
+            loss = model.step(views)["ntxent_loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    results = {}
+    for name, fn in (("ceiling", lambda: train_step(premade)), ("views", lambda: model.view_policy(images)),
+                     ("full", lambda: train_step(model.view_policy(images)))):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sec = timed(fn, a.steps, a.warmup, device)
+        results[name] = {"images_per_s": round(a.batch / sec, 1), "ms_per_step": round(1000 * sec, 3),
+                         "peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+                         if device.type == "cuda" else None}
+        print(f"{name:8s} {results[name]['images_per_s']:>10.1f} images/s  {results[name]['ms_per_step']:>9.2f} ms/step")
+    ratio = results["full"]["images_per_s"] / results["ceiling"]["images_per_s"]
+    print(f"full / ceiling = {ratio:.3f}")
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{device.type}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    record = {**environment(device), "config": {"backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
+                                                 "batch": a.batch, "size": a.size, "precision": a.precision,
+                                                 "channels_last": not a.no_channels_last, "steps": a.steps,
+                                                 "warmup": a.warmup, "views_per_image": 2},
+              "results": results, "full_over_ceiling": round(ratio, 3)}
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

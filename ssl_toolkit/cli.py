@@ -1,0 +1,189 @@
+"""The ``ssl-toolkit`` command: ``pretrain`` (LightningCLI), ``knn`` and ``probe`` (frozen-encoder evaluation)."""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+USAGE = """usage: ssl-toolkit COMMAND [options]
+
+commands:
+  pretrain   train an encoder from a recipe:  ssl-toolkit pretrain --config recipes/quickstart.yaml
+  knn        weighted kNN top-1 of a checkpoint's encoder:  ssl-toolkit knn --ckpt RUN.ckpt
+  probe      linear-probe top-1 of a checkpoint's encoder:  ssl-toolkit probe --ckpt RUN.ckpt
+
+Run `ssl-toolkit COMMAND --help` for the options of each command.
+"""
+
+
+class ConfigError(ValueError):
+    """A recipe or flag that does not fit the options, with the parser's reasons."""
+
+
+def concise_config_error(message: str) -> str:
+    """Keep the reasons of a jsonargparse error, dropping the union-type noise around them."""
+    noise = ("Does not validate against any of the Union subtypes", "Subtypes: [", "Expected a <class 'NoneType'>",
+             "Given value type:", "Given value:", "Errors:")
+    keep = [line.strip() for line in message.splitlines() if line.strip() and not any(n in line for n in noise)]
+    keep = [line.lstrip("- ") for line in keep]
+    return "\n  ".join(keep) + "\nRun `ssl-toolkit pretrain --help` for every option, or add --print_config to see the " \
+                                "resolved config."
+
+
+def pretrain(args: list[str]) -> None:
+    """Run LightningCLI: every option of the model, data and trainer is a config key or a flag."""
+    from jsonargparse import ArgumentError
+    from pytorch_lightning.cli import LightningCLI
+
+    from ssl_toolkit.data import InMemoryDataModule
+    from ssl_toolkit.methods import BaseSSLModule
+
+    warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
+    try:
+        cli = LightningCLI(
+            BaseSSLModule, InMemoryDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False,
+            seed_everything_default=0, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "ssl-toolkit pretrain", "description": "Pretrain an encoder from a recipe.",
+                           "exit_on_error": False},
+            trainer_defaults={"default_root_dir": "runs", "logger": {
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}}})
+    except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
+        raise ConfigError(concise_config_error(str(e))) from None
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = cli.trainer.checkpoint_callback
+    if cli.trainer.is_global_zero:
+        print(f"pretraining took {time.perf_counter() - start:.1f} s")
+        if ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path):
+            print(f"checkpoint: {ckpt.last_model_path or ckpt.best_model_path}")
+
+
+def resolve_data(spec: str | None, ckpt: dict, batch_size: int | None = None):
+    """The DataModule to evaluate on: ``--data`` (a recipe YAML, an .npz file, an image folder or ``digits``)
+    or, when omitted, the one recorded in the checkpoint."""
+    from ssl_toolkit.checkpoint import datamodule_from_checkpoint, import_class
+    from ssl_toolkit.data import DigitsDataModule, ImageFolderDataModule, NpzDataModule
+
+    crop = ckpt["hyper_parameters"]["views"]["crop_size"]
+    if spec is None:
+        dm = datamodule_from_checkpoint(ckpt)
+    elif spec == "digits":
+        dm = DigitsDataModule(image_size=crop)
+    elif spec.endswith((".yaml", ".yml")):
+        import yaml
+
+        with open(spec) as f:
+            data = (yaml.safe_load(f) or {}).get("data")
+        if not isinstance(data, dict) or "class_path" not in data:
+            raise ValueError(f"{spec} has no `data:` section with a class_path; pass a recipe, an .npz file or a folder.")
+        dm = import_class(data["class_path"])(**data.get("init_args", {}))
+    elif spec.endswith(".npz"):
+        dm = NpzDataModule(spec)
+    elif os.path.isdir(spec):
+        dm = ImageFolderDataModule(spec, image_size=crop)
+    else:
+        raise FileNotFoundError(f"--data {spec!r} is neither a recipe .yaml, an .npz file, an image folder nor "
+                                "'digits'. Omit --data to use the dataset recorded in the checkpoint.")
+    if batch_size is not None:
+        dm.batch_size = batch_size
+    return dm
+
+
+def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"ssl-toolkit {prog}", description=description)
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
+    p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/) or 'digits'; "
+                                  "default: the dataset the checkpoint was trained on")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
+    p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <ckpt>.<command>.json)")
+    return p
+
+
+def _features(args):
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.eval import extract_features
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    ckpt = load_checkpoint(args.ckpt)
+    encoder = encoder_from_checkpoint(ckpt).to(device)
+    dm = resolve_data(args.data, ckpt)
+    start = time.perf_counter()
+    train = extract_features(encoder, dm, "train", device, args.batch_size)
+    test = extract_features(encoder, dm, "test", device, args.batch_size)
+    info = {"checkpoint": os.path.abspath(args.ckpt), "method": ckpt["ssl_toolkit"]["method"],
+            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name,
+            "train_size": len(train[1]), "test_size": len(test[1]), "device": str(device),
+            "extract_seconds": round(time.perf_counter() - start, 3)}
+    return train, test, dm.num_classes, info
+
+
+def _write(args, command: str, result: dict) -> None:
+    out = args.out or f"{args.ckpt}.{command}.json"
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {out}")
+
+
+def knn(args: list[str]) -> None:
+    from ssl_toolkit.eval import knn_accuracy
+
+    p = _eval_parser("knn", "Weighted kNN top-1 (cosine, weights exp(s/T)) of a checkpoint's frozen encoder.")
+    p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbours (default: 20 200)")
+    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+    p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="search backend")
+    a = p.parse_args(args)
+    train, test, num_classes, info = _features(a)
+    acc = knn_accuracy(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), a.temperature, a.backend)
+    for k, v in acc.items():
+        print(f"kNN top-1 (k={k}, T={a.temperature}) on {info['dataset']}: {v:.2f}%")
+    _write(a, "knn", {**info, "temperature": a.temperature, "top1": {str(k): v for k, v in acc.items()}})
+
+
+def probe(args: list[str]) -> None:
+    from ssl_toolkit.eval import linear_probe
+
+    p = _eval_parser("probe", "Linear probe on cached frozen features of a checkpoint's encoder.")
+    p.add_argument("--epochs", type=int, default=100, help="epochs over the cached features (default 100)")
+    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate on standardised features (default 0.1)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (default 0)")
+    a = p.parse_args(args)
+    train, test, num_classes, info = _features(a)
+    start = time.perf_counter()
+    acc = linear_probe(train[0], train[1], test[0], test[1], num_classes, epochs=a.epochs, lr=a.lr,
+                       weight_decay=a.weight_decay)
+    print(f"linear probe on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+    _write(a, "probe", {**info, "epochs": a.epochs, "lr": a.lr, "weight_decay": a.weight_decay,
+                        "train_seconds": round(time.perf_counter() - start, 3), **acc})
+
+
+COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    cmd = COMMANDS.get(argv[0])
+    if cmd is None:
+        print(f"ssl-toolkit: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)
+        return 2
+    from ssl_toolkit.checkpoint import CheckpointError
+
+    try:
+        cmd(argv[1:])
+    except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        if os.environ.get("SSL_TOOLKIT_DEBUG"):
+            raise
+        print(f"ssl-toolkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Collectives for multi-process training, each with a single-process fast path.
+
+Every collective of the toolkit goes through this module, so a loss or a method never
+calls ``torch.distributed`` itself and everything runs in one CPU process for tests.
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
+
+
+def is_distributed() -> bool:
+    """True when a process group with more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    """Number of processes in the default group (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    """Rank of this process in the default group (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, keeping the gradient path.
+
+    The backward pass sums the gradients that every rank's loss sends to this rank's
+    rows (torch's differentiable all-gather), so with DDP's gradient averaging the
+    update equals the gradient of the mean loss over all ranks.
+
+    Example:
+        >>> gather_with_grad(torch.ones(2, 3)).shape  # single process: unchanged
+        torch.Size([2, 3])
+    """
+    if not is_distributed():
+        return x
+    return torch.cat(_all_gather_with_grad(x.contiguous()), dim=0)  # (world * B, ...)
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0 without a gradient path."""
+    if not is_distributed():
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out, dim=0)

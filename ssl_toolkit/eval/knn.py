@@ -1,0 +1,113 @@
+"""Weighted kNN classification on frozen features, on FAISS with a brute-force torch reference.
+
+The protocol of Wu et al. 2018 (https://arxiv.org/abs/1805.01978), as used by DINO
+(https://arxiv.org/abs/2104.14294): cosine similarity, the k nearest training features
+vote for their class with weight ``exp(s / T)``.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+try:
+    import faiss
+except ImportError:  # faiss is a declared dependency; the torch path still works without it
+    faiss = None
+
+
+def faiss_has_gpu() -> bool:
+    """True when the installed faiss is a GPU build and sees at least one GPU."""
+    return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def search_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k by matrix products, in chunks of test rows (the reference)."""
+    sims, idx = [], []
+    for q in test.split(chunk):
+        s, i = (q @ train.T).topk(k, dim=1)  # (chunk, N) -> (chunk, k)
+        sims.append(s)
+        idx.append(i)
+    return torch.cat(sims), torch.cat(idx)
+
+
+def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k with a flat FAISS index (on the GPU when faiss has one)."""
+    if faiss is None:
+        raise ImportError("faiss is not installed: pip install faiss-cpu (or faiss-gpu), or pass backend='torch'.")
+    xb = np.ascontiguousarray(train.detach().float().cpu().numpy())
+    xq = np.ascontiguousarray(test.detach().float().cpu().numpy())
+    index = faiss.IndexFlatIP(xb.shape[1])
+    if faiss_has_gpu():
+        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    index.add(xb)
+    s, i = index.search(xq, k)
+    return torch.from_numpy(s).to(test.device), torch.from_numpy(i).long().to(test.device)
+
+
+def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
+               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine top-k of each test feature in the training features: ``(M, k)`` similarities and indices.
+
+    Args:
+        train_feats: ``(N, D)`` memory bank; L2-normalised here.
+        test_feats: ``(M, D)`` queries; L2-normalised here.
+        k: Neighbours to return, sorted by decreasing similarity.
+        backend: ``faiss``, ``torch`` (brute-force reference) or ``auto`` (faiss when installed).
+    """
+    if not 1 <= k <= len(train_feats):
+        raise ValueError(f"kNN needs 1 <= k <= {len(train_feats)} (the memory bank size); got k={k}.")
+    if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
+        raise ValueError(f"kNN needs (N, D) and (M, D) features of one dimension; got {tuple(train_feats.shape)} "
+                         f"and {tuple(test_feats.shape)}.")
+    if backend == "auto":
+        backend = "faiss" if faiss is not None else "torch"
+    if backend not in ("faiss", "torch"):
+        raise ValueError(f"kNN backend must be 'auto', 'faiss' or 'torch'; got {backend!r}.")
+    train = F.normalize(train_feats.float(), dim=1)
+    test = F.normalize(test_feats.float(), dim=1)
+    return (search_faiss if backend == "faiss" else search_torch)(train, test, k)
+
+
+def vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
+    """Class scores ``(M, C)``: each neighbour adds ``exp(s / T)`` to its class."""
+    if temperature <= 0:
+        raise ValueError(f"kNN temperature must be > 0; got {temperature}.")
+    weights = (sims / temperature).exp()  # (M, k)
+    return torch.zeros(len(sims), num_classes, device=sims.device).scatter_add_(1, neighbour_labels, weights)
+
+
+def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor, num_classes: int,
+               k: int = 20, temperature: float = 0.07, backend: str = "auto") -> torch.Tensor:
+    """Class scores ``(M, C)`` of weighted kNN.
+
+    Args:
+        train_feats: ``(N, D)`` memory bank.
+        train_labels: ``(N,)`` labels of the memory bank.
+        test_feats: ``(M, D)`` queries.
+        num_classes: Number of classes C.
+        k: Neighbours that vote (20 and 200 are the usual reports).
+        temperature: Vote weight ``exp(s / T)``; 0.07 in Wu et al. and DINO, 0.1 in lightly's CIFAR benchmarks.
+        backend: ``faiss``, ``torch`` or ``auto`` (faiss when installed).
+
+    Example:
+        >>> bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
+        >>> knn_scores(bank, torch.tensor([0, 0, 1]), torch.tensor([[1.0, 0.05]]), 2, k=2).argmax(1)
+        tensor([0])
+    """
+    sims, idx = knn_search(train_feats, test_feats, k, backend)
+    return vote(sims, train_labels.to(idx.device)[idx], num_classes, temperature)
+
+
+def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+                 test_labels: torch.Tensor, num_classes: int, ks: tuple[int, ...] = (20, 200),
+                 temperature: float = 0.07, backend: str = "auto") -> dict[int, float]:
+    """Top-1 accuracy (in %) of weighted kNN for each k in ``ks``, from one search with the largest k.
+
+    A k larger than the memory bank is reduced to its size.
+    """
+    ks = tuple(sorted({min(k, len(train_feats)) for k in ks}))
+    sims, idx = knn_search(train_feats, test_feats, max(ks), backend)  # sorted, so every k is a prefix
+    labels = train_labels.to(idx.device)[idx]  # (M, k_max)
+    truth = test_labels.to(idx.device)
+    return {k: 100.0 * (vote(sims[:, :k], labels[:, :k], num_classes, temperature).argmax(1) == truth).float().mean().item()
+            for k in ks}

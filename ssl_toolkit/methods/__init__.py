@@ -1,0 +1,6 @@
+"""Methods: a base module with the plumbing, one short file per method."""
+
+from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
+from ssl_toolkit.methods.simclr import SimCLR
+
+__all__ = ["BaseSSLModule", "OptimConfig", "SimCLR"]

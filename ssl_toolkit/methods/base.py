@@ -1,0 +1,131 @@
+"""BaseSSLModule: plumbing shared by every method, and nothing method-specific.
+
+Optimizer and scheduler from the config, weight decay only on ``p.ndim >= 2``, the view hook
+(views are made on the device in ``on_after_batch_transfer``, training only), summing and
+logging of the loss dict, channels_last, and the checkpoint metadata evaluators read.
+"""
+
+import warnings
+from dataclasses import asdict, dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
+from ssl_toolkit.optim import LARS, cosine_schedule, param_groups
+from ssl_toolkit.views import ViewConfig, Views
+
+warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimizer and learning-rate schedule.
+
+    Args:
+        name: ``sgd``, ``lars`` (large batches, SimCLR's choice) or ``adamw``.
+        lr: Peak learning rate after warmup (SimCLR with LARS: 0.3 x batch / 256; SGD on CIFAR at
+            batch 512: 0.06 x 512 / 256 = 0.12 is a common choice). Lower it if the loss diverges.
+        weight_decay: Applied only to weights with ndim >= 2 (SimCLR: 1e-6 with LARS; 5e-4 with SGD on CIFAR).
+        momentum: SGD/LARS momentum.
+        betas: AdamW betas.
+        warmup_epochs: Linear warmup length (10 in SimCLR); fractional values are allowed.
+        min_lr: Learning rate at the end of the cosine decay.
+    """
+
+    name: str = "sgd"
+    lr: float = 0.06
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_epochs: float = 10.0
+    min_lr: float = 0.0
+
+    def __post_init__(self):
+        if self.name not in ("sgd", "lars", "adamw"):
+            raise ValueError(f"optim.name must be one of sgd, lars, adamw; got {self.name!r}.")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.min_lr < 0:
+            raise ValueError(f"optim needs lr > 0 and weight_decay, warmup_epochs, min_lr >= 0; got {self}.")
+
+
+class BaseSSLModule(pl.LightningModule):
+    """Base class of every method: a subclass builds its modules and implements :meth:`step`.
+
+    Args:
+        backbone: The encoder to train; its weights are ``self.backbone``.
+        optim: Optimizer and schedule.
+        views: Augmentation settings (also give the normalisation evaluators use).
+        channels_last: Run convolutions in NHWC memory layout (faster with bf16 on recent GPUs).
+    """
+
+    def __init__(self, backbone: BackboneConfig, optim: OptimConfig, views: ViewConfig, channels_last: bool = False):
+        super().__init__()
+        self.backbone_config, self.optim_config, self.view_config = backbone, optim, views
+        self.backbone, self.feature_dim = build_backbone(backbone.name, backbone.cifar_stem, backbone.width)
+        self.channels_last = channels_last
+        self.view_policy: nn.Module | None = None  # set by the subclass
+
+    def save_config(self, **method_args) -> None:
+        """Store the whole configuration as plain values (checkpoints load with ``weights_only=True``)."""
+        self.save_hyperparameters({
+            "backbone": asdict(self.backbone_config), "optim": asdict(self.optim_config),
+            "views": asdict(self.view_config), "channels_last": self.channels_last, **method_args})
+
+    def step(self, views: Views) -> dict[str, torch.Tensor]:
+        """Compute the method's outputs; keys ending in ``_loss`` are summed into the training loss."""
+        raise NotImplementedError(f"{type(self).__name__} must implement step(views).")
+
+    def encoder(self) -> Encoder:
+        """The backbone with its input normalisation, for evaluators."""
+        return Encoder(self.backbone, self.view_config.mean, self.view_config.std, self.view_config.crop_size)
+
+    def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def setup(self, stage: str) -> None:
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training and self.view_policy is not None:
+            images, labels = batch
+            return self.view_policy(images), labels
+        return batch
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        views, _ = batch
+        out = self.step(views)
+        losses = [v for k, v in out.items() if k.endswith("_loss")]
+        if not losses:
+            raise RuntimeError(f"{type(self).__name__}.step returned no key ending in '_loss': {list(out)}.")
+        loss = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
+        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
+        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        return loss
+
+    def configure_optimizers(self):
+        c = self.optim_config
+        groups = param_groups(self, c.weight_decay)
+        if c.name == "lars":
+            opt = LARS(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        elif c.name == "sgd":
+            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
+        sched = cosine_schedule(1.0, c.min_lr / c.lr, total, warmup)  # multiplier of lr, one value per step
+        lam = lambda step: float(sched[min(step, len(sched) - 1)])  # noqa: E731
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam),
+                                                   "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        checkpoint["ssl_toolkit"] = {
+            "format": CHECKPOINT_FORMAT,
+            "method": f"{type(self).__module__}.{type(self).__qualname__}",
+            "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}" if dm is not None else None,
+        }

@@ -1,0 +1,48 @@
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning of Visual
+Representations", https://arxiv.org/abs/2002.05709).
+
+Two augmented views per image, a shared encoder f and projection MLP g, NT-Xent on
+z = g(f(x)) with negatives from the whole global batch.
+"""
+
+import torch
+
+from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.heads import projection_head
+from ssl_toolkit.losses import NTXentLoss
+from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
+from ssl_toolkit.views import ContrastiveViews, ViewConfig, Views
+
+
+class SimCLR(BaseSSLModule):
+    """SimCLR: backbone + 2-layer projection head + NT-Xent + two SimCLR views.
+
+    Args:
+        backbone: Encoder f (resnet18 with the CIFAR stem for CIFAR-10).
+        optim: Optimizer and schedule.
+        views: Augmentations of the two views.
+        temperature: NT-Xent temperature (0.5 for CIFAR-10 in the paper, App. B.9).
+        proj_hidden_dim: Hidden width of g (2048 in SimCLR v2 and most CIFAR ports).
+        proj_out_dim: Output width of g (128 in the paper).
+        channels_last: NHWC memory layout for the convolutions.
+
+    Example:
+        >>> m = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16))
+        >>> views = m.view_policy(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+        >>> sorted(m.step(views))
+        ['neg_sim', 'ntxent_loss', 'pos_sim']
+    """
+
+    def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(),
+                 views: ViewConfig = ViewConfig(), temperature: float = 0.5, proj_hidden_dim: int = 2048,
+                 proj_out_dim: int = 128, channels_last: bool = False):
+        super().__init__(backbone, optim, views, channels_last)
+        self.save_config(temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim)
+        self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_out_dim)
+        self.criterion = NTXentLoss(temperature)
+        self.view_policy = ContrastiveViews(views, num_views=2)
+
+    def step(self, views: Views) -> dict[str, torch.Tensor]:
+        x = self.prepare_input(torch.cat(views.crops))  # (2B, 3, h, w)
+        z1, z2 = self.projector(self.backbone(x)).chunk(2)  # (B, out_dim) each
+        return self.criterion(z1, z2)

@@ -1,0 +1,84 @@
+"""Optimizers and schedules: LARS, parameter groups, and step-indexed schedule tensors.
+
+LARS: You et al. 2017, "Large Batch Training of Convolutional Networks",
+https://arxiv.org/abs/1708.03888, as used by SimCLR (https://arxiv.org/abs/2002.05709):
+biases and normalisation parameters get neither weight decay nor the trust ratio.
+The warmup + cosine schedule follows DINO's ``cosine_scheduler`` (https://arxiv.org/abs/2104.14294):
+one value per global step, so it can be plotted and is exact on resume.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+
+def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int = 0,
+                    warmup_start: float = 0.0) -> torch.Tensor:
+    """Linear warmup from ``warmup_start`` to ``base``, then cosine decay to ``final``.
+
+    Example:
+        >>> cosine_schedule(1.0, 0.0, total_steps=5, warmup_steps=1)
+        tensor([0.0000, 1.0000, 0.8536, 0.5000, 0.1464])
+    """
+    if total_steps < 1 or not 0 <= warmup_steps <= total_steps:
+        raise ValueError(f"Schedule needs total_steps >= 1 and 0 <= warmup_steps <= total_steps; "
+                         f"got total_steps={total_steps}, warmup_steps={warmup_steps}. Lower warmup_epochs.")
+    warm = torch.linspace(warmup_start, base, warmup_steps + 1)[:-1] if warmup_steps else torch.empty(0)
+    n = total_steps - warmup_steps
+    t = torch.arange(n, dtype=torch.float64) / max(n, 1)
+    cos = final + 0.5 * (base - final) * (1 + torch.cos(math.pi * t))
+    return torch.cat([warm.double(), cos]).float()
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay (and LARS adaptation) only on parameters with ``ndim >= 2``."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and a layer-wise trust ratio (You et al. 2017, https://arxiv.org/abs/1708.03888).
+
+    ``update = grad + wd * w``; ``update *= eta * ||w|| / ||update||`` unless the group has
+    ``lars_exclude``; then heavy-ball momentum and ``w -= lr * momentum_buffer``.
+
+    Args:
+        params: Parameters or groups (see :func:`param_groups`).
+        lr: Learning rate (SimCLR: 0.3 x batch / 256).
+        momentum: Heavy-ball momentum.
+        weight_decay: L2 penalty added to the gradient before the trust ratio (SimCLR: 1e-6).
+        eta: Trust coefficient (0.001 in the paper and SimCLR).
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        if lr <= 0 or eta <= 0:
+            raise ValueError(f"LARS needs lr > 0 and eta > 0; got lr={lr}, eta={eta}.")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta,
+                                      lars_exclude=False))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
+                if not g["lars_exclude"]:
+                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                    d.mul_(trust)
+                state = self.state[p]
+                buf = state.get("momentum_buffer")
+                if buf is None:
+                    buf = state["momentum_buffer"] = d
+                else:
+                    buf.mul_(g["momentum"]).add_(d)
+                p.add_(buf, alpha=-g["lr"])
+        return loss

@@ -1,0 +1,6 @@
+"""GPU view policies: ``nn.Module`` objects that turn a uint8 batch into training views."""
+
+from ssl_toolkit.views.base import Views, denormalize
+from ssl_toolkit.views.contrastive import ContrastiveViews, ViewConfig, ViewParams
+
+__all__ = ["Views", "ViewConfig", "ViewParams", "ContrastiveViews", "denormalize"]

@@ -1,0 +1,121 @@
+"""Batched augmentation functions with one parameter per image.
+
+Each function takes explicit per-image parameters, so a policy samples them once (and a
+test can inspect them) and applies them to a whole batch of views in a few kernel calls.
+Semantics follow torchvision's ``RandomResizedCrop`` and ``ColorJitter`` (checked in the tests).
+"""
+
+import math
+
+import kornia
+import torch
+import torch.nn.functional as F
+
+
+def sample_crop_boxes(n: int, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float],
+                      device: torch.device | str = "cpu", attempts: int = 10) -> torch.Tensor:
+    """Sample ``RandomResizedCrop`` boxes ``(x0, y0, w, h)`` in pixels, torchvision's rule, batched.
+
+    Up to ``attempts`` draws of area in ``scale * H * W`` and log-uniform aspect ratio; the first
+    draw that fits is kept; images with none fall back to the central crop clamped to ``ratio``.
+
+    Returns:
+        ``(n, 4)`` float tensor of integer-valued boxes.
+    """
+    area = height * width
+    target = area * torch.empty(n, attempts, device=device).uniform_(*scale)  # (n, A)
+    log_r = torch.empty(n, attempts, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    ar = torch.exp(log_r)
+    w = torch.sqrt(target * ar).round()
+    h = torch.sqrt(target / ar).round()
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)  # (n, A)
+    first = ok.float().argmax(dim=1)  # index of the first fitting draw
+    any_ok = ok.any(dim=1)
+    w = w.gather(1, first[:, None]).squeeze(1)
+    h = h.gather(1, first[:, None]).squeeze(1)
+    in_ratio = width / height  # torchvision's fallback: the central crop with the ratio clamped
+    if in_ratio < min(ratio):
+        fw, fh = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        fw, fh = round(height * max(ratio)), height
+    else:
+        fw, fh = width, height
+    w = torch.where(any_ok, w, torch.full_like(w, fw))
+    h = torch.where(any_ok, h, torch.full_like(h, fh))
+    u = torch.rand(n, 2, device=device)
+    x0 = torch.where(any_ok, torch.floor(u[:, 0] * (width - w + 1)), torch.floor((width - w) / 2))
+    y0 = torch.where(any_ok, torch.floor(u[:, 1] * (height - h + 1)), torch.floor((height - h) / 2))
+    return torch.stack([x0, y0, w, h], dim=1)
+
+
+def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: torch.Tensor | None = None) -> torch.Tensor:
+    """Crop each box, resize it to ``size x size`` (bilinear) and mirror it where ``flip``: one sampling op.
+
+    Args:
+        images: ``(N, C, H, W)`` float images.
+        boxes: ``(N, 4)`` boxes ``(x0, y0, w, h)`` in pixels.
+        size: Output side length.
+        flip: ``(N,)`` bool, horizontal flip per image.
+
+    Returns:
+        ``(N, C, size, size)``; pixel centres map exactly as in a crop followed by a bilinear
+        resize with ``align_corners=False``. Border pixels interpolate with the real pixels just
+        outside the box (a crop-then-resize replicates the box's edge instead); inside, the two agree.
+    """
+    n, c, height, width = images.shape
+    x0, y0, w, h = boxes.to(images.dtype).unbind(1)
+    sx = w / width
+    if flip is not None:
+        sx = torch.where(flip, -sx, sx)
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)  # (N, 2, 3) output -> input coords
+    theta[:, 0, 0] = sx
+    theta[:, 0, 2] = (2 * x0 + w) / width - 1
+    theta[:, 1, 1] = h / height
+    theta[:, 1, 2] = (2 * y0 + h) / height - 1
+    grid = F.affine_grid(theta, [n, c, size, size], align_corners=False)  # (N, size, size, 2)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """torchvision ``ColorJitter`` with per-image factors and a per-image random order.
+
+    Args:
+        x: ``(N, 3, H, W)`` RGB in [0, 1].
+        factors: ``(N, 4)`` brightness, contrast, saturation factors (1 = unchanged) and hue
+            shift in turns (0 = unchanged, in [-0.5, 0.5]).
+        order: ``(N, 4)`` a permutation of ``0..3`` per image: the order the four ops run in.
+
+    Returns:
+        The jittered batch, equal per image to torchvision's ``adjust_*`` calls in that order.
+    """
+    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)
+    ops = (kornia.enhance.adjust_brightness_accumulative,
+           kornia.enhance.adjust_contrast_with_mean_subtraction,
+           kornia.enhance.adjust_saturation_with_gray_subtraction,
+           lambda img, f: kornia.enhance.adjust_hue(img, f * 2 * math.pi))
+    active = [op for op in range(4) if bool((factors[:, op] != identity[op]).any())]  # skip ops with no strength
+    for slot in range(4):
+        for op in active:
+            chosen = order[:, slot] == op  # (N,) images running this op in this slot
+            f = torch.where(chosen, factors[:, op], identity[op])  # identity factor elsewhere: a no-op
+            x = ops[op](x, f)
+    return x
+
+
+def random_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
+    """Replace images where ``apply`` by their 3-channel grayscale (ITU-R 601 weights, as torchvision)."""
+    gray = kornia.color.rgb_to_grayscale(x).expand_as(x)  # (N, 3, H, W)
+    return torch.where(apply.view(-1, 1, 1, 1), gray, x)
+
+
+def random_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """Gaussian blur with a per-image sigma; images with ``sigma == 0`` are left as they are."""
+    apply = sigma > 0
+    s = sigma.clamp_min(1e-3)[:, None].expand(-1, 2)  # (N, 2) sigma_y, sigma_x
+    blurred = kornia.filters.gaussian_blur2d(x, (kernel_size, kernel_size), s, border_type="reflect")
+    return torch.where(apply.view(-1, 1, 1, 1), blurred, x)
+
+
+def random_solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """Invert pixels above ``threshold`` in images where ``apply`` (BYOL's solarization)."""
+    return torch.where(apply.view(-1, 1, 1, 1), kornia.enhance.solarize(x, threshold), x)

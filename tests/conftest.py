@@ -1,0 +1,45 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run the installed ``ssl-toolkit`` console script, as a user would."""
+    exe = Path(sys.executable).with_name("ssl-toolkit")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ssl_toolkit.cli"]
+    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+@pytest.fixture(scope="session")
+def cifar_small(tmp_path_factory) -> Path:
+    """A real CIFAR-10 subset as .npz (2,000 train / 500 test, first images of the canonical order)."""
+    if not (SHARED_CIFAR / "cifar10-jpeg-q75.npz").exists():
+        pytest.skip("shared/datasets/cifar10 is not next to the checkout")
+    sys.path.insert(0, str(SHARED_CIFAR))
+    try:
+        import unpack
+    finally:
+        sys.path.pop(0)
+    pack = np.load(SHARED_CIFAR / "cifar10-jpeg-q75.npz")
+    arrays = {"classes": np.array([str(c) for c in pack["classes"]])}
+    for split, n in (("train", 2000), ("test", 500)):
+        arrays[f"x_{split}"] = unpack._decode(unpack.jpeg_files(pack, split)[:n])
+        arrays[f"y_{split}"] = pack[f"{split}_labels"][:n].astype(np.int64)
+    out = tmp_path_factory.mktemp("cifar") / "cifar10_small.npz"
+    np.savez(out, **arrays)
+    return out

@@ -1,0 +1,67 @@
+import pytest
+import torch
+from torch import nn
+
+from ssl_toolkit.backbones import Encoder, build_backbone
+from ssl_toolkit.heads import mlp, projection_head
+from ssl_toolkit.optim import LARS, cosine_schedule, param_groups
+
+
+@pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("tiny_cnn", 64)])
+def test_backbone_dims(name, dim):
+    net, d = build_backbone(name, cifar_stem=True, width=8)
+    assert d == dim
+    assert net(torch.zeros(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_cifar_stem_is_3x3_without_maxpool():
+    net, _ = build_backbone("resnet18", cifar_stem=True)
+    assert net.conv1.kernel_size == (3, 3) and net.conv1.stride == (1, 1)
+    assert isinstance(net.maxpool, nn.Identity)
+    plain, _ = build_backbone("resnet18")
+    assert plain.conv1.kernel_size == (7, 7) and isinstance(plain.maxpool, nn.MaxPool2d)
+
+
+def test_unknown_backbone_names_the_choices():
+    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, tiny_cnn"):
+        build_backbone("vgg")
+
+
+def test_encoder_normalises_uint8_like_training():
+    net, _ = build_backbone("tiny_cnn", width=4)
+    enc = Encoder(net, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(enc(x), net.eval()((x.float() / 255 - 0.5) / 0.25))
+
+
+def test_heads_from_one_builder():
+    head = projection_head(512, 1024, 128)
+    assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert head(torch.randn(4, 512)).shape == (4, 128)
+    assert len([m for m in mlp(8, 16, 4, num_layers=3) if isinstance(m, nn.Linear)]) == 3
+
+
+def test_cosine_schedule_values():
+    s = cosine_schedule(1.0, 0.1, total_steps=12, warmup_steps=2)
+    assert len(s) == 12
+    assert s[0] == 0 and s[1] == pytest.approx(0.5) and s[2] == pytest.approx(1.0)
+    assert s[-1] == pytest.approx(0.1 + 0.45 * (1 + torch.cos(torch.tensor(torch.pi * 9 / 10)).item()), rel=1e-5)
+    assert torch.all(s[2:-1] >= s[3:])
+
+
+def test_weight_decay_only_on_matrices():
+    groups = param_groups(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), weight_decay=0.1)
+    assert [p.ndim for p in groups[0]["params"]] == [2]
+    assert sorted(p.ndim for p in groups[1]["params"]) == [1, 1, 1] and groups[1]["weight_decay"] == 0
+
+
+def test_lars_step_matches_formula():
+    w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
+    b = nn.Parameter(torch.tensor([1.0]))
+    w.grad, b.grad = torch.tensor([[0.6, 0.8]]), torch.tensor([0.5])
+    opt = LARS([{"params": [w], "weight_decay": 0.1}, {"params": [b], "weight_decay": 0.0, "lars_exclude": True}],
+               lr=0.5, eta=0.01)
+    d = torch.tensor([[0.6, 0.8]]) + 0.1 * torch.tensor([[3.0, 4.0]])
+    expected_w = torch.tensor([[3.0, 4.0]]) - 0.5 * (0.01 * 5.0 / d.norm()) * d
+    opt.step()
+    assert torch.allclose(w, expected_w) and torch.allclose(b, torch.tensor([0.75]))

@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssl_toolkit.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
+
+
+def test_digits_is_offline_rgb_uint8_with_a_fixed_split():
+    a, b = DigitsDataModule(image_size=24), DigitsDataModule(image_size=24)
+    a.setup()
+    b.setup()
+    assert a.splits.x_train.shape == (1257, 3, 24, 24) and a.splits.x_test.shape == (540, 3, 24, 24)
+    assert a.splits.x_train.dtype == torch.uint8 and a.num_classes == 10
+    assert torch.equal(a.splits.y_test, b.splits.y_test) and torch.equal(a.splits.x_test, b.splits.x_test)
+    x, y = next(iter(a.train_dataloader()))
+    assert x.shape == (256, 3, 24, 24) and x.dtype == torch.uint8 and y.shape == (256,)
+
+
+def write_npz(path, **over):
+    arrays = dict(x_train=np.random.randint(0, 256, (20, 8, 8, 3), dtype=np.uint8), y_train=np.arange(20) % 4,
+                  x_test=np.random.randint(0, 256, (8, 8, 8, 3), dtype=np.uint8), y_test=np.arange(8) % 4)
+    arrays.update(over)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_npz_reads_hwc_and_chw(tmp_path):
+    dm = NpzDataModule(write_npz(tmp_path / "a.npz", classes=np.array(["a", "b", "c", "d"])), batch_size=4)
+    dm.setup()
+    assert dm.splits.x_train.shape == (20, 3, 8, 8) and dm.splits.classes == ["a", "b", "c", "d"]
+    chw = NpzDataModule(write_npz(tmp_path / "b.npz", x_train=np.zeros((20, 3, 8, 8), np.uint8)))
+    chw.setup()
+    assert chw.splits.x_train.shape == (20, 3, 8, 8) and chw.num_classes == 4
+
+
+@pytest.mark.parametrize("over,match", [
+    ({"y_test": None}, "missing array.*y_test"),
+    ({"x_train": np.zeros((20, 8, 8), np.uint8)}, r"x_train has shape \(20, 8, 8\)"),
+    ({"x_train": np.zeros((20, 8, 8, 3), np.float32)}, "x_train has dtype float32"),
+    ({"y_train": np.arange(19)}, "one label per image"),
+])
+def test_npz_errors_name_the_key(tmp_path, over, match):
+    dm = NpzDataModule(write_npz(tmp_path / "bad.npz", **over))
+    with pytest.raises((KeyError, ValueError), match=match):
+        dm.setup()
+
+
+def test_missing_sources_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No .npz file"):
+        NpzDataModule(str(tmp_path / "none.npz")).setup()
+    with pytest.raises(FileNotFoundError, match="download=true"):
+        CIFARDataModule(root=str(tmp_path / "nothing"), download=False).setup()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ImageFolderDataModule(str(tmp_path / "nowhere")).setup()
+
+
+def make_folder(root, corrupt=False, empty_class=False):
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            if empty_class and split == "train" and c == "dog":
+                continue
+            for i in range(3):
+                Image.fromarray(np.random.randint(0, 256, (20, 30, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    if corrupt:
+        (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+        good = (root / "train" / "dog" / "0.png").read_bytes()
+        (root / "train" / "dog" / "truncated.png").write_bytes(good[: len(good) // 2])
+    return root
+
+
+def test_image_folder_decodes_resizes_and_center_crops(tmp_path):
+    dm = ImageFolderDataModule(str(make_folder(tmp_path / "imgs")), image_size=16, batch_size=2)
+    dm.setup()
+    assert dm.splits.x_train.shape == (6, 3, 16, 16) and dm.splits.classes == ["cat", "dog"]
+    assert dm.splits.y_test.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counted(tmp_path, caplog):
+    root = make_folder(tmp_path / "imgs", corrupt=True)
+    with pytest.raises(ValueError, match=r"2 of 8 images.*could not be read") as e:
+        ImageFolderDataModule(str(root), image_size=8).setup()
+    assert "broken.jpg" in str(e.value) and "truncated.png" in str(e.value) and "on_corrupt=skip" in str(e.value)
+    dm = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", num_workers=2)
+    dm.setup()
+    assert dm.num_skipped == 2 and len(dm.splits.y_train) == 6
+    assert "Skipped 2 unreadable images" in caplog.text
+
+
+def test_image_folder_empty_class_and_missing_split(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dog has no images"):
+        ImageFolderDataModule(str(make_folder(tmp_path / "a", empty_class=True))).setup()
+    (tmp_path / "b" / "train" / "x").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="needs train/ and val/"):
+        ImageFolderDataModule(str(tmp_path / "b")).setup()
+
+
+def test_resident_mode_moves_indices_and_gathers_images_on_the_device(tmp_path):
+    dm = NpzDataModule(write_npz(tmp_path / "a.npz"), batch_size=5, resident=True)
+    (idx,) = next(iter(dm.train_dataloader()))
+    assert idx.dtype == torch.int64 and idx.shape == (5,)
+    x, y = dm.transfer_batch_to_device((idx,), torch.device("cpu"), 0)
+    assert torch.equal(x, dm.splits.x_train[idx]) and torch.equal(y, dm.splits.y_train[idx])
+    xs, ys = zip(*dm.iter_split("test", batch_size=3))
+    assert torch.equal(torch.cat(xs), dm.splits.x_test) and torch.equal(torch.cat(ys), dm.splits.y_test)
+
+
+def test_batch_larger_than_the_set_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="lower data.batch_size"):
+        NpzDataModule(write_npz(tmp_path / "a.npz"), batch_size=64).train_dataloader()
+
+
+def test_real_cifar_subset_loads(cifar_small):
+    dm = NpzDataModule(str(cifar_small))
+    dm.setup()
+    assert dm.splits.x_train.shape == (2000, 3, 32, 32) and dm.splits.classes[0] == "airplane"
+    mean = dm.splits.x_train.float().div(255).mean((0, 2, 3))
+    assert torch.allclose(mean, torch.tensor([0.4914, 0.4822, 0.4465]), atol=0.02)

@@ -1,0 +1,115 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_toolkit.data import NpzDataModule
+from ssl_toolkit.eval import extract_features, knn_accuracy, knn_scores, knn_search, linear_probe
+from ssl_toolkit.eval.knn import vote
+from ssl_toolkit.eval.linear_probe import topk_accuracy
+
+
+def clustered(n, d=32, c=5, noise=0.6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(c, d, generator=g)
+    y = torch.arange(n) % c
+    return centers[y] + noise * torch.randn(n, d, generator=g), y
+
+
+def test_faiss_and_torch_reference_agree_on_random_data():
+    train, test = torch.randn(3000, 64), torch.randn(500, 64)
+    s_f, i_f = knn_search(train, test, 50, backend="faiss")
+    s_t, i_t = knn_search(train, test, 50, backend="torch")
+    assert torch.equal(i_f, i_t) and torch.allclose(s_f, s_t, atol=1e-5)
+    labels = torch.randint(0, 10, (3000,))
+    a = knn_scores(train, labels, test, 10, k=20, backend="faiss").argmax(1)
+    b = knn_scores(train, labels, test, 10, k=20, backend="torch").argmax(1)
+    assert torch.equal(a, b)
+
+
+def test_weighted_vote_by_hand():
+    sims = torch.tensor([[0.9, 0.5, 0.4]])
+    labels = torch.tensor([[1, 0, 0]])
+    scores = vote(sims, labels, 2, temperature=0.1)
+    expected = torch.tensor([[torch.exp(torch.tensor(5.0)) + torch.exp(torch.tensor(4.0)), torch.exp(torch.tensor(9.0))]])
+    assert torch.allclose(scores, expected)
+
+
+def test_knn_accuracy_is_exact_on_separable_clusters_and_chance_on_noise():
+    x, y = clustered(1000, noise=0.1)
+    assert knn_accuracy(x[:800], y[:800], x[800:], y[800:], 5, ks=(20, 200)) == {20: 100.0, 200: 100.0}
+    noise = knn_accuracy(torch.randn(800, 32), y[:800], torch.randn(200, 32), y[800:], 5, ks=(20,))[20]
+    assert noise < 35
+
+
+def test_knn_errors():
+    with pytest.raises(ValueError, match="1 <= k <= 10"):
+        knn_search(torch.randn(10, 4), torch.randn(2, 4), 11)
+    with pytest.raises(ValueError, match="one dimension"):
+        knn_search(torch.randn(10, 4), torch.randn(2, 5), 3)
+    with pytest.raises(ValueError, match="backend"):
+        knn_search(torch.randn(10, 4), torch.randn(2, 4), 3, backend="annoy")
+
+
+def test_linear_probe_learns_separable_features():
+    x, y = clustered(1200, noise=0.8)
+    acc = linear_probe(x[:1000], y[:1000], x[1000:], y[1000:], 5, epochs=30)
+    assert acc["top1"] > 97 and acc["top5"] == 100.0
+    chance = linear_probe(torch.randn(1000, 32), y[:1000], torch.randn(200, 32), y[1000:], 5, epochs=10)
+    assert chance["top1"] < 35
+
+
+def test_topk_accuracy():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1]])
+    assert topk_accuracy(logits, torch.tensor([1, 2]), ks=(1, 2)) == {1: 50.0, 2: 50.0}
+    assert topk_accuracy(logits, torch.tensor([1, 1]), ks=(1, 2)) == {1: 50.0, 2: 100.0}
+
+
+class CountingEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+        self.proj = nn.Linear(3 * 8 * 8, 16)
+
+    def forward(self, x):
+        self.calls += 1
+        return self.proj(x.float().flatten(1) / 255)
+
+
+def test_probe_extracts_features_once_then_trains_on_the_cache(tmp_path):
+    import numpy as np
+
+    np.savez(tmp_path / "d.npz", x_train=np.random.randint(0, 256, (100, 8, 8, 3), dtype=np.uint8),
+             y_train=np.arange(100) % 3, x_test=np.random.randint(0, 256, (30, 8, 8, 3), dtype=np.uint8),
+             y_test=np.arange(30) % 3)
+    dm = NpzDataModule(str(tmp_path / "d.npz"))
+    enc = CountingEncoder()
+    train = extract_features(enc, dm, "train", batch_size=50)
+    test = extract_features(enc, dm, "test", batch_size=50)
+    linear_probe(*train, *test, 3, epochs=20)
+    assert enc.calls == 3  # 2 train batches + 1 test batch, whatever the number of probe epochs
+    assert enc.training  # mode restored
+
+
+def test_features_are_extracted_in_eval_mode():
+    class Float(nn.Module):
+        def forward(self, x):
+            return x.float()
+
+    bn = nn.Sequential(Float(), nn.Flatten(), nn.BatchNorm1d(3 * 8 * 8))
+    bn.train()
+
+    class DM:
+        def iter_split(self, split, batch_size, device):
+            yield torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8), torch.zeros(4, dtype=torch.long)
+
+    before = bn[2].running_mean.clone()
+    extract_features(bn, DM(), "train")
+    assert torch.equal(before, bn[2].running_mean) and bn.training
+
+
+def test_normalisation_inside_knn_makes_scale_irrelevant():
+    x, y = clustered(300)
+    a = knn_accuracy(x[:200], y[:200], x[200:], y[200:], 5, ks=(10,))
+    b = knn_accuracy(5 * x[:200], y[:200], F.normalize(x[200:]), y[200:], 5, ks=(10,))
+    assert a == b

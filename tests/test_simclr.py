@@ -1,0 +1,85 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.data import DigitsDataModule
+from ssl_toolkit.methods import OptimConfig, SimCLR
+from ssl_toolkit.views import ViewConfig, Views
+
+
+def tiny(**kw):
+    return SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=32,
+                  proj_out_dim=16, **kw)
+
+
+def test_step_returns_named_terms_and_backprops_into_the_backbone():
+    m = tiny()
+    out = m.step(m.view_policy(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)))
+    out["ntxent_loss"].backward()
+    assert all(p.grad is not None for p in m.backbone.parameters())
+    assert not out["pos_sim"].requires_grad
+
+
+def test_views_are_made_only_while_training():
+    m = tiny()
+    batch = (torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8), torch.zeros(4, dtype=torch.long))
+
+    class T:
+        training = True
+
+    m.trainer = T()  # stand-in for the trainer's state flag
+    views, labels = m.on_after_batch_transfer(batch, 0)
+    assert isinstance(views, Views) and len(views.crops) == 2
+    T.training = False
+    assert m.on_after_batch_transfer(batch, 0) is batch
+
+
+@pytest.mark.parametrize("name", ["sgd", "lars", "adamw"])
+def test_each_optimizer_trains_with_warmup_cosine_schedule(name):
+    m = tiny(optim=OptimConfig(name=name, lr=0.05 if name != "adamw" else 1e-3, warmup_epochs=1))
+    dm = DigitsDataModule(image_size=16, batch_size=64)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(m, dm)
+    lrs = trainer.lr_scheduler_configs[0].scheduler.get_last_lr()
+    assert trainer.global_step == 6 and 0 < lrs[0] < m.optim_config.lr
+    assert type(trainer.optimizers[0]).__name__ == {"sgd": "SGD", "lars": "LARS", "adamw": "AdamW"}[name]
+
+
+def test_bf16_autocast_and_channels_last_step():
+    m = tiny(channels_last=True)
+    m.setup("fit")
+    assert m.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.step(m.view_policy(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)))
+    assert out["ntxent_loss"].dtype == torch.float32 and torch.isfinite(out["ntxent_loss"])
+
+
+def test_checkpoint_carries_config_and_rebuilds_the_encoder(tmp_path):
+    from ssl_toolkit.checkpoint import datamodule_from_checkpoint, encoder_from_checkpoint, load_checkpoint
+
+    m = tiny()
+    dm = DigitsDataModule(image_size=16, batch_size=64)
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(m, dm)
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    ckpt = load_checkpoint(str(tmp_path / "m.ckpt"))
+    assert ckpt["ssl_toolkit"]["method"] == "ssl_toolkit.methods.simclr.SimCLR"
+    assert ckpt["hyper_parameters"]["views"]["crop_size"] == 16
+    enc = encoder_from_checkpoint(ckpt).eval()
+    x = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(enc(x), m.encoder().eval()(x), atol=1e-6)
+    assert isinstance(datamodule_from_checkpoint(ckpt), DigitsDataModule)
+
+
+def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
+    from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint
+
+    torch.save({"state_dict": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="not an ssl-toolkit"):
+        load_checkpoint(str(tmp_path / "other.ckpt"))
+    (tmp_path / "trunc.ckpt").write_bytes((tmp_path / "other.ckpt").read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_checkpoint(str(tmp_path / "trunc.ckpt"))
