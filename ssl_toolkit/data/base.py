@@ -1,0 +1,145 @@
+"""The base DataModule: uint8 ``(B, 3, H, W)`` batches and labels, no augmentation.
+
+Every source decodes its images once into a uint8 tensor held in memory. Training batches
+are one fancy-index per step (no per-sample Python, no augmentation in workers); with
+``resident=True`` the whole set is copied to the accelerator once and each step only moves
+the batch's indices, because 2-16 CPU workers cannot feed a GPU at CIFAR scale.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class Splits:
+    """Decoded arrays of one dataset: images ``(N, 3, H, W)`` uint8, labels ``(N,)`` int64."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    classes: list[str]
+
+
+def check_images(x: torch.Tensor, name: str, source: str) -> None:
+    """Raise a ValueError naming ``name`` and ``source`` unless ``x`` is uint8 ``(N, 3, H, W)``."""
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[1] != 3 or x.shape[0] == 0:
+        raise ValueError(f"{source}: {name} must be a non-empty uint8 array of RGB images (N, 3, H, W); "
+                         f"got {x.dtype} {tuple(x.shape)}.")
+
+
+class _Batches(Dataset):
+    """Index-addressed view of in-memory tensors; ``__getitems__`` serves a whole batch at once."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices_only: bool):
+        self.x, self.y, self.indices_only = x, y, indices_only
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])
+
+    def __getitems__(self, idx: list[int]):
+        idx = torch.as_tensor(idx)
+        if self.indices_only:
+            return (idx,)  # resident mode: images are gathered on the device
+        return self.x[idx], self.y[idx]
+
+
+def _stacked(batch):
+    return batch  # ``__getitems__`` already returns stacked tensors
+
+
+class InMemoryDataModule(pl.LightningDataModule):
+    """Base for the toolkit's datasets; a subclass implements :meth:`load`.
+
+    Args:
+        batch_size: Images per step per device (SimCLR CIFAR-10: 512).
+        num_workers: DataLoader workers; 0 is right for in-memory data (batches are one index op).
+        resident: Copy the whole uint8 set to the accelerator once and sample indices there;
+            use it when the set fits in device memory (CIFAR-10 is 150 MB).
+        pin_memory: Pin host batches for faster copies (ignored when ``resident``).
+    """
+
+    name = "dataset"
+
+    def __init__(self, batch_size: int = 256, num_workers: int = 0, resident: bool = False, pin_memory: bool = True):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1; got {batch_size}.")
+        if num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0; got {num_workers}.")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.resident, self.pin_memory = resident, pin_memory
+        self.splits: Splits | None = None
+        self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    def load(self) -> Splits:
+        """Decode the dataset into uint8 tensors; called once, by :meth:`setup`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load().")
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits is not None:
+            return
+        s = self.load()
+        for name in ("x_train", "x_test"):
+            check_images(getattr(s, name), name, self.name)
+        for x, y, split in ((s.x_train, s.y_train, "train"), (s.x_test, s.y_test, "test")):
+            if y.ndim != 1 or len(y) != len(x):
+                raise ValueError(f"{self.name}: {split} labels must be a 1-D array with one label per image; "
+                                 f"got {tuple(y.shape)} labels for {len(x)} images.")
+        self.splits = s
+
+    @property
+    def num_classes(self) -> int:
+        self.setup()
+        return len(self.splits.classes)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup()
+        s = self.splits
+        if len(s.y_train) < self.batch_size:
+            raise ValueError(f"{self.name}: batch_size {self.batch_size} is larger than the training set "
+                             f"({len(s.y_train)} images); lower data.batch_size.")
+        return DataLoader(_Batches(s.x_train, s.y_train, indices_only=self.resident), batch_size=self.batch_size,
+                          shuffle=True, drop_last=True, num_workers=self.num_workers, collate_fn=_stacked,
+                          pin_memory=self.pin_memory and not self.resident and torch.cuda.is_available(),
+                          persistent_workers=self.num_workers > 0)
+
+    def _on_device(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.splits
+        x, y = (s.x_train, s.y_train) if split == "train" else (s.x_test, s.y_test)
+        if device.type == "cpu":
+            return x, y
+        key = (split, str(device))
+        if key not in self._device_cache:
+            self._device_cache[key] = x.to(device)
+            self._device_cache[key + ("y",)] = y.to(device)
+        return self._device_cache[key], self._device_cache[key + ("y",)]
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if self.resident and len(batch) == 1:  # an index batch: gather the images already on the device
+            x, y = self._on_device("train", device)
+            idx = batch[0].to(device, non_blocking=True)
+            return x[idx], y[idx]
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def iter_split(self, split: str, batch_size: int = 1024,
+                   device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images, labels)`` of ``train`` or ``test`` in order, on ``device``: for evaluators.
+
+        With ``resident`` the set is cached on the device once; otherwise each batch is copied.
+        """
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+        self.setup()
+        device = torch.device(device)
+        x, y = self._on_device(split, device) if self.resident else (
+            (self.splits.x_train, self.splits.y_train) if split == "train" else (self.splits.x_test, self.splits.y_test))
+        for i in range(0, len(y), batch_size):
+            yield x[i:i + batch_size].to(device, non_blocking=True), y[i:i + batch_size].to(device, non_blocking=True)

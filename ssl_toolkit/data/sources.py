@@ -1,0 +1,247 @@
+"""Dataset sources: scikit-learn digits, CIFAR-10/100, ``.npz`` arrays, image folders."""
+
+import logging
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssl_toolkit.data.base import InMemoryDataModule, Splits
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def _to_nchw(x: np.ndarray, key: str, source: str) -> torch.Tensor:
+    """Accept ``(N, H, W, 3|1)`` or ``(N, 3|1, H, W)`` uint8 arrays; return ``(N, 3, H, W)``."""
+    if x.dtype != np.uint8:
+        raise ValueError(f"{source}: {key} has dtype {x.dtype}; images must be uint8 in [0, 255]. "
+                         f"Convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1].")
+    if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+        x = x.transpose(0, 3, 1, 2)
+    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
+        raise ValueError(f"{source}: {key} has shape {x.shape}; expected (N, H, W, 3) or (N, 3, H, W) images "
+                         f"(grayscale as (N, H, W, 1) or (N, 1, H, W)).")
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return t.expand(-1, 3, -1, -1).contiguous() if t.shape[1] == 1 else t
+
+
+class DigitsDataModule(InMemoryDataModule):
+    """scikit-learn's bundled handwritten digits (1,797 images, 10 classes; offline, no download).
+
+    The 8x8 grey images are scaled to [0, 255], upsampled (bilinear) to ``image_size`` and
+    repeated to RGB. The split is fixed: 30% of each class for test (``random_state=0``).
+
+    Args:
+        image_size: Side length after upsampling.
+        batch_size: Images per step.
+        num_workers: DataLoader workers (0 is right: the set is 6 MB).
+        resident: Keep the set on the accelerator.
+    """
+
+    name = "digits"
+
+    def __init__(self, image_size: int = 32, batch_size: int = 256, num_workers: int = 0, resident: bool = False):
+        super().__init__(batch_size, num_workers, resident)
+        self.save_hyperparameters()
+        self.image_size = image_size
+
+    def load(self) -> Splits:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        d = load_digits()
+        x = torch.from_numpy(d.images).float().mul(255.0 / 16.0)[:, None]  # (N, 1, 8, 8) in [0, 255]
+        x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8).expand(-1, 3, -1, -1).contiguous()  # (N, 3, S, S)
+        y = torch.from_numpy(d.target).long()
+        tr, te = train_test_split(np.arange(len(y)), test_size=0.3, stratify=d.target, random_state=0)
+        return Splits(x[tr], y[tr], x[te], y[te], [str(c) for c in range(10)])
+
+
+class CIFARDataModule(InMemoryDataModule):
+    """CIFAR-10 or CIFAR-100 through torchvision (Krizhevsky 2009).
+
+    Args:
+        root: Folder holding (or to receive) ``cifar-10-batches-py`` / ``cifar-100-python``.
+        variant: ``cifar10`` or ``cifar100``.
+        download: Fetch the dataset from the internet if it is not under ``root``.
+        batch_size: Images per step per device (512 in SimCLR's CIFAR setting).
+        num_workers: DataLoader workers (0 is right for in-memory data).
+        resident: Keep the set (150 MB) on the accelerator.
+    """
+
+    def __init__(self, root: str = "data", variant: str = "cifar10", download: bool = False, batch_size: int = 512,
+                 num_workers: int = 0, resident: bool = False):
+        super().__init__(batch_size, num_workers, resident)
+        if variant not in ("cifar10", "cifar100"):
+            raise ValueError(f"data.variant must be 'cifar10' or 'cifar100'; got {variant!r}.")
+        self.save_hyperparameters()
+        self.root, self.variant, self.download, self.name = root, variant, download, variant
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self._dataset(train=True)
+            self._dataset(train=False)
+
+    def _dataset(self, train: bool):
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if self.variant == "cifar10" else torchvision.datasets.CIFAR100
+        try:
+            return cls(self.root, train=train, download=self.download)
+        except RuntimeError as e:
+            raise FileNotFoundError(
+                f"{self.variant} not found under {os.path.abspath(self.root)!r} ({e}). Set data.download=true to "
+                f"fetch it, point data.root at the folder holding it, or use NpzDataModule for a local .npz copy."
+            ) from None
+
+    def load(self) -> Splits:
+        tr, te = self._dataset(True), self._dataset(False)
+        return Splits(_to_nchw(tr.data, "train images", self.variant), torch.tensor(tr.targets),
+                      _to_nchw(te.data, "test images", self.variant), torch.tensor(te.targets), list(tr.classes))
+
+
+class NpzDataModule(InMemoryDataModule):
+    """Images from one ``.npz`` file: ``x_train``, ``y_train``, ``x_test``, ``y_test``, optional ``classes``.
+
+    This is the format ``shared/datasets/cifar10/unpack.py`` writes; images are uint8
+    ``(N, H, W, 3)`` or ``(N, 3, H, W)``.
+
+    Args:
+        path: The ``.npz`` file.
+        batch_size: Images per step per device.
+        num_workers: DataLoader workers (0 is right for in-memory data).
+        resident: Keep the set on the accelerator.
+    """
+
+    KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+    def __init__(self, path: str, batch_size: int = 512, num_workers: int = 0, resident: bool = False):
+        super().__init__(batch_size, num_workers, resident)
+        self.save_hyperparameters()
+        self.path, self.name = path, os.path.basename(path)
+
+    def load(self) -> Splits:
+        if not os.path.isfile(self.path):
+            raise FileNotFoundError(f"No .npz file at {os.path.abspath(self.path)!r}. Set data.path to a file with "
+                                    f"arrays {', '.join(self.KEYS)} (shared/datasets/cifar10/unpack.py writes one).")
+        with np.load(self.path, allow_pickle=False) as f:
+            missing = [k for k in self.KEYS if k not in f.files]
+            if missing:
+                raise KeyError(f"{self.path}: missing array(s) {', '.join(missing)}; found {', '.join(f.files)}. "
+                               f"The file needs {', '.join(self.KEYS)} (and optionally classes).")
+            arrays = {k: f[k] for k in f.files}
+        y_train, y_test = (torch.from_numpy(arrays[k].astype(np.int64).reshape(-1)) for k in ("y_train", "y_test"))
+        n_cls = int(max(y_train.max(), y_test.max())) + 1
+        classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(c) for c in range(n_cls)]
+        if len(classes) < n_cls or min(y_train.min(), y_test.min()) < 0:
+            raise ValueError(f"{self.path}: labels must lie in [0, {len(classes) - 1}] (one per class name); "
+                             f"got [{int(min(y_train.min(), y_test.min()))}, {n_cls - 1}].")
+        return Splits(_to_nchw(arrays["x_train"], "x_train", self.path), y_train,
+                      _to_nchw(arrays["x_test"], "x_test", self.path), y_test, classes)
+
+
+def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
+    """Decode, resize the shorter side to ``size`` and centre-crop; return the error text on failure."""
+    from PIL import Image
+
+    path, size = args
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR, reducing_gap=None)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+    except Exception as e:  # PIL raises many types for corrupt, truncated or unknown files
+        return f"{type(e).__name__}: {e}"
+
+
+class ImageFolderDataModule(InMemoryDataModule):
+    """An image folder ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``).
+
+    Images are decoded once (in ``num_workers`` processes), resized so the shorter side is
+    ``image_size`` and centre-cropped, and kept in memory as uint8: plan ``N * 3 * image_size^2``
+    bytes (1.5 GB for 500k images at 32 px).
+
+    Args:
+        root: Folder with ``train/`` and ``val/`` (or ``test/``) subfolders of class folders.
+        image_size: Side of the stored images.
+        on_corrupt: ``fail`` stops with the list of unreadable files; ``skip`` leaves them out,
+            logs how many and which, and counts them in ``num_skipped``.
+        batch_size: Images per step per device.
+        num_workers: Processes used to decode (and DataLoader workers; 0 decodes in this process).
+        resident: Keep the decoded set on the accelerator.
+    """
+
+    def __init__(self, root: str, image_size: int = 32, on_corrupt: str = "fail", batch_size: int = 256,
+                 num_workers: int = 0, resident: bool = False):
+        super().__init__(batch_size, 0, resident)
+        if on_corrupt not in ("fail", "skip"):
+            raise ValueError(f"data.on_corrupt must be 'fail' or 'skip'; got {on_corrupt!r}.")
+        if image_size < 1:
+            raise ValueError(f"data.image_size must be >= 1; got {image_size}.")
+        self.save_hyperparameters()
+        self.root, self.image_size, self.on_corrupt = root, image_size, on_corrupt
+        self.decode_workers, self.name, self.num_skipped = num_workers, os.path.basename(os.path.normpath(root)), 0
+
+    def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
+        classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        if not classes:
+            raise FileNotFoundError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>.")
+        paths, labels = [], []
+        for i, c in enumerate(classes):
+            files = sorted(str(p) for p in (split_dir / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise FileNotFoundError(f"Class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                                        "add images or remove the folder.")
+            paths += files
+            labels += [i] * len(files)
+        return classes, paths, labels
+
+    def _decode(self, paths: list[str]) -> list[np.ndarray | str]:
+        jobs = [(p, self.image_size) for p in paths]
+        if self.decode_workers > 0:
+            with ProcessPoolExecutor(self.decode_workers) as ex:
+                return list(ex.map(_decode_one, jobs, chunksize=256))
+        return [_decode_one(j) for j in jobs]
+
+    def _split(self, split_dir: Path, classes: list[str] | None):
+        found, paths, labels = self._files(split_dir)
+        if classes is not None and found != classes:
+            raise ValueError(f"{split_dir} has classes {found} but train/ has {classes}; both splits need the same "
+                             "class folders.")
+        decoded = self._decode(paths)
+        bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str)]
+        if bad and self.on_corrupt == "fail":
+            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+            raise ValueError(f"{len(bad)} of {len(paths)} images in {split_dir} could not be read:\n{listing}\n"
+                             "Fix or delete them, or set data.on_corrupt=skip to leave them out.")
+        if bad:
+            self.num_skipped += len(bad)
+            log.warning("Skipped %d unreadable images in %s: %s", len(bad), split_dir, ", ".join(p for p, _ in bad[:20]))
+        keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
+        if not keep:
+            raise ValueError(f"No readable images in {split_dir}.")
+        x = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+        return found, x, torch.tensor([labels[i] for i in keep])
+
+    def load(self) -> Splits:
+        root = Path(self.root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"Image folder {os.path.abspath(self.root)!r} does not exist. Set data.root to a "
+                                    "folder with train/<class>/* and val/<class>/* images.")
+        eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        if not (root / "train").is_dir() or eval_dir is None:
+            raise FileNotFoundError(f"{root} needs train/ and val/ (or test/) subfolders, each with one folder per "
+                                    f"class; found {sorted(p.name for p in root.iterdir())}.")
+        classes, x_train, y_train = self._split(root / "train", None)
+        _, x_test, y_test = self._split(eval_dir, classes)
+        return Splits(x_train, y_train, x_test, y_test, classes)
