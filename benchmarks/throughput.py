@@ -1,29 +1,34 @@
-"""SimCLR throughput: the backbone ceiling, the views alone, and the full training step.
+"""Training throughput of each method: the model ceiling, the views alone, and the full training step.
 
 Measures, on one device, images per second (each image makes 2 views) of
-  (a) ceiling:  backbone + projection head + NT-Xent forward/backward + optimizer step on pre-made views,
-  (b) views:    the toolkit's GPU view policy alone (uint8 batch -> 2 normalised views),
-  (c) full:     (b) then (a), i.e. one SimCLR training step from a uint8 batch already on the device,
+  (a) ceiling:  the method's forward/backward (backbone, heads, loss, EMA update) + optimizer step on pre-made views,
+  (b) views:    the toolkit's GPU view policy alone (uint8 batch -> normalised views),
+  (c) full:     (b) then (a), i.e. one training step from a uint8 batch already on the device,
 and writes a JSON result with the commit, device, library versions and peak memory.
 
-  python benchmarks/throughput.py                       # resnet18 CIFAR stem, batch 512, bf16, channels_last
-  python benchmarks/throughput.py --device cpu --batch 64 --steps 5 --warmup 2   # a CPU smoke measurement
+  python benchmarks/throughput.py                       # SimCLR, resnet18 CIFAR stem, batch 512, bf16, channels_last
+  python benchmarks/throughput.py --method moco         # MoCo v2, same setting
+  python benchmarks/throughput.py --device cpu --batch 64 --steps 5 --warmup 2 --precision fp32   # CPU smoke run
 """
 
 import argparse
+import inspect
 import json
 import os
 import platform
 import subprocess
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig
-from ssl_toolkit.methods import SimCLR
+from ssl_toolkit.methods import MoCoV2, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
+
+METHODS = {"simclr": SimCLR, "moco": MoCoV2}
 
 
 def sync(device: torch.device) -> None:
@@ -59,6 +64,7 @@ def environment(device: torch.device) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="simclr", choices=sorted(METHODS))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--no-cifar-stem", action="store_true")
@@ -74,8 +80,10 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
 
-    model = SimCLR(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=ViewConfig(crop_size=a.size),
-                   channels_last=not a.no_channels_last).to(device)
+    cls = METHODS[a.method]
+    views: ViewConfig = inspect.signature(cls).parameters["views"].default  # the method's own augmentations
+    model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=a.size),
+                channels_last=not a.no_channels_last).to(device)
     model.setup("fit")
     opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.06, momentum=0.9)
     images = torch.randint(0, 256, (a.batch, 3, a.size, a.size), dtype=torch.uint8, device=device)
@@ -84,10 +92,11 @@ def main() -> None:
 
     def train_step(views):
         with amp:
-            loss = model.step(views)["ntxent_loss"]
+            loss = model.sum_losses(model.step(views))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        model.update_targets(0.99)  # no-op for methods without a target network
 
     results = {}
     for name, fn in (("ceiling", lambda: train_step(premade)), ("views", lambda: model.view_policy(images)),
@@ -101,9 +110,9 @@ def main() -> None:
         print(f"{name:8s} {results[name]['images_per_s']:>10.1f} images/s  {results[name]['ms_per_step']:>9.2f} ms/step")
     ratio = results["full"]["images_per_s"] / results["ceiling"]["images_per_s"]
     print(f"full / ceiling = {ratio:.3f}")
-    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{device.type}.json")
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{a.method}-{device.type}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    record = {**environment(device), "config": {"backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
+    record = {**environment(device), "config": {"method": a.method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
                                                  "batch": a.batch, "size": a.size, "precision": a.precision,
                                                  "channels_last": not a.no_channels_last, "steps": a.steps,
                                                  "warmup": a.warmup, "views_per_image": 2},

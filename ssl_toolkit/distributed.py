@@ -48,3 +48,31 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(out, x.contiguous())
     return torch.cat(out, dim=0)
+
+
+@torch.no_grad()
+def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shuffle a batch across all ranks (MoCo's shuffle-BN); returns the shuffled local batch and the undo index.
+
+    Every rank receives ``B`` rows drawn from the global batch, so batch-norm statistics of the
+    key encoder cannot pair a query with its key through the local batch. Rank 0 draws the
+    permutation and broadcasts it. In a single process the batch is returned as is: one
+    process computes its statistics over the whole batch whatever the order.
+    """
+    if not is_distributed():
+        return x, torch.arange(len(x), device=x.device)
+    b = x.shape[0]
+    x_all = gather(x)  # (W*B, ...)
+    perm = torch.randperm(len(x_all), device=x.device)
+    dist.broadcast(perm, src=0)
+    unshuffle = perm.argsort()
+    return x_all[perm.view(world_size(), b)[rank()]], unshuffle
+
+
+@torch.no_grad()
+def unshuffle_across_ranks(y: torch.Tensor, unshuffle: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`shuffle_across_ranks` on the outputs ``y`` computed from the shuffled batch."""
+    if not is_distributed():
+        return y[unshuffle]
+    b = y.shape[0]
+    return gather(y)[unshuffle.view(world_size(), b)[rank()]]

@@ -2,7 +2,8 @@
 
 The SimCLR projection head is the 2-layer MLP of Chen et al. 2020,
 https://arxiv.org/abs/2002.05709 (Sec. 2.1); batch norm in the hidden layers follows
-SimCLR v2 (https://arxiv.org/abs/2006.10029) and common CIFAR practice.
+SimCLR v2 (https://arxiv.org/abs/2006.10029) and common CIFAR practice. MoCo v2's head
+(Chen et al. 2020, https://arxiv.org/abs/2003.04297) is the same MLP without batch norm.
 """
 
 from torch import nn
@@ -31,6 +32,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_n
     return nn.Sequential(*layers)
 
 
-def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2) -> nn.Sequential:
-    """SimCLR projection head g(.): MLP with BN in hidden layers, no BN on the output."""
-    return mlp(in_dim, hidden_dim, out_dim, num_layers=num_layers, batch_norm=True, last_batch_norm=False)
+def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num_layers: int = 2,
+                    batch_norm: bool = True) -> nn.Sequential:
+    """Projection head g(.): MLP with BN in hidden layers (SimCLR) or without (MoCo v2), no BN on the output."""
+    return mlp(in_dim, hidden_dim, out_dim, num_layers=num_layers, batch_norm=batch_norm, last_batch_norm=False)

@@ -82,3 +82,15 @@ class LARS(torch.optim.Optimizer):
                     buf.mul_(g["momentum"]).add_(d)
                 p.add_(buf, alpha=-g["lr"])
         return loss
+
+
+@torch.no_grad()
+def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
+    """``theta_target <- m * theta_target + (1 - m) * theta_online`` for every parameter (MoCo Eq. 2,
+    https://arxiv.org/abs/1911.05722; DINO's teacher update, https://arxiv.org/abs/2104.14294)."""
+    t = [p for p in target.parameters()]
+    o = [p.detach() for p in online.parameters()]
+    if len(t) != len(o):
+        raise ValueError(f"EMA pair mismatch: target has {len(t)} parameters, online has {len(o)}.")
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, o, alpha=1.0 - momentum)

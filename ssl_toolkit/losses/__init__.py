@@ -1,5 +1,6 @@
-"""Losses: pure ``nn.Module`` objects with no learnable parameters and no dataset knowledge."""
+"""Losses: pure ``nn.Module`` objects or functions with no learnable parameters and no dataset knowledge."""
 
+from ssl_toolkit.losses.infonce import info_nce
 from ssl_toolkit.losses.ntxent import NTXentLoss, nt_xent
 
-__all__ = ["NTXentLoss", "nt_xent"]
+__all__ = ["NTXentLoss", "info_nce", "nt_xent"]

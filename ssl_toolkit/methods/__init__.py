@@ -1,6 +1,7 @@
 """Methods: a base module with the plumbing, one short file per method."""
 
 from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
+from ssl_toolkit.methods.moco import MoCoV2
 from ssl_toolkit.methods.simclr import SimCLR
 
-__all__ = ["BaseSSLModule", "OptimConfig", "SimCLR"]
+__all__ = ["BaseSSLModule", "MoCoV2", "OptimConfig", "SimCLR"]

@@ -2,7 +2,8 @@
 
 Optimizer and scheduler from the config, weight decay only on ``p.ndim >= 2``, the view hook
 (views are made on the device in ``on_after_batch_transfer``, training only), summing and
-logging of the loss dict, channels_last, and the checkpoint metadata evaluators read.
+logging of the loss dict, EMA updates of declared (online, target) pairs with a cosine momentum
+schedule, channels_last, and the checkpoint metadata evaluators read.
 """
 
 import warnings
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
-from ssl_toolkit.optim import LARS, cosine_schedule, param_groups
+from ssl_toolkit.optim import LARS, cosine_schedule, ema_update, param_groups
 from ssl_toolkit.views import ViewConfig, Views
 
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
@@ -66,6 +67,8 @@ class BaseSSLModule(pl.LightningModule):
         self.backbone, self.feature_dim = build_backbone(backbone.name, backbone.cifar_stem, backbone.width)
         self.channels_last = channels_last
         self.view_policy: nn.Module | None = None  # set by the subclass
+        self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
+        self.momentum_schedule: torch.Tensor | None = None  # one momentum per global step, built with the optimizer
 
     def save_config(self, **method_args) -> None:
         """Store the whole configuration as plain values (checkpoints load with ``weights_only=True``)."""
@@ -76,6 +79,10 @@ class BaseSSLModule(pl.LightningModule):
     def step(self, views: Views) -> dict[str, torch.Tensor]:
         """Compute the method's outputs; keys ending in ``_loss`` are summed into the training loss."""
         raise NotImplementedError(f"{type(self).__name__} must implement step(views).")
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """(online, target) pairs updated as ``target <- m target + (1 - m) online`` after each optimizer step."""
+        return []
 
     def encoder(self) -> Encoder:
         """The backbone with its input normalisation, for evaluators."""
@@ -94,13 +101,22 @@ class BaseSSLModule(pl.LightningModule):
             return self.view_policy(images), labels
         return batch
 
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        views, _ = batch
-        out = self.step(views)
+    def sum_losses(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss: the sum of the terms whose key ends in ``_loss``."""
         losses = [v for k, v in out.items() if k.endswith("_loss")]
         if not losses:
             raise RuntimeError(f"{type(self).__name__}.step returned no key ending in '_loss': {list(out)}.")
-        loss = torch.stack(losses).sum() if len(losses) > 1 else losses[0]
+        return torch.stack(losses).sum() if len(losses) > 1 else losses[0]
+
+    def update_targets(self, momentum: float) -> None:
+        """Apply the EMA update with ``momentum`` to every pair of :meth:`ema_pairs`."""
+        for online, target in self.ema_pairs():
+            ema_update(online, target, momentum)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        views, _ = batch
+        out = self.step(views)
+        loss = self.sum_losses(out)
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
@@ -118,9 +134,18 @@ class BaseSSLModule(pl.LightningModule):
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
         sched = cosine_schedule(1.0, c.min_lr / c.lr, total, warmup)  # multiplier of lr, one value per step
+        self.momentum_schedule = cosine_schedule(*self.ema_momentum, total_steps=total)  # (total,) EMA momentum
         lam = lambda step: float(sched[min(step, len(sched) - 1)])  # noqa: E731
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam),
                                                    "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if not self.ema_pairs():
+            return
+        sched = self.momentum_schedule
+        m = float(sched[min(max(self.global_step - 1, 0), len(sched) - 1)])  # step just taken; CPU tensor, no sync
+        self.update_targets(m)
+        self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         dm = self.trainer.datamodule if self.trainer is not None else None

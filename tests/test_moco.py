@@ -1,0 +1,106 @@
+import copy
+import math
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.data import DigitsDataModule
+from ssl_toolkit.eval import KNNCallback
+from ssl_toolkit.losses import info_nce
+from ssl_toolkit.methods import MoCoV2, OptimConfig
+from ssl_toolkit.optim import ema_update
+from ssl_toolkit.queue import FeatureQueue
+from ssl_toolkit.views import ViewConfig
+
+
+def tiny(**kw):
+    return MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16, blur_p=0.5), queue_size=32,
+                  proj_hidden_dim=32, proj_out_dim=8, **kw)
+
+
+def test_queue_is_fifo_and_wraps():
+    q = FeatureQueue(size=5, dim=2)
+    a = torch.arange(6.0).view(3, 2)
+    b = 10 + torch.arange(6.0).view(3, 2)
+    q.push(a)
+    assert torch.equal(q.features[:3], a) and int(q.ptr) == 3
+    q.push(b)  # fills slots 3, 4 then wraps to slot 0
+    assert torch.equal(q.features[3:], b[:2]) and torch.equal(q.features[0], b[2]) and torch.equal(q.features[1:3], a[1:])
+    assert int(q.ptr) == 1
+    with pytest.raises(ValueError, match="raise queue_size"):
+        q.push(torch.zeros(6, 2))
+
+
+def test_ema_update_is_the_paper_formula():
+    online, target = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.clone() for p in target.parameters()]
+    ema_update(online, target, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        assert torch.allclose(t, 0.9 * b + (1 - 0.9) * o, rtol=0, atol=1e-7)  # up to float32 rounding
+
+
+def test_info_nce_positive_at_index_0_equals_hand_computed_cross_entropy():
+    q = F.normalize(torch.randn(3, 4), dim=1)
+    k = F.normalize(torch.randn(3, 4), dim=1)
+    neg = F.normalize(torch.randn(5, 4), dim=1)
+    t = 0.2
+    expected = 0.0
+    for i in range(3):
+        logits = [float(q[i] @ k[i]) / t] + [float(q[i] @ n) / t for n in neg]
+        expected += -(logits[0] - math.log(sum(math.exp(v) for v in logits)))
+    assert info_nce(q, k, neg, t)["infonce_loss"].item() == pytest.approx(expected / 3, rel=1e-5)
+
+
+def test_step_trains_the_query_encoder_only_and_queues_the_keys():
+    m = tiny()
+    x = torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)
+    views = m.view_policy(x)
+    out = m.step(views)
+    out["infonce_loss"].backward()
+    assert all(p.grad is None for p in m.key_backbone.parameters()) and all(p.grad is not None for p in m.backbone.parameters())
+    assert int(m.queue.ptr) == 8
+    keys = m.keys(views.crops[1])
+    assert torch.allclose(m.queue.features[:8], keys, atol=1e-5)  # the keys of this batch (BN in train mode: same batch)
+
+
+def test_symmetric_variant_queues_both_views():
+    m = tiny(symmetric=True)
+    m.step(m.view_policy(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8)))
+    assert int(m.queue.ptr) == 16
+
+
+def test_trainer_applies_the_momentum_schedule_after_each_step():
+    m = tiny(momentum=0.5, optim=OptimConfig("sgd", lr=0.1, warmup_epochs=0))
+    key_before = copy.deepcopy(m.key_backbone)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(m, DigitsDataModule(image_size=16, batch_size=32))
+    for k, k0, q in zip(m.key_backbone.parameters(), key_before.parameters(), m.backbone.parameters()):
+        assert torch.allclose(k, 0.5 * k0 + 0.5 * q, atol=1e-6)
+    assert torch.allclose(m.momentum_schedule, torch.full_like(m.momentum_schedule, 0.5))
+
+
+def test_bad_settings_say_the_fix():
+    with pytest.raises(ValueError, match="0.99 on CIFAR"):
+        tiny(momentum=1.5)
+    with pytest.raises(ValueError, match="MoCo v2 uses 0.2"):
+        tiny(temperature=0)
+
+
+def test_moco_beats_random_init_on_digits():
+    pl.seed_everything(0)
+    views = ViewConfig(crop_size=32, scale=(0.3, 1.0), flip_p=0.0, hue=0.0, saturation=0.0, blur_p=0.5,
+                       mean=(0.3055,) * 3, std=(0.3237,) * 3)
+    m = MoCoV2(BackboneConfig("tiny_cnn", width=16), views=views, temperature=0.2, queue_size=1024,
+               proj_hidden_dim=256, proj_out_dim=64, momentum=0.99,
+               optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=2))
+    knn = KNNCallback(every_n_epochs=100, k=[20])
+    trainer = pl.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[knn])
+    trainer.fit(m, DigitsDataModule(batch_size=128))
+    init, trained = knn.results["init"][20], knn.results["trained"][20]
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 96.30% after 30 epochs (+12.8 points).
+    assert trained - init >= 10.0 and trained >= 94.0, knn.results
