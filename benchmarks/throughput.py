@@ -1,6 +1,7 @@
 """Training throughput of each method: the model ceiling, the views alone, and the full training step.
 
-Measures, on one device, images per second (each image makes 2 views) of
+Measures, on one device, images per second (each image makes the method's views: 2 for SimCLR and MoCo,
+2 global + 6 local crops for DINO) of
   (a) ceiling:  the method's forward/backward (backbone, heads, loss, EMA update) + optimizer step on pre-made views,
   (b) views:    the toolkit's GPU view policy alone (uint8 batch -> normalised views),
   (c) full:     (b) then (a), i.e. one training step from a uint8 batch already on the device,
@@ -24,11 +25,11 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig
-from ssl_toolkit.methods import MoCoV2, SimCLR
+from ssl_toolkit.methods import DINO, MoCoV2, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
 
-METHODS = {"simclr": SimCLR, "moco": MoCoV2}
+METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO}
 
 
 def sync(device: torch.device) -> None:
@@ -54,10 +55,12 @@ def environment(device: torch.device) -> dict:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        commit, dirty = "unknown", None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
+    return {"commit": commit, "uncommitted_changes": dirty, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
             "python": platform.python_version(), "torch": torch.__version__, "kornia": kornia.__version__,
             "pytorch_lightning": pytorch_lightning.__version__, "cuda": torch.version.cuda}
 
@@ -115,7 +118,7 @@ def main() -> None:
     record = {**environment(device), "config": {"method": a.method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
                                                  "batch": a.batch, "size": a.size, "precision": a.precision,
                                                  "channels_last": not a.no_channels_last, "steps": a.steps,
-                                                 "warmup": a.warmup, "views_per_image": 2},
+                                                 "warmup": a.warmup, "views_per_image": len(premade.crops)},
               "results": results, "full_over_ceiling": round(ratio, 3)}
     with open(out, "w") as f:
         json.dump(record, f, indent=2)

@@ -2,7 +2,10 @@
 
 ResNets come from torchvision (He et al. 2016, https://arxiv.org/abs/1512.03385); the CIFAR
 stem (3x3 stride-1 first convolution, no max-pool) follows SimCLR's CIFAR-10 setting
-(Chen et al. 2020, https://arxiv.org/abs/2002.05709, App. B.9).
+(Chen et al. 2020, https://arxiv.org/abs/2002.05709, App. B.9). Vision Transformers
+(Dosovitskiy et al. 2020, https://arxiv.org/abs/2010.11929) are torchvision's
+``VisionTransformer`` in the Tiny/Small sizes of DeiT (https://arxiv.org/abs/2012.12877), with
+position embeddings interpolated for other input sizes, as DINO does for its local crops.
 """
 
 from dataclasses import dataclass
@@ -11,8 +14,11 @@ import torch
 import torchvision
 from torch import nn
 
+import torch.nn.functional as F
+
 RESNETS = ("resnet18", "resnet34", "resnet50")
-NAMES = RESNETS + ("tiny_cnn",)
+VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6)}  # (width, heads); 12 layers, MLP ratio 4 (DeiT)
+NAMES = RESNETS + tuple(VITS) + ("tiny_cnn",)
 
 
 @dataclass(frozen=True)
@@ -20,19 +26,67 @@ class BackboneConfig:
     """Which encoder to train.
 
     Args:
-        name: One of ``resnet18``, ``resnet34``, ``resnet50`` (torchvision, random init) or
-            ``tiny_cnn`` (4 conv layers, for tests and the CPU quickstart).
+        name: One of ``resnet18``, ``resnet34``, ``resnet50`` (torchvision, random init),
+            ``vit_tiny``, ``vit_small`` or ``tiny_cnn`` (4 conv layers, for tests and the CPU quickstart).
         cifar_stem: 3x3 stride-1 first conv and no max-pool; use it for 32-64 px images,
-            where the ImageNet stem throws away 3/4 of the resolution. Ignored by ``tiny_cnn``.
+            where the ImageNet stem throws away 3/4 of the resolution. ResNets only.
         width: Channels of the first ``tiny_cnn`` stage (doubled at each of its 4 stages).
+        patch_size: ViT patch side: 4 for 32 px images, 16 for 224 px.
+        image_size: ViT input side its position embeddings are made for (other sizes are interpolated).
+        vit_layers: ViT depth (12 in ViT-Tiny/Small; fewer for quick tests).
     """
 
     name: str = "resnet18"
     cifar_stem: bool = False
     width: int = 32
+    patch_size: int = 4
+    image_size: int = 32
+    vit_layers: int = 12
 
 
-def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int = 32) -> tuple[nn.Module, int]:
+class ViT(nn.Module):
+    """torchvision's ``VisionTransformer`` returning the class token, for any input size divisible by the patch.
+
+    Example:
+        >>> vit = ViT(image_size=32, patch_size=4, num_layers=1, num_heads=3, hidden_dim=192)
+        >>> vit(torch.zeros(2, 3, 32, 32)).shape, vit(torch.zeros(2, 3, 16, 16)).shape
+        (torch.Size([2, 192]), torch.Size([2, 192]))
+    """
+
+    def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"ViT image_size {image_size} is not a multiple of patch_size {patch_size}.")
+        self.vit = torchvision.models.VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim,
+                                                        mlp_dim=4 * hidden_dim)
+        self.vit.heads = nn.Identity()
+        self.patch_size = patch_size
+
+    def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """``(1, 1 + gh*gw, D)`` embeddings, the patch part bicubically resized from the trained grid."""
+        pos = self.vit.encoder.pos_embedding  # (1, 1 + G*G, D)
+        cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+        g = int(round(patch_pos.shape[1] ** 0.5))
+        if (grid_h, grid_w) == (g, g):
+            return pos
+        grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, G, G)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"ViT input {h}x{w} is not divisible by patch_size {self.patch_size}; "
+                             "choose crop sizes that are multiples of it.")
+        tokens = self.vit.conv_proj(x).flatten(2).transpose(1, 2)  # (N, gh*gw, D)
+        tokens = torch.cat([self.vit.class_token.expand(n, -1, -1), tokens], dim=1)  # (N, 1 + gh*gw, D)
+        enc = self.vit.encoder
+        tokens = tokens + self.position_embedding(h // self.patch_size, w // self.patch_size)
+        return enc.ln(enc.layers(enc.dropout(tokens)))[:, 0]  # (N, D) class token
+
+
+def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int = 32, patch_size: int = 4,
+                   image_size: int = 32, vit_layers: int = 12) -> tuple[nn.Module, int]:
     """Build an encoder that maps ``(B, 3, H, W)`` images to ``(B, feature_dim)`` features.
 
     Example:
@@ -48,6 +102,9 @@ def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int 
             net.conv1 = nn.Conv2d(3, net.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
         return net, dim
+    if name in VITS:
+        dim, heads = VITS[name]
+        return ViT(image_size, patch_size, vit_layers, heads, dim), dim
     if name == "tiny_cnn":
         if width < 1:
             raise ValueError(f"tiny_cnn width must be >= 1; got {width}.")

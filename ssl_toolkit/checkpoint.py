@@ -35,7 +35,7 @@ def encoder_from_checkpoint(ckpt: dict) -> Encoder:
     """Rebuild the backbone with its input normalisation and load its trained weights."""
     hp = ckpt["hyper_parameters"]
     b, v = hp["backbone"], hp["views"]
-    backbone, _ = build_backbone(b["name"], b["cifar_stem"], b["width"])
+    backbone, _ = build_backbone(**b)
     prefix = "backbone."
     state = {k[len(prefix):]: t for k, t in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = backbone.load_state_dict(state, strict=False)

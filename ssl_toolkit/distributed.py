@@ -51,6 +51,16 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over all ranks (a copy; ``x`` itself is not changed)."""
+    if not is_distributed():
+        return x
+    y = x.clone()
+    dist.all_reduce(y)
+    return y / dist.get_world_size()
+
+
+@torch.no_grad()
 def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle a batch across all ranks (MoCo's shuffle-BN); returns the shuffled local batch and the undo index.
 

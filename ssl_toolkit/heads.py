@@ -6,16 +6,20 @@ SimCLR v2 (https://arxiv.org/abs/2006.10029) and common CIFAR practice. MoCo v2'
 (Chen et al. 2020, https://arxiv.org/abs/2003.04297) is the same MLP without batch norm.
 """
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 
 def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_norm: bool = True,
-        last_batch_norm: bool = False) -> nn.Sequential:
+        last_batch_norm: bool = False, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
     """Linear layers with BN + ReLU between them; ``num_layers`` counts the linear layers.
 
     Example:
         >>> [type(m).__name__ for m in mlp(512, 2048, 128)]
         ['Linear', 'BatchNorm1d', 'ReLU', 'Linear']
+        >>> [type(m).__name__ for m in mlp(512, 2048, 256, num_layers=3, batch_norm=False, activation=nn.GELU)]
+        ['Linear', 'GELU', 'Linear', 'GELU', 'Linear']
     """
     if num_layers < 1:
         raise ValueError(f"An MLP head needs at least 1 layer; got num_layers={num_layers}.")
@@ -24,7 +28,7 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_n
         layers += [nn.Linear(d, hidden_dim, bias=not batch_norm)]
         if batch_norm:
             layers += [nn.BatchNorm1d(hidden_dim)]
-        layers += [nn.ReLU(inplace=True)]
+        layers += [activation()]
         d = hidden_dim
     layers += [nn.Linear(d, out_dim, bias=not last_batch_norm)]
     if last_batch_norm:
@@ -36,3 +40,34 @@ def projection_head(in_dim: int, hidden_dim: int = 2048, out_dim: int = 128, num
                     batch_norm: bool = True) -> nn.Sequential:
     """Projection head g(.): MLP with BN in hidden layers (SimCLR) or without (MoCo v2), no BN on the output."""
     return mlp(in_dim, hidden_dim, out_dim, num_layers=num_layers, batch_norm=batch_norm, last_batch_norm=False)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head (Caron et al. 2021, https://arxiv.org/abs/2104.14294, Sec. 3.1 and App. A).
+
+    A 3-layer MLP (GELU, hidden 2048) to a bottleneck, L2 normalisation, then a weight-normalised
+    linear layer to ``out_dim`` prototypes without bias. With ``norm_last_layer`` its weight norm
+    is fixed at 1 (the paper's default, more stable for ViT-S).
+
+    Args:
+        in_dim: Backbone feature dimension.
+        out_dim: Number of output dimensions K (65536 on ImageNet; 4096 is common on CIFAR).
+        hidden_dim: MLP width.
+        bottleneck_dim: Width before normalisation.
+        num_layers: Linear layers of the MLP.
+        batch_norm: BN in the MLP (off for ViT, on helps ResNets in the paper's App. D).
+        norm_last_layer: Freeze the weight norm g of the last layer at 1.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
+                 num_layers: int = 3, batch_norm: bool = False, norm_last_layer: bool = True):
+        super().__init__()
+        self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, batch_norm, activation=nn.GELU)
+        self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
+        g = self.last_layer.parametrizations.weight.original0
+        with torch.no_grad():
+            g.fill_(1.0)
+        g.requires_grad_(not norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (B, out_dim)

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,3 +44,18 @@ def cifar_small(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cifar") / "cifar10_small.npz"
     np.savez(out, **arrays)
     return out
+
+
+DIGITS_MEAN, DIGITS_STD = (0.3055,) * 3, (0.3237,) * 3  # digits train statistics (recipes/quickstart.yaml)
+
+
+def knn_before_and_after(model, epochs: int, batch_size: int = 128) -> tuple[float, float]:
+    """Train ``model`` on digits for ``epochs`` on the CPU; kNN top-1 (k=20) at random init and after training."""
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.eval import KNNCallback
+
+    knn = KNNCallback(every_n_epochs=10_000, k=[20])
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[knn])
+    trainer.fit(model, DigitsDataModule(batch_size=batch_size))
+    return knn.results["init"][20], knn.results["trained"][20]

@@ -23,7 +23,7 @@ def test_cifar_stem_is_3x3_without_maxpool():
 
 
 def test_unknown_backbone_names_the_choices():
-    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, tiny_cnn"):
+    with pytest.raises(ValueError, match="resnet18, resnet34, resnet50, vit_tiny, vit_small, tiny_cnn"):
         build_backbone("vgg")
 
 

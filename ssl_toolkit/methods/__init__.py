@@ -1,7 +1,8 @@
 """Methods: a base module with the plumbing, one short file per method."""
 
 from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
+from ssl_toolkit.methods.dino import DINO
 from ssl_toolkit.methods.moco import MoCoV2
 from ssl_toolkit.methods.simclr import SimCLR
 
-__all__ = ["BaseSSLModule", "MoCoV2", "OptimConfig", "SimCLR"]
+__all__ = ["BaseSSLModule", "DINO", "MoCoV2", "OptimConfig", "SimCLR"]

@@ -64,7 +64,7 @@ class BaseSSLModule(pl.LightningModule):
     def __init__(self, backbone: BackboneConfig, optim: OptimConfig, views: ViewConfig, channels_last: bool = False):
         super().__init__()
         self.backbone_config, self.optim_config, self.view_config = backbone, optim, views
-        self.backbone, self.feature_dim = build_backbone(backbone.name, backbone.cifar_stem, backbone.width)
+        self.backbone, self.feature_dim = build_backbone(**asdict(backbone))
         self.channels_last = channels_last
         self.view_policy: nn.Module | None = None  # set by the subclass
         self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
@@ -83,6 +83,14 @@ class BaseSSLModule(pl.LightningModule):
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         """(online, target) pairs updated as ``target <- m target + (1 - m) online`` after each optimizer step."""
         return []
+
+    def make_schedules(self, total_steps: int, steps_per_epoch: int) -> None:
+        """Build the per-step schedule tensors (EMA momentum here; methods add theirs)."""
+        self.momentum_schedule = cosine_schedule(*self.ema_momentum, total_steps=total_steps)  # (total,)
+
+    def scheduled(self, schedule: torch.Tensor) -> float:
+        """The value of a per-step schedule at the current global step (a CPU tensor: no device sync)."""
+        return float(schedule[min(self.global_step, len(schedule) - 1)])
 
     def encoder(self) -> Encoder:
         """The backbone with its input normalisation, for evaluators."""
@@ -134,7 +142,7 @@ class BaseSSLModule(pl.LightningModule):
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
         sched = cosine_schedule(1.0, c.min_lr / c.lr, total, warmup)  # multiplier of lr, one value per step
-        self.momentum_schedule = cosine_schedule(*self.ema_momentum, total_steps=total)  # (total,) EMA momentum
+        self.make_schedules(total, steps_per_epoch)
         lam = lambda step: float(sched[min(step, len(sched) - 1)])  # noqa: E731
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam),
                                                    "interval": "step"}}
@@ -143,7 +151,7 @@ class BaseSSLModule(pl.LightningModule):
         if not self.ema_pairs():
             return
         sched = self.momentum_schedule
-        m = float(sched[min(max(self.global_step - 1, 0), len(sched) - 1)])  # step just taken; CPU tensor, no sync
+        m = float(sched[min(max(self.global_step - 1, 0), len(sched) - 1)])  # the step just taken
         self.update_targets(m)
         self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 

@@ -2,5 +2,6 @@
 
 from ssl_toolkit.views.base import Views, denormalize
 from ssl_toolkit.views.contrastive import ContrastiveViews, ViewConfig, ViewParams
+from ssl_toolkit.views.multicrop import MultiCropViews
 
-__all__ = ["Views", "ViewConfig", "ViewParams", "ContrastiveViews", "denormalize"]
+__all__ = ["Views", "ViewConfig", "ViewParams", "ContrastiveViews", "MultiCropViews", "denormalize"]
