@@ -83,3 +83,14 @@ def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
     (tmp_path / "trunc.ckpt").write_bytes((tmp_path / "other.ckpt").read_bytes()[:40])
     with pytest.raises(CheckpointError, match="truncated"):
         load_checkpoint(str(tmp_path / "trunc.ckpt"))
+
+
+def test_knn_callback_writes_no_file_without_a_run_folder(tmp_path, monkeypatch):
+    from ssl_toolkit.eval import KNNCallback
+
+    monkeypatch.chdir(tmp_path)
+    knn = KNNCallback(k=[5])
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[knn])
+    trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=64))
+    assert set(knn.results) == {"init", "trained"} and not list(tmp_path.iterdir())

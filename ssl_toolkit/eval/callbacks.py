@@ -15,7 +15,7 @@ class KNNCallback(pl.Callback):
     It runs before training (the random-init baseline, ``val/knn_top1_init``), every
     ``every_n_epochs`` epochs and after the last one, then prints both numbers and writes
     ``knn.json`` in the run folder. Features are extracted once per evaluation and searched
-    once with the largest k.
+    once with the largest k. ``knn.json`` is written only when the trainer has a logger (a run folder).
 
     Args:
         every_n_epochs: Evaluate every this many epochs (raise it if evaluation time matters).
@@ -70,7 +70,7 @@ class KNNCallback(pl.Callback):
             before = f"random init {init[k]:.2f}% -> " if k in init else ""
             lines.append(f"  k={k:<4d} {before}trained {self.results['trained'][k]:.2f}%")
         print("\n".join(lines))
-        if trainer.log_dir:
+        if trainer.logger is not None and trainer.log_dir:  # without a logger, log_dir is the working directory
             os.makedirs(trainer.log_dir, exist_ok=True)
             with open(os.path.join(trainer.log_dir, "knn.json"), "w") as f:
                 json.dump({"temperature": self.temperature, "epochs": trainer.current_epoch,
