@@ -1,7 +1,7 @@
 """Training throughput of each method: the model ceiling, the views alone, and the full training step.
 
 Measures, on one device, images per second (each image makes the method's views: 2 for SimCLR and MoCo,
-2 global + 6 local crops for DINO) of
+2 global + 6 local crops for DINO, a 7x7 grid of patches for CPC) of
   (a) ceiling:  the method's forward/backward (backbone, heads, loss, EMA update) + optimizer step on pre-made views,
   (b) views:    the toolkit's GPU view policy alone (uint8 batch -> normalised views),
   (c) full:     (b) then (a), i.e. one training step from a uint8 batch already on the device,
@@ -25,11 +25,11 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig
-from ssl_toolkit.methods import DINO, MoCoV2, SimCLR
+from ssl_toolkit.methods import CPCV2, DINO, MoCoV2, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
 
-METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO}
+METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2}
 
 
 def sync(device: torch.device) -> None:
@@ -80,6 +80,7 @@ def main() -> None:
     p.add_argument("--out", help="JSON path (default: benchmarks/results/throughput-<device>.json)")
     a = p.parse_args()
     device = torch.device(a.device)
+    env = environment(device)  # before measuring: the commit and tree state of the code that runs
     torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
 
@@ -115,7 +116,7 @@ def main() -> None:
     print(f"full / ceiling = {ratio:.3f}")
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{a.method}-{device.type}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    record = {**environment(device), "config": {"method": a.method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
+    record = {**env, "config": {"method": a.method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
                                                  "batch": a.batch, "size": a.size, "precision": a.precision,
                                                  "channels_last": not a.no_channels_last, "steps": a.steps,
                                                  "warmup": a.warmup, "views_per_image": len(premade.crops)},

@@ -34,6 +34,8 @@ class BackboneConfig:
         patch_size: ViT patch side: 4 for 32 px images, 16 for 224 px.
         image_size: ViT input side its position embeddings are made for (other sizes are interpolated).
         vit_layers: ViT depth (12 in ViT-Tiny/Small; fewer for quick tests).
+        norm: ``batch`` or ``layer`` normalisation in ResNets and ``tiny_cnn`` (``layer`` is GroupNorm with
+            one group; CPC v2 needs it because batch statistics leak between patches of one image).
     """
 
     name: str = "resnet18"
@@ -42,6 +44,15 @@ class BackboneConfig:
     patch_size: int = 4
     image_size: int = 32
     vit_layers: int = 12
+    norm: str = "batch"
+
+
+def _norm_layer(norm: str):
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "layer":
+        return lambda channels: nn.GroupNorm(1, channels)
+    raise ValueError(f"Unknown backbone.norm {norm!r}; use 'batch' or 'layer'.")
 
 
 class ViT(nn.Module):
@@ -86,7 +97,7 @@ class ViT(nn.Module):
 
 
 def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int = 32, patch_size: int = 4,
-                   image_size: int = 32, vit_layers: int = 12) -> tuple[nn.Module, int]:
+                   image_size: int = 32, vit_layers: int = 12, norm: str = "batch") -> tuple[nn.Module, int]:
     """Build an encoder that maps ``(B, 3, H, W)`` images to ``(B, feature_dim)`` features.
 
     Example:
@@ -95,7 +106,7 @@ def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int 
         (512, torch.Size([2, 512]))
     """
     if name in RESNETS:
-        net = getattr(torchvision.models, name)(weights=None)
+        net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
         dim = net.fc.in_features
         net.fc = nn.Identity()
         if cifar_stem:
@@ -112,7 +123,7 @@ def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int 
         for i in range(4):
             c_out = width * 2**i
             layers += [nn.Conv2d(c_in, c_out, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
-                       nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
+                       _norm_layer(norm)(c_out), nn.ReLU(inplace=True)]
             c_in = c_out
         layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
         return nn.Sequential(*layers), c_in
@@ -130,13 +141,16 @@ class Encoder(nn.Module):
         std: Per-channel std in [0, 1] used at training time.
         input_size: Images of another size are resized (bilinear) to this before the backbone;
             ``None`` keeps them as they are.
+        patch: With a patch size, the image is cut into a grid of ``patch`` px patches ``stride`` apart, each
+            is encoded and the features are averaged (the representation of patch-based methods like CPC).
+        stride: Step between patches.
     """
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, float, float], std: tuple[float, float, float],
-                 input_size: int | None = None):
+                 input_size: int | None = None, patch: int | None = None, stride: int | None = None):
         super().__init__()
         self.backbone = backbone
-        self.input_size = input_size
+        self.input_size, self.patch, self.stride = input_size, patch, stride
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -145,4 +159,19 @@ class Encoder(nn.Module):
         if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           antialias=True, align_corners=False)
-        return self.backbone((x - self.mean) / self.std)  # (B, D)
+        x = (x - self.mean) / self.std
+        if self.patch is None:
+            return self.backbone(x)  # (B, D)
+        from ssl_toolkit.views.patches import patch_grid
+
+        grid = patch_grid(x, self.patch, self.stride)  # (B, G, G, 3, p, p)
+        b, g = grid.shape[:2]
+        return self.backbone(grid.view(b * g * g, *grid.shape[3:])).view(b, g * g, -1).mean(1)  # (B, D)
+
+    @classmethod
+    def from_hparams(cls, backbone: nn.Module, hparams: dict) -> "Encoder":
+        """The encoder a method's saved hyper-parameters describe (normalisation, input size, patches)."""
+        v = hparams["views"]
+        if "patch" in hparams:  # patch-based methods train on patches of the whole image
+            return cls(backbone, tuple(v["mean"]), tuple(v["std"]), None, hparams["patch"], hparams["stride"])
+        return cls(backbone, tuple(v["mean"]), tuple(v["std"]), v["crop_size"])

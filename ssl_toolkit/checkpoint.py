@@ -34,7 +34,7 @@ def load_checkpoint(path: str) -> dict:
 def encoder_from_checkpoint(ckpt: dict) -> Encoder:
     """Rebuild the backbone with its input normalisation and load its trained weights."""
     hp = ckpt["hyper_parameters"]
-    b, v = hp["backbone"], hp["views"]
+    b = hp["backbone"]
     backbone, _ = build_backbone(**b)
     prefix = "backbone."
     state = {k[len(prefix):]: t for k, t in ckpt["state_dict"].items() if k.startswith(prefix)}
@@ -42,7 +42,7 @@ def encoder_from_checkpoint(ckpt: dict) -> Encoder:
     if missing or unexpected:
         raise CheckpointError(f"Checkpoint weights do not fit backbone {b['name']!r}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}. The checkpoint was written by another version or method.")
-    return Encoder(backbone, tuple(v["mean"]), tuple(v["std"]), v["crop_size"])
+    return Encoder.from_hparams(backbone, hp)
 
 
 def import_class(path: str):

@@ -49,11 +49,12 @@ def small_cifar(src, dst, n_train=256, n_test=128):
     return dst
 
 
-def test_simclr_cifar10_recipe_runs_one_batch(cifar_small, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino", "cpc"])
+def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    data = small_cifar(cifar_small, tmp_path / "c.npz")
-    code = main(["pretrain", "--config", str(ROOT / "recipes" / "simclr" / "cifar10.yaml"),
-                 "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "bf16-mixed",
+    data = small_cifar(cifar_small, tmp_path / "c.npz", n_train=128, n_test=64)
+    code = main(["pretrain", "--config", str(ROOT / "recipes" / method / "cifar10.yaml"),
+                 "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32",
                  "--data", "ssl_toolkit.data.NpzDataModule", "--data.path", str(data), "--data.batch_size", "32"])
     assert code == 0
 

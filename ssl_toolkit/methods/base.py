@@ -94,7 +94,7 @@ class BaseSSLModule(pl.LightningModule):
 
     def encoder(self) -> Encoder:
         """The backbone with its input normalisation, for evaluators."""
-        return Encoder(self.backbone, self.view_config.mean, self.view_config.std, self.view_config.crop_size)
+        return Encoder.from_hparams(self.backbone, self.hparams)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x

@@ -3,5 +3,6 @@
 from ssl_toolkit.views.base import Views, denormalize
 from ssl_toolkit.views.contrastive import ContrastiveViews, ViewConfig, ViewParams
 from ssl_toolkit.views.multicrop import MultiCropViews
+from ssl_toolkit.views.patches import PatchGridViews, patch_grid
 
-__all__ = ["Views", "ViewConfig", "ViewParams", "ContrastiveViews", "MultiCropViews", "denormalize"]
+__all__ = ["Views", "ViewConfig", "ViewParams", "ContrastiveViews", "MultiCropViews", "PatchGridViews", "denormalize", "patch_grid"]
