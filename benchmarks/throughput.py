@@ -55,8 +55,8 @@ def environment(device: torch.device) -> dict:
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                    text=True, check=True).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     ":!benchmarks/results"], capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
@@ -119,7 +119,8 @@ def main() -> None:
     record = {**env, "config": {"method": a.method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
                                                  "batch": a.batch, "size": a.size, "precision": a.precision,
                                                  "channels_last": not a.no_channels_last, "steps": a.steps,
-                                                 "warmup": a.warmup, "views_per_image": len(premade.crops)},
+                                                 "warmup": a.warmup,
+                                                 "views_per_image": sum(len(c) for c in premade.crops) // a.batch},
               "results": results, "full_over_ceiling": round(ratio, 3)}
     with open(out, "w") as f:
         json.dump(record, f, indent=2)
