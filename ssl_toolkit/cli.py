@@ -62,7 +62,7 @@ def pretrain(args: list[str]) -> None:
             print(f"checkpoint: {ckpt.last_model_path or ckpt.best_model_path}")
 
 
-def resolve_data(spec: str | None, ckpt: dict, batch_size: int | None = None):
+def resolve_data(spec: str | None, ckpt: dict):
     """The DataModule to evaluate on: ``--data`` (a recipe YAML, an .npz file, an image folder or ``digits``)
     or, when omitted, the one recorded in the checkpoint."""
     from ssl_toolkit.checkpoint import datamodule_from_checkpoint, import_class
@@ -88,8 +88,6 @@ def resolve_data(spec: str | None, ckpt: dict, batch_size: int | None = None):
     else:
         raise FileNotFoundError(f"--data {spec!r} is neither a recipe .yaml, an .npz file, an image folder nor "
                                 "'digits'. Omit --data to use the dataset recorded in the checkpoint.")
-    if batch_size is not None:
-        dm.batch_size = batch_size
     return dm
 
 

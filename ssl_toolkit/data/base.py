@@ -77,7 +77,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resident, self.pin_memory = resident, pin_memory
         self.splits: Splits | None = None
-        self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._device_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def load(self) -> Splits:
         """Decode the dataset into uint8 tensors; called once, by :meth:`setup`."""
@@ -111,16 +111,18 @@ class InMemoryDataModule(pl.LightningDataModule):
                           pin_memory=self.pin_memory and not self.resident and torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
-    def _on_device(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.splits
-        x, y = (s.x_train, s.y_train) if split == "train" else (s.x_test, s.y_test)
+        return (s.x_train, s.y_train) if split == "train" else (s.x_test, s.y_test)
+
+    def _on_device(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The split's tensors on ``device``, copied there once and cached."""
         if device.type == "cpu":
-            return x, y
+            return self._split(split)
         key = (split, str(device))
         if key not in self._device_cache:
-            self._device_cache[key] = x.to(device)
-            self._device_cache[key + ("y",)] = y.to(device)
-        return self._device_cache[key], self._device_cache[key + ("y",)]
+            self._device_cache[key] = tuple(t.to(device) for t in self._split(split))
+        return self._device_cache[key]
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if self.resident and len(batch) == 1:  # an index batch: gather the images already on the device
@@ -139,7 +141,6 @@ class InMemoryDataModule(pl.LightningDataModule):
             raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
         self.setup()
         device = torch.device(device)
-        x, y = self._on_device(split, device) if self.resident else (
-            (self.splits.x_train, self.splits.y_train) if split == "train" else (self.splits.x_test, self.splits.y_test))
+        x, y = self._on_device(split, device) if self.resident else self._split(split)
         for i in range(0, len(y), batch_size):
             yield x[i:i + batch_size].to(device, non_blocking=True), y[i:i + batch_size].to(device, non_blocking=True)
