@@ -11,10 +11,9 @@ position embeddings interpolated for other input sizes, as DINO does for its loc
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
-
-import torch.nn.functional as F
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6)}  # (width, heads); 12 layers, MLP ratio 4 (DeiT)

@@ -88,9 +88,13 @@ class BaseSSLModule(pl.LightningModule):
         """Build the per-step schedule tensors (EMA momentum here; methods add theirs)."""
         self.momentum_schedule = cosine_schedule(*self.ema_momentum, total_steps=total_steps)  # (total,)
 
-    def scheduled(self, schedule: torch.Tensor) -> float:
-        """The value of a per-step schedule at the current global step (a CPU tensor: no device sync)."""
-        return float(schedule[min(self.global_step, len(schedule) - 1)])
+    def scheduled(self, schedule: torch.Tensor, step: int | None = None) -> float:
+        """A per-step schedule's value at ``step`` (default: the current global step), clamped to its range.
+
+        Schedules are CPU tensors, so reading one causes no device sync.
+        """
+        step = self.global_step if step is None else step
+        return float(schedule[min(max(step, 0), len(schedule) - 1)])
 
     def encoder(self) -> Encoder:
         """The backbone with its input normalisation, for evaluators."""
@@ -150,8 +154,7 @@ class BaseSSLModule(pl.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         if not self.ema_pairs():
             return
-        sched = self.momentum_schedule
-        m = float(sched[min(max(self.global_step - 1, 0), len(sched) - 1)])  # the step just taken
+        m = self.scheduled(self.momentum_schedule, self.global_step - 1)  # the step just taken
         self.update_targets(m)
         self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 

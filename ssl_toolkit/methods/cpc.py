@@ -95,7 +95,7 @@ class CPCV2(BaseSSLModule):
         return [w(c[:, :, : g - k]) for k, w in enumerate(self.predictors, start=1)]  # k: (B, D, G-k, G)
 
     def step(self, views: Views) -> dict[str, torch.Tensor]:
-        b, g = (int(v) for v in views.targets)  # grid shape, a CPU tensor from the policy
+        b, g = views.grid
         feats = self.backbone(self.prepare_input(views.crops[0]))  # (B*G*G, D)
         z = feats.view(b, g, g, -1).permute(0, 3, 1, 2)  # (B, D, G, G)
         return cpc_info_nce(self.predict(z), z)

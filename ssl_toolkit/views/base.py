@@ -14,12 +14,14 @@ class Views:
         targets: Pretext labels made by the policy (rotation index, permutation index, ...).
         masks: Masked regions, where the task has them.
         tokens: Text tokens, where the task has them.
+        grid: ``(batch, rows)`` of a square patch grid when ``crops`` holds patches (CPC).
     """
 
     crops: list[torch.Tensor]
     targets: torch.Tensor | None = None
     masks: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
+    grid: tuple[int, int] | None = None
 
 
 def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:

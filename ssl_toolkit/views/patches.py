@@ -57,4 +57,4 @@ class PatchGridViews(nn.Module):
         grid = patch_grid(images, self.patch, self.stride)  # (B, G, G, 3, p, p) uint8
         b, g = grid.shape[:2]
         patches = self.policy(grid.view(b * g * g, *grid.shape[3:])).crops[0]  # (B*G*G, 3, p, p) independent params
-        return Views(crops=[patches], targets=torch.tensor([b, g]))
+        return Views(crops=[patches], grid=(b, g))
