@@ -174,3 +174,69 @@ class Encoder(nn.Module):
         if "patch" in hparams:  # patch-based methods train on patches of the whole image
             return cls(backbone, tuple(v["mean"]), tuple(v["std"]), None, hparams["patch"], hparams["stride"])
         return cls(backbone, tuple(v["mean"]), tuple(v["std"]), v["crop_size"])
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The text tower of CLIP-style models (Radford et al. 2021, https://arxiv.org/abs/2103.00020, Sec. 2.4).
+
+    Args:
+        vocab_size: Token embeddings; at least the tokenizer's vocabulary (CLIP's BPE: 49408).
+        context_length: Positions, at least the data's ``context_length`` (CLIP: 77).
+        width: Model width (CLIP ViT-B/32: 512).
+        layers: Transformer blocks (CLIP: 12; 2-4 is enough for Flickr8k-sized data).
+        heads: Attention heads (CLIP: 8, width / 64).
+    """
+
+    vocab_size: int = 4096
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+
+    def __post_init__(self):
+        if min(self.vocab_size, self.context_length, self.width, self.layers, self.heads) < 1:
+            raise ValueError(f"text needs positive vocab_size, context_length, width, layers and heads; got {self}.")
+        if self.width % self.heads:
+            raise ValueError(f"text.width {self.width} must be a multiple of text.heads {self.heads}.")
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text encoder: token + position embeddings, causal pre-norm Transformer, the end token's feature.
+
+    Token rows are right-padded with -1 (see :mod:`ssl_toolkit.data.tokenizer`); the feature of each row
+    is the final layer-normed activation at its last real token (the end token). The causal mask makes
+    it independent of the padding. Built on ``torch.nn.TransformerEncoder``.
+
+    Example:
+        >>> net = TextTransformer(TextConfig(vocab_size=50, context_length=8, width=16, layers=1, heads=2))
+        >>> tokens = torch.tensor([[1, 7, 2, -1, -1, -1, -1, -1], [1, 9, 9, 2, -1, -1, -1, -1]])
+        >>> net(tokens).shape
+        torch.Size([2, 16])
+    """
+
+    def __init__(self, config: TextConfig):
+        super().__init__()
+        c = config
+        self.config = c
+        self.token_embedding = nn.Embedding(c.vocab_size, c.width)
+        self.positional_embedding = nn.Parameter(torch.randn(c.context_length, c.width) * 0.01)
+        layer = nn.TransformerEncoderLayer(c.width, c.heads, 4 * c.width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.transformer = nn.TransformerEncoder(layer, c.layers, enable_nested_tensor=False)
+        self.ln_final = nn.LayerNorm(c.width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        mask = torch.full((c.context_length, c.context_length), float("-inf")).triu(1)  # (L, L) causal
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, length = tokens.shape
+        c = self.config
+        if length > c.context_length:
+            raise ValueError(f"Captions have {length} tokens but text.context_length is {c.context_length}; set "
+                             "model text.context_length to the data's context_length.")
+        x = self.token_embedding(tokens.clamp_min(0)) + self.positional_embedding[:length]  # (B, L, W)
+        x = self.transformer(x, mask=self.causal_mask[:length, :length], is_causal=True)
+        x = self.ln_final(x)
+        last = (tokens >= 0).sum(1).clamp_min(1) - 1  # (B,) position of the end token
+        return x[torch.arange(b, device=x.device), last]  # (B, W)

@@ -31,18 +31,51 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def encoder_from_checkpoint(ckpt: dict) -> Encoder:
-    """Rebuild the backbone with its input normalisation and load its trained weights."""
-    hp = ckpt["hyper_parameters"]
-    b = hp["backbone"]
-    backbone, _ = build_backbone(**b)
+def load_backbone(ckpt: dict):
+    """Rebuild the checkpoint's backbone and load its trained weights: ``(module, feature_dim)``."""
+    b = ckpt["hyper_parameters"]["backbone"]
+    backbone, dim = build_backbone(**b)
     prefix = "backbone."
     state = {k[len(prefix):]: t for k, t in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"Checkpoint weights do not fit backbone {b['name']!r}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}. The checkpoint was written by another version or method.")
-    return Encoder.from_hparams(backbone, hp)
+    return backbone, dim
+
+
+def encoder_from_checkpoint(ckpt: dict) -> Encoder:
+    """Rebuild the backbone with its input normalisation and load its trained weights."""
+    return Encoder.from_hparams(load_backbone(ckpt)[0], ckpt["hyper_parameters"])
+
+
+def method_from_checkpoint(ckpt: dict, expected: type | None = None):
+    """Rebuild the whole method module (heads, text tower, ...) from its saved config and load every weight.
+
+    Args:
+        ckpt: A checkpoint from :func:`load_checkpoint`.
+        expected: The method class the caller needs; another method's checkpoint gets a CheckpointError.
+    """
+    import dataclasses
+    import inspect
+    import typing
+
+    path = ckpt["ssl_toolkit"]["method"]
+    cls = import_class(path)
+    if expected is not None and not issubclass(cls, expected):
+        raise CheckpointError(f"This is a {cls.__name__} checkpoint ({path}); this command needs a "
+                              f"{expected.__name__} checkpoint. Pass the checkpoint of a {expected.__name__} run.")
+    hints = typing.get_type_hints(cls.__init__)
+    kwargs = {}
+    for name, param in inspect.signature(cls).parameters.items():
+        if name not in ckpt["hyper_parameters"]:
+            continue
+        value, hint = ckpt["hyper_parameters"][name], hints.get(name)
+        kwargs[name] = hint(**value) if dataclasses.is_dataclass(hint) and isinstance(value, dict) else value
+    module = cls(**kwargs)
+    module.load_state_dict(ckpt["state_dict"])
+    module.on_load_checkpoint(ckpt)
+    return module.eval()
 
 
 def import_class(path: str):

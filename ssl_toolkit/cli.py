@@ -15,6 +15,8 @@ commands:
   pretrain   train an encoder from a recipe:  ssl-toolkit pretrain --config recipes/quickstart.yaml
   knn        weighted kNN top-1 of a checkpoint's encoder:  ssl-toolkit knn --ckpt RUN.ckpt
   probe      linear-probe top-1 of a checkpoint's encoder:  ssl-toolkit probe --ckpt RUN.ckpt
+  retrieval  image<->text recall@K of a CLIP checkpoint:  ssl-toolkit retrieval --ckpt CLIP.ckpt
+  zeroshot   zero-shot classification of a CLIP checkpoint:  ssl-toolkit zeroshot --ckpt CLIP.ckpt --data DATA
 
 Run `ssl-toolkit COMMAND --help` for the options of each command.
 """
@@ -63,10 +65,10 @@ def pretrain(args: list[str]) -> None:
 
 
 def resolve_data(spec: str | None, ckpt: dict):
-    """The DataModule to evaluate on: ``--data`` (a recipe YAML, an .npz file, an image folder or ``digits``)
-    or, when omitted, the one recorded in the checkpoint."""
+    """The DataModule to evaluate on: ``--data`` (a recipe YAML, an .npz file, an image folder, a caption folder
+    with ``captions.txt`` or ``digits``) or, when omitted, the one recorded in the checkpoint."""
     from ssl_toolkit.checkpoint import datamodule_from_checkpoint, import_class
-    from ssl_toolkit.data import DigitsDataModule, ImageFolderDataModule, NpzDataModule
+    from ssl_toolkit.data import CaptionDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
 
     crop = ckpt["hyper_parameters"]["views"]["crop_size"]
     if spec is None:
@@ -83,41 +85,62 @@ def resolve_data(spec: str | None, ckpt: dict):
         dm = import_class(data["class_path"])(**data.get("init_args", {}))
     elif spec.endswith(".npz"):
         dm = NpzDataModule(spec)
+    elif os.path.isfile(os.path.join(spec, "captions.txt")):
+        dm = CaptionDataModule(spec, image_size=crop)
     elif os.path.isdir(spec):
         dm = ImageFolderDataModule(spec, image_size=crop)
     else:
-        raise FileNotFoundError(f"--data {spec!r} is neither a recipe .yaml, an .npz file, an image folder nor "
-                                "'digits'. Omit --data to use the dataset recorded in the checkpoint.")
+        raise FileNotFoundError(f"--data {spec!r} is neither a recipe .yaml, an .npz file, an image or caption folder "
+                                "nor 'digits'. Omit --data to use the dataset recorded in the checkpoint.")
     return dm
 
 
 def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"ssl-toolkit {prog}", description=description)
     p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
-    p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/) or 'digits'; "
-                                  "default: the dataset the checkpoint was trained on")
+    p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
+                                  "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
     p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <ckpt>.<command>.json)")
     return p
 
 
+def _device(args) -> torch.device:
+    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+
+def _info(args, ckpt: dict, dm, device: torch.device) -> dict:
+    return {"checkpoint": os.path.abspath(args.ckpt), "method": ckpt["ssl_toolkit"]["method"],
+            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name, "device": str(device)}
+
+
 def _features(args):
     from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
     from ssl_toolkit.eval import extract_features
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = _device(args)
     ckpt = load_checkpoint(args.ckpt)
     encoder = encoder_from_checkpoint(ckpt).to(device)
     dm = resolve_data(args.data, ckpt)
     start = time.perf_counter()
     train = extract_features(encoder, dm, "train", device, args.batch_size)
     test = extract_features(encoder, dm, "test", device, args.batch_size)
-    info = {"checkpoint": os.path.abspath(args.ckpt), "method": ckpt["ssl_toolkit"]["method"],
-            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name,
-            "train_size": len(train[1]), "test_size": len(test[1]), "device": str(device),
+    info = {**_info(args, ckpt, dm, device), "train_size": len(train[1]), "test_size": len(test[1]),
             "extract_seconds": round(time.perf_counter() - start, 3)}
     return train, test, dm.num_classes, info
+
+
+def _clip(args):
+    """The CLIP model of ``--ckpt`` (a clear error for another method's checkpoint) and the data to score."""
+    from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
+    from ssl_toolkit.methods import CLIP
+
+    device = _device(args)
+    ckpt = load_checkpoint(args.ckpt)
+    model = method_from_checkpoint(ckpt, expected=CLIP).to(device)
+    dm = resolve_data(args.data, ckpt)
+    return model, dm, _info(args, ckpt, dm, device), device
 
 
 def _write(args, command: str, result: dict) -> None:
@@ -159,7 +182,44 @@ def probe(args: list[str]) -> None:
                         "train_seconds": round(time.perf_counter() - start, 3), **acc})
 
 
-COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe}
+def retrieval(args: list[str]) -> None:
+    from ssl_toolkit.eval import retrieval_recall
+
+    p = _eval_parser("retrieval", "Image->text and text->image recall@K of a CLIP checkpoint on held-out captions.")
+    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="K of recall@K (default: 1 5 10)")
+    p.add_argument("--split", default="test", choices=["train", "test"], help="images to search (default: test)")
+    a = p.parse_args(args)
+    model, dm, info, device = _clip(a)
+    if not hasattr(dm, "captions"):
+        raise ValueError(f"--data {a.data!r} has no captions; retrieval needs a caption folder (captions.txt + images/) "
+                         "or a recipe with a CaptionDataModule.")
+    result = retrieval_recall(model, dm, a.split, device, a.k, a.batch_size)
+    for k in a.k:
+        print(f"recall@{k} on {info['dataset']} {a.split}: image->text {result[f'i2t_r{k}']:.2f}%, "
+              f"text->image {result[f't2i_r{k}']:.2f}%")
+    _write(a, "retrieval", {**info, "split": a.split, **result})
+
+
+def zeroshot(args: list[str]) -> None:
+    from ssl_toolkit.eval import zero_shot
+    from ssl_toolkit.eval.retrieval import DEFAULT_TEMPLATES
+
+    p = _eval_parser("zeroshot", "Zero-shot classification of a CLIP checkpoint from prompts built on class names.")
+    p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to average several "
+                                                        f"(default: {DEFAULT_TEMPLATES[0]!r})")
+    a = p.parse_args(args)
+    if a.data is None:
+        raise ValueError("zeroshot needs a labelled --data (an .npz file, an image folder, a recipe or 'digits'); "
+                         "its class names make the prompts.")
+    model, dm, info, device = _clip(a)
+    templates = a.template or list(DEFAULT_TEMPLATES)
+    result = zero_shot(model, dm, templates, "test", device, a.batch_size)
+    print(f"zero-shot on {info['dataset']} ({dm.num_classes} classes): top-1 {result['top1']:.2f}%, "
+          f"top-5 {result['top5']:.2f}%, mean per class {result['mean_per_class']:.2f}%")
+    _write(a, "zeroshot", {**info, "templates": templates, "classes": dm.splits.classes, **result})
+
+
+COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retrieval, "zeroshot": zeroshot}
 
 
 def main(argv: list[str] | None = None) -> int:

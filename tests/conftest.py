@@ -59,3 +59,14 @@ def knn_before_and_after(model, epochs: int, batch_size: int = 128, image_size: 
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[knn])
     trainer.fit(model, DigitsDataModule(image_size=image_size, batch_size=batch_size))
     return knn.results["init"][20], knn.results["trained"][20]
+
+
+SHARED_FLICKR = ROOT.parent / "shared" / "datasets" / "flickr8k-1k"
+
+
+@pytest.fixture(scope="session")
+def flickr() -> Path:
+    """The real Flickr8k subset (1,000 images, 5 captions each) next to the checkout."""
+    if not (SHARED_FLICKR / "captions.txt").exists():
+        pytest.skip("shared/datasets/flickr8k-1k is not next to the checkout")
+    return SHARED_FLICKR

@@ -1,7 +1,9 @@
-"""LightningDataModules yielding uint8 ``(B, 3, H, W)`` image tensors and labels; no augmentation here."""
+"""LightningDataModules yielding uint8 ``(B, 3, H, W)`` image tensors and labels (or caption tokens); no augmentation."""
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
+from ssl_toolkit.data.captions import CaptionDataModule
 from ssl_toolkit.data.sources import CIFARDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
+from ssl_toolkit.data.tokenizer import CaptionTokenizer
 
-__all__ = ["InMemoryDataModule", "Splits", "CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule",
-           "NpzDataModule"]
+__all__ = ["CaptionDataModule", "CaptionTokenizer", "CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule",
+           "InMemoryDataModule", "NpzDataModule", "Splits"]

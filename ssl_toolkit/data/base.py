@@ -33,13 +33,13 @@ def check_images(x: torch.Tensor, name: str, source: str) -> None:
 
 
 class _Batches(Dataset):
-    """Index-addressed view of in-memory tensors; ``__getitems__`` serves a whole batch at once."""
+    """Index-addressed view of a split; ``__getitems__`` serves a whole batch at once through ``fetch``."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices_only: bool):
-        self.x, self.y, self.indices_only = x, y, indices_only
+    def __init__(self, fetch, size: int, indices_only: bool):
+        self.fetch, self.size, self.indices_only = fetch, size, indices_only
 
     def __len__(self) -> int:
-        return len(self.y)
+        return self.size
 
     def __getitem__(self, i: int):
         return self.__getitems__([i])
@@ -47,8 +47,8 @@ class _Batches(Dataset):
     def __getitems__(self, idx: list[int]):
         idx = torch.as_tensor(idx)
         if self.indices_only:
-            return (idx,)  # resident mode: images are gathered on the device
-        return self.x[idx], self.y[idx]
+            return (idx,)  # resident mode: the batch is gathered on the device
+        return self.fetch(idx, torch.device("cpu"))
 
 
 def _stacked(batch):
@@ -77,7 +77,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resident, self.pin_memory = resident, pin_memory
         self.splits: Splits | None = None
-        self._device_cache: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def load(self) -> Splits:
         """Decode the dataset into uint8 tensors; called once, by :meth:`setup`."""
@@ -106,7 +106,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         if len(s.y_train) < self.batch_size:
             raise ValueError(f"{self.name}: batch_size {self.batch_size} is larger than the training set "
                              f"({len(s.y_train)} images); lower data.batch_size.")
-        return DataLoader(_Batches(s.x_train, s.y_train, indices_only=self.resident), batch_size=self.batch_size,
+        return DataLoader(_Batches(self.train_batch, len(s.y_train), indices_only=self.resident), batch_size=self.batch_size,
                           shuffle=True, drop_last=True, num_workers=self.num_workers, collate_fn=_stacked,
                           pin_memory=self.pin_memory and not self.resident and torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
@@ -115,20 +115,30 @@ class InMemoryDataModule(pl.LightningDataModule):
         s = self.splits
         return (s.x_train, s.y_train) if split == "train" else (s.x_test, s.y_test)
 
-    def _on_device(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's tensors on ``device``, copied there once and cached."""
+    def on_device(self, name: str, tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``tensor`` on ``device``, copied there once and cached under ``name``."""
         if device.type == "cpu":
-            return self._split(split)
-        key = (split, str(device))
+            return tensor
+        key = (name, str(device))
         if key not in self._device_cache:
-            self._device_cache[key] = tuple(t.to(device) for t in self._split(split))
+            self._device_cache[key] = tensor.to(device)
         return self._device_cache[key]
+
+    def _on_device(self, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._split(split)
+        return self.on_device(f"x_{split}", x, device), self.on_device(f"y_{split}", y, device)
+
+    def train_batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training batch of indices ``idx``, from the copy of the set on ``device``: images and labels.
+
+        Subclasses whose batches carry something else (caption tokens) override this one method.
+        """
+        x, y = self._on_device("train", device)
+        return x[idx], y[idx]
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
         if self.resident and len(batch) == 1:  # an index batch: gather the images already on the device
-            x, y = self._on_device("train", device)
-            idx = batch[0].to(device, non_blocking=True)
-            return x[idx], y[idx]
+            return self.train_batch(batch[0].to(device, non_blocking=True), device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def iter_split(self, split: str, batch_size: int = 1024,

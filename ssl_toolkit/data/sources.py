@@ -164,6 +164,33 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
+def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
+                  where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Decode ``paths`` (in ``workers`` processes) to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped.
+
+    Unreadable or missing files stop with their list when ``on_corrupt='fail'``; with ``'skip'`` they are
+    left out and logged. Returns the images, the indices of ``paths`` kept, and how many were skipped.
+    """
+    jobs = [(p, size) for p in paths]
+    if workers > 0:
+        with ProcessPoolExecutor(workers) as ex:
+            decoded = list(ex.map(_decode_one, jobs, chunksize=256))
+    else:
+        decoded = [_decode_one(j) for j in jobs]
+    bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str)]
+    if bad and on_corrupt == "fail":
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise ValueError(f"{len(bad)} of {len(paths)} images in {where} could not be read:\n{listing}\n"
+                         "Fix or delete them, or set data.on_corrupt=skip to leave them out.")
+    if bad:
+        log.warning("Skipped %d unreadable images in %s: %s", len(bad), where, ", ".join(p for p, _ in bad[:20]))
+    keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
+    if not keep:
+        raise ValueError(f"No readable images in {where}.")
+    x = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
+    return x, torch.tensor(keep), len(bad)
+
+
 class ImageFolderDataModule(InMemoryDataModule):
     """An image folder ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``).
 
@@ -206,32 +233,14 @@ class ImageFolderDataModule(InMemoryDataModule):
             labels += [i] * len(files)
         return classes, paths, labels
 
-    def _decode(self, paths: list[str]) -> list[np.ndarray | str]:
-        jobs = [(p, self.image_size) for p in paths]
-        if self.decode_workers > 0:
-            with ProcessPoolExecutor(self.decode_workers) as ex:
-                return list(ex.map(_decode_one, jobs, chunksize=256))
-        return [_decode_one(j) for j in jobs]
-
     def _split(self, split_dir: Path, classes: list[str] | None):
         found, paths, labels = self._files(split_dir)
         if classes is not None and found != classes:
             raise ValueError(f"{split_dir} has classes {found} but train/ has {classes}; both splits need the same "
                              "class folders.")
-        decoded = self._decode(paths)
-        bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str)]
-        if bad and self.on_corrupt == "fail":
-            listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-            raise ValueError(f"{len(bad)} of {len(paths)} images in {split_dir} could not be read:\n{listing}\n"
-                             "Fix or delete them, or set data.on_corrupt=skip to leave them out.")
-        if bad:
-            self.num_skipped += len(bad)
-            log.warning("Skipped %d unreadable images in %s: %s", len(bad), split_dir, ", ".join(p for p, _ in bad[:20]))
-        keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
-        if not keep:
-            raise ValueError(f"No readable images in {split_dir}.")
-        x = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-        return found, x, torch.tensor([labels[i] for i in keep])
+        x, keep, skipped = decode_images(paths, self.image_size, self.decode_workers, self.on_corrupt, str(split_dir))
+        self.num_skipped += skipped
+        return found, x, torch.tensor(labels)[keep]
 
     def load(self) -> Splits:
         root = Path(self.root)

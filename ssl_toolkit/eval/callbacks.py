@@ -9,69 +9,157 @@ from ssl_toolkit.eval.features import extract_features
 from ssl_toolkit.eval.knn import knn_accuracy
 
 
-class KNNCallback(pl.Callback):
-    """Weighted kNN top-1 of the frozen encoder on the datamodule's test split, logged as ``val/knn_top1``.
+class PeriodicEvaluation(pl.Callback):
+    """Evaluate before training (the random-init baseline), every ``every_n_epochs`` epochs and after the last.
 
-    It runs before training (the random-init baseline, ``val/knn_top1_init``), every
-    ``every_n_epochs`` epochs and after the last one, then prints both numbers and writes
-    ``knn.json`` in the run folder. Features are extracted once per evaluation and searched
-    once with the largest k. ``knn.json`` is written only when the trainer has a logger (a run folder).
+    A subclass implements :meth:`evaluate` (a dict of numbers), :meth:`metrics` (their logged names) and
+    :meth:`report` (printed lines). At the end both results are printed and written to ``json_name`` in
+    the run folder (only when the trainer has a logger, which gives the run a folder).
 
     Args:
         every_n_epochs: Evaluate every this many epochs (raise it if evaluation time matters).
-        k: Neighbours; the first value is the one logged as ``val/knn_top1``.
-        temperature: Vote weight ``exp(s / T)``.
-        baseline: Also evaluate the encoder at random init before training.
+        baseline: Also evaluate the model at random init before training.
         batch_size: Images per forward pass during extraction.
     """
 
-    def __init__(self, every_n_epochs: int = 1, k: list[int] = [20, 200], temperature: float = 0.07,  # noqa: B006
-                 baseline: bool = True, batch_size: int = 512):
-        if every_n_epochs < 1 or not k or min(k) < 1:
-            raise ValueError(f"KNNCallback needs every_n_epochs >= 1 and k values >= 1; got {every_n_epochs}, {k}.")
-        self.every_n_epochs, self.ks, self.temperature = every_n_epochs, list(k), temperature
-        self.baseline, self.batch_size = baseline, batch_size
-        self.results: dict[str, dict[int, float]] = {}
+    json_name = "eval.json"
 
-    def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[int, float]:
-        dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "iter_split"):
-            raise TypeError("KNNCallback needs a toolkit DataModule (with iter_split); pass one as data in the config.")
-        encoder = pl_module.encoder()
-        train = extract_features(encoder, dm, "train", pl_module.device, self.batch_size)
-        test = extract_features(encoder, dm, "test", pl_module.device, self.batch_size)
-        return knn_accuracy(train[0], train[1], test[0], test[1], dm.num_classes, tuple(self.ks), self.temperature)
+    def __init__(self, every_n_epochs: int = 1, baseline: bool = True, batch_size: int = 512):
+        if every_n_epochs < 1 or batch_size < 1:
+            raise ValueError(f"{type(self).__name__} needs every_n_epochs >= 1 and batch_size >= 1; got "
+                             f"{every_n_epochs}, {batch_size}.")
+        self.every_n_epochs, self.baseline, self.batch_size = every_n_epochs, baseline, batch_size
+        self.results: dict[str, dict] = {}
 
-    def _metrics(self, prefix: str, acc: dict[int, float]) -> dict[str, float]:
-        first = min(self.ks[0], max(acc))
-        return {prefix: acc[first], **{f"{prefix}_k{k}": v for k, v in acc.items()}}
+    def evaluate(self, trainer: pl.Trainer, pl_module) -> dict:
+        raise NotImplementedError(f"{type(self).__name__} must implement evaluate().")
+
+    def metrics(self, result: dict, suffix: str = "") -> dict[str, float]:
+        """Logged names and values of one result; ``suffix`` is ``_init`` for the baseline."""
+        raise NotImplementedError(f"{type(self).__name__} must implement metrics().")
+
+    def report(self, trainer: pl.Trainer) -> list[str]:
+        """Lines printed at the end of training, from ``self.results``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement report().")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         if self.baseline and "init" not in self.results:
             self.results["init"] = self.evaluate(trainer, pl_module)
             if trainer.logger is not None:
-                trainer.logger.log_metrics(self._metrics("val/knn_top1_init", self.results["init"]), step=0)
+                trainer.logger.log_metrics(self.metrics(self.results["init"], "_init"), step=0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
         if epoch % self.every_n_epochs and not last:
             return
-        self.results["trained"] = acc = self.evaluate(trainer, pl_module)
-        pl_module.log_dict(self._metrics("val/knn_top1", acc), prog_bar=False)
+        self.results["trained"] = result = self.evaluate(trainer, pl_module)
+        pl_module.log_dict(self.metrics(result), prog_bar=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         if "trained" not in self.results or not trainer.is_global_zero:
             return
-        ks = sorted(self.results["trained"])
-        init = self.results.get("init", {})
-        lines = [f"kNN top-1 (T={self.temperature}) on {trainer.datamodule.name} test:"]
-        for k in ks:
-            before = f"random init {init[k]:.2f}% -> " if k in init else ""
-            lines.append(f"  k={k:<4d} {before}trained {self.results['trained'][k]:.2f}%")
-        print("\n".join(lines))
+        print("\n".join(self.report(trainer)))
         if trainer.logger is not None and trainer.log_dir:  # without a logger, log_dir is the working directory
             os.makedirs(trainer.log_dir, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, "knn.json"), "w") as f:
-                json.dump({"temperature": self.temperature, "epochs": trainer.current_epoch,
+            with open(os.path.join(trainer.log_dir, self.json_name), "w") as f:
+                json.dump({"epochs": trainer.current_epoch, **self.config(),
                            **{name: {str(k): v for k, v in r.items()} for name, r in self.results.items()}}, f, indent=2)
+
+    def config(self) -> dict:
+        """Settings written next to the results."""
+        return {}
+
+
+class KNNCallback(PeriodicEvaluation):
+    """Weighted kNN top-1 of the frozen encoder on the datamodule's test split, logged as ``val/knn_top1``.
+
+    The random-init baseline is ``val/knn_top1_init``. Features are extracted once per evaluation and
+    searched once with the largest k; results go to ``knn.json``.
+
+    Args:
+        every_n_epochs: Evaluate every this many epochs.
+        k: Neighbours; the first value is the one logged as ``val/knn_top1``.
+        temperature: Vote weight ``exp(s / T)``.
+        baseline: Also evaluate the encoder at random init before training.
+        batch_size: Images per forward pass during extraction.
+    """
+
+    json_name = "knn.json"
+
+    def __init__(self, every_n_epochs: int = 1, k: list[int] = [20, 200], temperature: float = 0.07,  # noqa: B006
+                 baseline: bool = True, batch_size: int = 512):
+        super().__init__(every_n_epochs, baseline, batch_size)
+        if not k or min(k) < 1:
+            raise ValueError(f"KNNCallback needs k values >= 1; got {k}.")
+        self.ks, self.temperature = list(k), temperature
+
+    def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[int, float]:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "iter_split"):
+            raise TypeError("KNNCallback needs a toolkit DataModule (with iter_split); pass one as data in the config.")
+        if dm.num_classes < 1:
+            raise ValueError(f"KNNCallback needs class labels, and {dm.name} has none (image-caption data?). Use "
+                             "ssl_toolkit.eval.RetrievalCallback for captions, or remove KNNCallback from the callbacks.")
+        encoder = pl_module.encoder()
+        train = extract_features(encoder, dm, "train", pl_module.device, self.batch_size)
+        test = extract_features(encoder, dm, "test", pl_module.device, self.batch_size)
+        return knn_accuracy(train[0], train[1], test[0], test[1], dm.num_classes, tuple(self.ks), self.temperature)
+
+    def metrics(self, result: dict[int, float], suffix: str = "") -> dict[str, float]:
+        first = min(self.ks[0], max(result))
+        return {f"val/knn_top1{suffix}": result[first], **{f"val/knn_top1{suffix}_k{k}": v for k, v in result.items()}}
+
+    def report(self, trainer: pl.Trainer) -> list[str]:
+        init = self.results.get("init", {})
+        lines = [f"kNN top-1 (T={self.temperature}) on {trainer.datamodule.name} test:"]
+        for k in sorted(self.results["trained"]):
+            before = f"random init {init[k]:.2f}% -> " if k in init else ""
+            lines.append(f"  k={k:<4d} {before}trained {self.results['trained'][k]:.2f}%")
+        return lines
+
+    def config(self) -> dict:
+        return {"temperature": self.temperature}
+
+
+class RetrievalCallback(PeriodicEvaluation):
+    """Image->text and text->image recall@K of a CLIP-style model on the held-out images of a caption dataset.
+
+    Logs ``val/i2t_r{K}`` and ``val/t2i_r{K}`` (the random-init baseline with the suffix ``_init``) and
+    writes ``retrieval.json``.
+
+    Args:
+        every_n_epochs: Evaluate every this many epochs.
+        k: The K of recall@K.
+        baseline: Also evaluate the model at random init before training.
+        batch_size: Images or captions per forward pass.
+    """
+
+    json_name = "retrieval.json"
+
+    def __init__(self, every_n_epochs: int = 1, k: list[int] = [1, 5, 10], baseline: bool = True,  # noqa: B006
+                 batch_size: int = 512):
+        super().__init__(every_n_epochs, baseline, batch_size)
+        if not k or min(k) < 1:
+            raise ValueError(f"RetrievalCallback needs k values >= 1; got {k}.")
+        self.ks = list(k)
+
+    def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[str, float]:
+        from ssl_toolkit.eval.retrieval import retrieval_recall
+
+        dm = trainer.datamodule
+        if not hasattr(dm, "captions") or not hasattr(pl_module, "embed_texts"):
+            raise ValueError("RetrievalCallback needs a CLIP-style model (embed_images/embed_texts) and a "
+                            "CaptionDataModule; use KNNCallback for image-only methods.")
+        return retrieval_recall(pl_module, dm, "test", pl_module.device, self.ks, self.batch_size)
+
+    def metrics(self, result: dict[str, float], suffix: str = "") -> dict[str, float]:
+        return {f"val/{name}{suffix}": v for name, v in result.items()}
+
+    def report(self, trainer: pl.Trainer) -> list[str]:
+        init, trained = self.results.get("init", {}), self.results["trained"]
+        lines = [f"Retrieval recall@K on {trainer.datamodule.name} held-out images:"]
+        for name in trained:
+            before = f"random init {init[name]:5.2f}% -> " if name in init else ""
+            lines.append(f"  {name:<8s} {before}trained {trained[name]:5.2f}%")
+        return lines

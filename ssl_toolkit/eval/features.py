@@ -1,9 +1,25 @@
 """Frozen-feature extraction shared by the evaluators."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
 from ssl_toolkit.data.base import InMemoryDataModule
+
+
+@contextmanager
+def evaluating(model: nn.Module, device: torch.device | str) -> Iterator[None]:
+    """Eval mode (restored afterwards) and, on CUDA, bf16 autocast: how every evaluator runs a model."""
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            yield
+    finally:
+        model.train(was_training)
 
 
 @torch.no_grad()
@@ -11,17 +27,13 @@ def extract_features(encoder: nn.Module, datamodule: InMemoryDataModule, split: 
                      device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (in eval mode, no augmentation) over a split: ``(N, D)`` float32 features and labels.
 
-    The encoder's train/eval mode is restored afterwards. On CUDA the forward runs in bf16 autocast.
+    The encoder is moved to ``device`` (its normalisation buffers too) and its train/eval mode is restored
+    afterwards. On CUDA the forward runs in bf16 autocast.
     """
-    device = torch.device(device)
-    was_training = encoder.training
-    encoder.eval()
+    encoder = encoder.to(device)
     feats, labels = [], []
-    try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            for x, y in datamodule.iter_split(split, batch_size, device):
-                feats.append(encoder(x).float())
-                labels.append(y)
-    finally:
-        encoder.train(was_training)
+    with evaluating(encoder, device):
+        for x, y in datamodule.iter_split(split, batch_size, device):
+            feats.append(encoder(x).float())
+            labels.append(y)
     return torch.cat(feats), torch.cat(labels)

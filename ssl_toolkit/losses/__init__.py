@@ -1,7 +1,8 @@
 """Losses: pure ``nn.Module`` objects or functions with no learnable parameters and no dataset knowledge."""
 
+from ssl_toolkit.losses.clip import clip_loss
 from ssl_toolkit.losses.dino import dino_loss, update_center
 from ssl_toolkit.losses.infonce import info_nce
 from ssl_toolkit.losses.ntxent import NTXentLoss, nt_xent
 
-__all__ = ["NTXentLoss", "dino_loss", "info_nce", "nt_xent", "update_center"]
+__all__ = ["NTXentLoss", "clip_loss", "dino_loss", "info_nce", "nt_xent", "update_center"]

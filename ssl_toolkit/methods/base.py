@@ -97,8 +97,8 @@ class BaseSSLModule(pl.LightningModule):
         return float(schedule[min(max(step, 0), len(schedule) - 1)])
 
     def encoder(self) -> Encoder:
-        """The backbone with its input normalisation, for evaluators."""
-        return Encoder.from_hparams(self.backbone, self.hparams)
+        """The backbone with its input normalisation, on the module's device, for evaluators."""
+        return Encoder.from_hparams(self.backbone, self.hparams).to(self.device)
 
     def prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
