@@ -1,7 +1,7 @@
 """Training throughput of each method: the model ceiling, the views alone, and the full training step.
 
 Measures, on one device, images per second (each image makes the method's views: 2 for SimCLR and MoCo,
-2 global + 6 local crops for DINO, a 7x7 grid of patches for CPC) of
+2 global + 6 local crops for DINO, a 7x7 grid of patches for CPC, one crop and one caption for CLIP) of
   (a) ceiling:  the method's forward/backward (backbone, heads, loss, EMA update) + optimizer step on pre-made views,
   (b) views:    the toolkit's GPU view policy alone (uint8 batch -> normalised views),
   (c) full:     (b) then (a), i.e. one training step from a uint8 batch already on the device,
@@ -9,6 +9,7 @@ and writes a JSON result with the commit, device, library versions and peak memo
 
   python benchmarks/throughput.py                       # SimCLR, resnet18 CIFAR stem, batch 512, bf16, channels_last
   python benchmarks/throughput.py --method moco         # MoCo v2, same setting
+  python benchmarks/throughput.py --method clip         # CLIP: the recipe's text tower (4 layers, width 256, 32 tokens)
   python benchmarks/throughput.py --device cpu --batch 64 --steps 5 --warmup 2 --precision fp32   # CPU smoke run
 """
 
@@ -24,12 +25,20 @@ from datetime import datetime, timezone
 
 import torch
 
-from ssl_toolkit.backbones import BackboneConfig
-from ssl_toolkit.methods import CPCV2, DINO, MoCoV2, SimCLR
+from ssl_toolkit.backbones import BackboneConfig, TextConfig
+from ssl_toolkit.methods import CLIP, CPCV2, DINO, MoCoV2, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
 
-METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2}
+METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2, "clip": CLIP}
+CLIP_TEXT = TextConfig(vocab_size=4096, context_length=32, width=256, layers=4, heads=4)  # recipes/clip/flickr8k.yaml
+
+
+def captions(batch: int, text: TextConfig, device: torch.device) -> torch.Tensor:
+    """Random caption tokens of 8-24 tokens (Flickr8k's range), padded with -1 to the context length."""
+    tokens = torch.randint(3, text.vocab_size, (batch, text.context_length), device=device)
+    lengths = torch.randint(8, 25, (batch, 1), device=device)
+    return tokens.masked_fill(torch.arange(text.context_length, device=device) >= lengths, -1)  # (B, L)
 
 
 def sync(device: torch.device) -> None:
@@ -86,12 +95,20 @@ def main() -> None:
 
     cls = METHODS[a.method]
     views: ViewConfig = inspect.signature(cls).parameters["views"].default  # the method's own augmentations
+    extra = {"text": CLIP_TEXT, "embed_dim": 256} if a.method == "clip" else {}
     model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=a.size),
-                channels_last=not a.no_channels_last).to(device)
+                channels_last=not a.no_channels_last, **extra).to(device)
     model.setup("fit")
     opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.06, momentum=0.9)
     images = torch.randint(0, 256, (a.batch, 3, a.size, a.size), dtype=torch.uint8, device=device)
-    premade = model.view_policy(images)
+    tokens = captions(a.batch, CLIP_TEXT, device) if a.method == "clip" else None
+
+    def make_views():
+        views = model.view_policy(images)
+        views.tokens = tokens  # CLIP's captions come with the batch, as from CaptionDataModule
+        return views
+
+    premade = make_views()
     amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
 
     def train_step(views):
@@ -103,8 +120,8 @@ def main() -> None:
         model.update_targets(0.99)  # no-op for methods without a target network
 
     results = {}
-    for name, fn in (("ceiling", lambda: train_step(premade)), ("views", lambda: model.view_policy(images)),
-                     ("full", lambda: train_step(model.view_policy(images)))):
+    for name, fn in (("ceiling", lambda: train_step(premade)), ("views", make_views),
+                     ("full", lambda: train_step(make_views()))):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sec = timed(fn, a.steps, a.warmup, device)
