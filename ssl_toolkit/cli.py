@@ -123,6 +123,9 @@ def _features(args):
     ckpt = load_checkpoint(args.ckpt)
     encoder = encoder_from_checkpoint(ckpt).to(device)
     dm = resolve_data(args.data, ckpt)
+    if dm.num_classes < 1:
+        raise ValueError(f"{dm.name} has no class labels (image-caption data?); pass --data with a labelled set "
+                         "(.npz, image folder, recipe or 'digits'). For CLIP checkpoints see also `ssl-toolkit retrieval`.")
     start = time.perf_counter()
     train = extract_features(encoder, dm, "train", device, args.batch_size)
     test = extract_features(encoder, dm, "test", device, args.batch_size)

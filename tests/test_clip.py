@@ -274,6 +274,9 @@ def test_retrieval_and_zeroshot_commands_reproduce_the_run_from_the_checkpoint(t
     assert main(["zeroshot", "--ckpt", str(path), "--data", str(data), "--template", "a photo of a {}."]) == 0
     assert "mean per class" in capsys.readouterr().out
     assert json.loads(open(f"{path}.zeroshot.json").read())["classes"] == ["dog", "person"]
+    assert main(["knn", "--ckpt", str(path), "--k", "5"]) == 1  # the checkpoint's data has captions, not labels
+    assert "has no class labels" in capsys.readouterr().err
+    assert main(["knn", "--ckpt", str(path), "--k", "5", "--data", str(data), "--out", str(tmp_path / "k.json")]) == 0
 
 
 def test_eval_commands_refuse_checkpoints_of_other_methods(tmp_path, capsys):

@@ -17,8 +17,8 @@ from ssl_toolkit.views import ViewConfig
 
 
 def tiny(**kw):
-    return MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16, blur_p=0.5), queue_size=32,
-                  proj_hidden_dim=32, proj_out_dim=8, **kw)
+    return MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16, blur_p=0.5),
+                  **{"queue_size": 32, "proj_hidden_dim": 32, "proj_out_dim": 8, **kw})
 
 
 def test_queue_is_fifo_and_wraps():
@@ -88,6 +88,9 @@ def test_bad_settings_say_the_fix():
         tiny(momentum=1.5)
     with pytest.raises(ValueError, match="MoCo v2 uses 0.2"):
         tiny(temperature=0)
+    trainer = pl.Trainer(fast_dev_run=1, accelerator="cpu", logger=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match=r"queue_size 100 is not a multiple of the 32 keys .* Set model queue_size to 96"):
+        trainer.fit(tiny(queue_size=100), DigitsDataModule(image_size=16, batch_size=32))
 
 
 def test_moco_beats_random_init_on_digits():

@@ -37,7 +37,9 @@ class MoCoV2(BaseSSLModule):
         views: v2 augmentations: crop scale (0.2, 1), jitter (0.4, 0.4, 0.4, 0.1) p=0.8, grayscale 0.2,
             blur p=0.5, flip.
         temperature: InfoNCE temperature (0.2 in MoCo v2).
-        queue_size: Number of negatives K (4096 for CIFAR, 65536 for ImageNet); at least the global batch.
+        queue_size: Number of negatives K (4096 for CIFAR, 65536 for ImageNet): a multiple of the keys queued per
+            step (the global batch, twice it when ``symmetric``), as in the paper's code, so every key stays
+            exactly K / batch steps and the queue is rewritten in whole batches; checked when training starts.
         proj_hidden_dim: Hidden width of the MLP head (2048 in MoCo v2).
         proj_out_dim: Output width (128).
         momentum: Key-encoder momentum at the start (0.999 on ImageNet at batch 256; 0.99 on CIFAR).
@@ -72,6 +74,20 @@ class MoCoV2(BaseSSLModule):
 
     def ema_pairs(self):
         return [(self.backbone, self.key_backbone), (self.projector, self.key_projector)]
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self._trainer.datamodule if self._trainer is not None else None
+        if dm is None or not hasattr(dm, "batch_size"):
+            return
+        per_step = dm.batch_size * self._trainer.world_size * (2 if self.symmetric else 1)  # keys queued per step
+        size = self.queue.features.shape[0]
+        if size % per_step:
+            fix = max(per_step, round(size / per_step) * per_step)
+            raise ValueError(f"MoCo's queue_size {size} is not a multiple of the {per_step} keys queued per step "
+                             f"(data.batch_size {dm.batch_size} x {self._trainer.world_size} device(s)"
+                             f"{' x 2 views, symmetric' if self.symmetric else ''}). Set model queue_size to "
+                             f"{fix}, or change data.batch_size.")
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
