@@ -1,7 +1,8 @@
 """Training throughput of each method: the model ceiling, the views alone, and the full training step.
 
 Measures, on one device, images per second (each image makes the method's views: 2 for SimCLR and MoCo,
-2 global + 6 local crops for DINO, a 7x7 grid of patches for CPC, one crop and one caption for CLIP) of
+2 global + 6 local crops for DINO, a 7x7 grid of patches for CPC, one crop and one caption for CLIP,
+4 rotations for RotNet, 9 tiles for Jigsaw) of
   (a) ceiling:  the method's forward/backward (backbone, heads, loss, EMA update) + optimizer step on pre-made views,
   (b) views:    the toolkit's GPU view policy alone (uint8 batch -> normalised views),
   (c) full:     (b) then (a), i.e. one training step from a uint8 batch already on the device,
@@ -26,11 +27,12 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig, TextConfig
-from ssl_toolkit.methods import CLIP, CPCV2, DINO, MoCoV2, SimCLR
+from ssl_toolkit.methods import CLIP, CPCV2, DINO, Jigsaw, MoCoV2, Rotation, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
 
-METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2, "clip": CLIP}
+METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2, "clip": CLIP, "rotation": Rotation,
+           "jigsaw": Jigsaw}
 CLIP_TEXT = TextConfig(vocab_size=4096, context_length=32, width=256, layers=4, heads=4)  # recipes/clip/flickr8k.yaml
 
 
@@ -96,7 +98,8 @@ def main() -> None:
     cls = METHODS[a.method]
     views: ViewConfig = inspect.signature(cls).parameters["views"].default  # the method's own augmentations
     extra = {"text": CLIP_TEXT, "embed_dim": 256} if a.method == "clip" else {}
-    model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=a.size),
+    crop = a.size - a.size % 3 if a.method == "jigsaw" else a.size  # a jigsaw crop divides into 3x3 cells
+    model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=crop),
                 channels_last=not a.no_channels_last, **extra).to(device)
     model.setup("fit")
     opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.06, momentum=0.9)

@@ -1,0 +1,129 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from conftest import DIGITS_MEAN, DIGITS_STD, knn_before_and_after
+from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.losses import pretext_cross_entropy
+from ssl_toolkit.methods import Jigsaw, OptimConfig, Rotation
+from ssl_toolkit.views import JigsawViews, RotationViews, ViewConfig, hamming_permutations
+from ssl_toolkit.views.pretext import cut_tiles, min_pairwise_hamming, rotate
+
+# No augmentation at all: a view is the normalised image itself.
+PLAIN = ViewConfig(crop_size=12, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
+                   mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+
+def normalised(images: torch.Tensor) -> torch.Tensor:
+    return (images.float() / 255 - 0.5) / 0.25
+
+
+# ---- rotation ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("all_rotations", [True, False])
+def test_rotating_each_view_back_by_its_label_recovers_the_input(all_rotations):
+    images = torch.randint(0, 256, (6, 3, 12, 12), dtype=torch.uint8)
+    views = RotationViews(PLAIN, all_rotations=all_rotations)(images)
+    x, k = views.crops[0], views.targets
+    assert len(x) == (24 if all_rotations else 6)
+    if all_rotations:
+        assert k.tolist() == [r for r in range(4) for _ in range(6)]  # every image in all four rotations
+    back = torch.stack([torch.rot90(v, -int(r), dims=(-2, -1)) for v, r in zip(x, k)])
+    assert torch.allclose(back, normalised(images).repeat(len(x) // 6, 1, 1, 1), atol=1e-5)
+    if not all_rotations:
+        ks = torch.cat([RotationViews(PLAIN, all_rotations=False)(images).targets for _ in range(20)])
+        assert set(ks.tolist()) == {0, 1, 2, 3}  # drawn per image
+
+
+def test_rotate_matches_rot90_per_image():
+    x = torch.randn(5, 3, 8, 8)
+    k = torch.tensor([0, 1, 2, 3, 5])
+    for i in range(5):
+        assert torch.equal(rotate(x, k)[i], torch.rot90(x[i], int(k[i]) % 4, dims=(-2, -1)))
+    with pytest.raises(ValueError, match="square"):
+        rotate(torch.zeros(1, 3, 8, 6), torch.tensor([1]))
+
+
+def test_pretext_cross_entropy_and_accuracy():
+    logits = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    out = pretext_cross_entropy(logits, torch.tensor([0, 1]))
+    expected = (-torch.log_softmax(logits, 1)[[0, 1], [0, 1]]).mean()
+    assert out["ce_loss"].item() == pytest.approx(expected.item()) and out["acc"].item() == 0.5
+
+
+# ---- jigsaw --------------------------------------------------------------------------------------------------
+
+def test_permutation_set_is_unique_fixed_and_keeps_its_minimum_hamming_distance():
+    perms = hamming_permutations(100)
+    assert perms.shape == (100, 9)
+    assert all(sorted(p) == list(range(9)) for p in perms.tolist())  # each row a permutation of the 9 tiles
+    assert len({tuple(p) for p in perms.tolist()}) == 100  # no duplicates
+    assert min_pairwise_hamming(perms) >= 6  # measured: 6 for P=100 with greedy farthest-point selection
+    assert torch.equal(perms, hamming_permutations(100))  # fixed seed: the same classes on every rank and run
+    assert min_pairwise_hamming(hamming_permutations(24, n=4)) == 2  # all 4!: two permutations differ in >= 2 places
+    with pytest.raises(ValueError, match="lower num_permutations to"):
+        hamming_permutations(100, min_distance=8)
+    with pytest.raises(ValueError, match=r"num_permutations must be in \[1, 24\]"):
+        hamming_permutations(25, n=4)
+
+
+def test_unpermuting_tiles_by_the_label_restores_the_grid():
+    images = torch.randint(0, 256, (4, 3, 12, 12), dtype=torch.uint8)
+    policy = JigsawViews(PLAIN, grid=3, tile=4, num_permutations=30, normalize_tiles=False)  # tile = cell: no gap
+    views = policy(images)
+    tiles = views.crops[0].view(4, 9, 3, 4, 4)
+    order = policy.perms[views.targets]  # (B, 9): position j shows cell order[j]
+    cells = torch.empty_like(tiles)
+    cells[torch.arange(4)[:, None], order] = tiles  # put every tile back in its cell
+    grid = cells.view(4, 3, 3, 3, 4, 4).permute(0, 3, 1, 4, 2, 5).reshape(4, 3, 12, 12)
+    assert torch.allclose(grid, normalised(images), atol=1e-5)
+
+
+def test_tiles_stay_inside_their_cells_and_are_normalised_per_tile():
+    x = torch.arange(12.0).view(1, 1, 1, 12).expand(1, 1, 12, 12)  # value = column index
+    offsets = torch.tensor([[[0, 2]] * 9])
+    tiles = cut_tiles(x, grid=3, tile=2, offsets=offsets)  # (1, 9, 1, 2, 2)
+    assert tiles[0, :3, 0, 0].tolist() == [[2.0, 3.0], [6.0, 7.0], [10.0, 11.0]]  # cell column + offset 2
+    views = JigsawViews(ViewConfig(crop_size=12), grid=3, tile=3, num_permutations=10)(
+        torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
+    t = views.crops[0]
+    assert torch.allclose(t.mean((-2, -1)), torch.zeros(72, 3), atol=1e-4)  # per tile and channel
+    assert views.targets.min() >= 0 and views.targets.max() < 10
+
+
+def test_jigsaw_bad_settings_say_the_fix():
+    with pytest.raises(ValueError, match="crop_size 32 is not a multiple of 3. Use crop_size 30 or 33"):
+        JigsawViews(ViewConfig(crop_size=32))
+    with pytest.raises(ValueError, match="tile 11 must be between 1 and the cell side 10"):
+        JigsawViews(ViewConfig(crop_size=30), tile=11)
+    with pytest.raises(ValueError, match="lower num_permutations"):
+        Jigsaw(BackboneConfig("tiny_cnn", width=4), num_permutations=200, min_distance=7)
+
+
+def test_jigsaw_classifies_tiles_in_position_order():
+    m = Jigsaw(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=12), tile=3, num_permutations=10,
+               tile_dim=8, hidden_dim=16)
+    views = m.view_policy(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8))
+    out = m.step(views)
+    out["ce_loss"].backward()
+    assert m.backbone[0].weight.grad.abs().sum() > 0
+    # the classifier input is the 9 tile embeddings of one puzzle side by side: swapping two tiles changes it
+    swapped = views.crops[0].view(4, 9, 3, 3, 3)[:, [1, 0, 2, 3, 4, 5, 6, 7, 8]].reshape(36, 3, 3, 3)
+    m.eval()
+    with torch.no_grad():
+        a = m.classifier(m.tile_head(m.backbone(views.crops[0])).view(4, -1))
+        b = m.classifier(m.tile_head(m.backbone(swapped)).view(4, -1))
+    assert not torch.allclose(a, b)
+
+
+# ---- learning ------------------------------------------------------------------------------------------------
+
+def test_rotation_beats_random_init_on_digits():
+    pl.seed_everything(0)
+    m = Rotation(BackboneConfig("tiny_cnn", width=16), hidden_dim=128,
+                 optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1),
+                 views=ViewConfig(crop_size=32, scale=(0.6, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
+                                  mean=DIGITS_MEAN, std=DIGITS_STD))
+    init, trained = knn_before_and_after(m, epochs=5)
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 92.04% after 5 epochs (21 s).
+    assert trained - init >= 6.0, (init, trained)
