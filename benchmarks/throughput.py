@@ -2,7 +2,7 @@
 
 Measures, on one device, images per second (each image makes the method's views: 2 for SimCLR and MoCo,
 2 global + 6 local crops for DINO, a 7x7 grid of patches for CPC, one crop and one caption for CLIP,
-4 rotations for RotNet, 9 tiles for Jigsaw) of
+4 rotations for RotNet, 9 tiles for Jigsaw, one masked crop for the context encoder) of
   (a) ceiling:  the method's forward/backward (backbone, heads, loss, EMA update) + optimizer step on pre-made views,
   (b) views:    the toolkit's GPU view policy alone (uint8 batch -> normalised views),
   (c) full:     (b) then (a), i.e. one training step from a uint8 batch already on the device,
@@ -27,12 +27,12 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig, TextConfig
-from ssl_toolkit.methods import CLIP, CPCV2, DINO, Jigsaw, MoCoV2, Rotation, SimCLR
+from ssl_toolkit.methods import CLIP, CPCV2, DINO, Inpainting, Jigsaw, MoCoV2, Rotation, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
 
 METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2, "clip": CLIP, "rotation": Rotation,
-           "jigsaw": Jigsaw}
+           "jigsaw": Jigsaw, "inpainting": Inpainting}
 CLIP_TEXT = TextConfig(vocab_size=4096, context_length=32, width=256, layers=4, heads=4)  # recipes/clip/flickr8k.yaml
 
 

@@ -71,3 +71,40 @@ class DINOHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # (B, out_dim)
+
+
+class ConvDecoder(nn.Module):
+    """Feature vector -> image: a linear layer to a 4x4 map, then stride-2 transposed convolutions up to ``size``.
+
+    The decoder of a context encoder (Pathak et al. 2016, https://arxiv.org/abs/1604.07379, Fig. 2), fed by
+    the pooled backbone features (the paper's channel-wise fully connected bottleneck plays the same role).
+
+    Args:
+        in_dim: Feature dimension.
+        size: Output side; 4 x a power of 2 (16, 32, 64, 128).
+        width: Channels of the 4x4 map, halved at every upsampling (at least 16).
+        out_channels: Output channels (3 for RGB).
+
+    Example:
+        >>> ConvDecoder(64, 32, width=32)(torch.zeros(2, 64)).shape
+        torch.Size([2, 3, 32, 32])
+    """
+
+    def __init__(self, in_dim: int, size: int, width: int = 256, out_channels: int = 3):
+        super().__init__()
+        steps = (size // 4).bit_length() - 1
+        if size < 8 or size != 4 * 2**steps:
+            raise ValueError(f"The inpainting decoder needs a crop_size of 4 x a power of 2 (8, 16, 32, 64, 128); "
+                             f"got {size}. Set views.crop_size.")
+        self.width = width
+        self.fc = nn.Linear(in_dim, width * 16)
+        layers, c = [], width
+        for _ in range(steps):
+            layers += [nn.ConvTranspose2d(c, max(16, c // 2), 4, stride=2, padding=1, bias=False),
+                       nn.BatchNorm2d(max(16, c // 2)), nn.ReLU(inplace=True)]
+            c = max(16, c // 2)
+        layers += [nn.Conv2d(c, out_channels, 3, padding=1)]
+        self.up = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(F.relu(self.fc(x)).view(len(x), self.width, 4, 4))  # (B, out, size, size)

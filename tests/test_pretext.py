@@ -1,12 +1,15 @@
+from dataclasses import replace
+
 import pytest
 import pytorch_lightning as pl
 import torch
 
 from conftest import DIGITS_MEAN, DIGITS_STD, knn_before_and_after
 from ssl_toolkit.backbones import BackboneConfig
-from ssl_toolkit.losses import pretext_cross_entropy
-from ssl_toolkit.methods import Jigsaw, OptimConfig, Rotation
-from ssl_toolkit.views import JigsawViews, RotationViews, ViewConfig, hamming_permutations
+from ssl_toolkit.losses import masked_l2, pretext_cross_entropy
+from ssl_toolkit.methods import Inpainting, Jigsaw, OptimConfig, Rotation
+from ssl_toolkit.views import (InpaintingViews, JigsawViews, RotationViews, ViewConfig, hamming_permutations,
+                               inpainting_masks)
 from ssl_toolkit.views.pretext import cut_tiles, min_pairwise_hamming, rotate
 
 # No augmentation at all: a view is the normalised image itself.
@@ -127,3 +130,64 @@ def test_rotation_beats_random_init_on_digits():
     init, trained = knn_before_and_after(m, epochs=5)
     # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 92.04% after 5 epochs (21 s).
     assert trained - init >= 6.0, (init, trained)
+
+
+# ---- inpainting ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["central", "random_block", "random_region"])
+def test_masks_stay_aligned_with_the_crops(kind):
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    views = InpaintingViews(replace(PLAIN, crop_size=16), mask=kind)(images)
+    x, target, mask = views.crops[0], views.targets, views.masks
+    assert torch.allclose(target, normalised(images), atol=1e-5)
+    assert torch.equal(x, target * (1 - mask))  # hidden pixels are 0 (the mean), the rest is the crop itself
+    assert set(mask.unique().tolist()) <= {0.0, 1.0}
+    area = mask.mean((1, 2, 3))
+    assert ((area > 0.15) & (area < 0.35)).all(), area  # a quarter of the crop, per image
+    if kind != "central":
+        assert not torch.equal(mask[0], mask[1])  # drawn per image
+    else:
+        assert mask[0, 0, 4:12, 4:12].all() and mask[0].sum() == 64
+
+
+def test_reconstruction_loss_has_zero_gradient_outside_the_mask():
+    pred = torch.randn(2, 3, 8, 8, requires_grad=True)
+    target = torch.randn(2, 3, 8, 8)
+    mask = inpainting_masks(2, 8, "random_block")
+    masked_l2(pred, target, mask).backward()
+    assert (pred.grad * (1 - mask)).abs().max() == 0
+    assert (pred.grad * mask).abs().sum() > 0
+    expected = ((pred - target) ** 2 * mask).sum() / (mask.sum() * 3)
+    assert masked_l2(pred, target, mask).item() == pytest.approx(expected.item())
+
+
+def test_adversarial_term_trains_each_player_with_its_own_loss():
+    m = Inpainting(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), decoder_width=16,
+                   adversarial_weight=0.001)
+    views = m.view_policy(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8))
+    out = m.step(views)
+    out["adv_loss"].backward()  # the generator's term reaches the encoder-decoder, not the discriminator
+    assert m.backbone[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.discriminator.parameters())
+    m.zero_grad()
+    m.step(views)["disc_loss"].backward()  # the discriminator's term reaches only the discriminator
+    assert m.backbone[0].weight.grad is None and m.decoder.fc.weight.grad is None
+    assert m.discriminator[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="lambda_adv in \\[0, 1\\)"):
+        Inpainting(BackboneConfig("tiny_cnn", width=4), adversarial_weight=1.0)
+    with pytest.raises(ValueError, match="4 x a power of 2"):
+        Inpainting(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=30))
+    with pytest.raises(ValueError, match="Unknown inpainting mask 'box'"):
+        InpaintingViews(ViewConfig(crop_size=16), mask="box")
+
+
+def test_inpainting_beats_random_init_on_digits():
+    pl.seed_everything(0)
+    m = Inpainting(BackboneConfig("tiny_cnn", width=16), mask="central", decoder_width=64,
+                   optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1),
+                   views=ViewConfig(crop_size=32, scale=(0.6, 1.0), flip_p=0.0, jitter_p=0.0, gray_p=0.0,
+                                    mean=DIGITS_MEAN, std=DIGITS_STD))
+    init, trained = knn_before_and_after(m, epochs=10)
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 89.26% after 10 epochs (15 s); random_block
+    # 87.04%, random_region 88.89%, central with the adversarial term (0.001) 87.22%.
+    assert trained - init >= 4.0, (init, trained)

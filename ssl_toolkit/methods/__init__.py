@@ -4,9 +4,10 @@ from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
 from ssl_toolkit.methods.clip import CLIP
 from ssl_toolkit.methods.cpc import CPCV2
 from ssl_toolkit.methods.dino import DINO
+from ssl_toolkit.methods.inpainting import Inpainting
 from ssl_toolkit.methods.jigsaw import Jigsaw
 from ssl_toolkit.methods.moco import MoCoV2
 from ssl_toolkit.methods.rotation import Rotation
 from ssl_toolkit.methods.simclr import SimCLR
 
-__all__ = ["BaseSSLModule", "CLIP", "CPCV2", "DINO", "Jigsaw", "MoCoV2", "OptimConfig", "Rotation", "SimCLR"]
+__all__ = ["BaseSSLModule", "CLIP", "CPCV2", "DINO", "Inpainting", "Jigsaw", "MoCoV2", "OptimConfig", "Rotation", "SimCLR"]

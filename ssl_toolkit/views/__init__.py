@@ -4,7 +4,8 @@ from ssl_toolkit.views.base import Views, denormalize
 from ssl_toolkit.views.contrastive import ContrastiveViews, ViewConfig, ViewParams
 from ssl_toolkit.views.multicrop import MultiCropViews
 from ssl_toolkit.views.patches import PatchGridViews, patch_grid
-from ssl_toolkit.views.pretext import JigsawViews, RotationViews, hamming_permutations
+from ssl_toolkit.views.pretext import (InpaintingViews, JigsawViews, RotationViews, hamming_permutations,
+                                       inpainting_masks)
 
 __all__ = ["Views", "ViewConfig", "ViewParams", "ContrastiveViews", "MultiCropViews", "PatchGridViews", "denormalize", "patch_grid",
-           "JigsawViews", "RotationViews", "hamming_permutations"]
+           "InpaintingViews", "JigsawViews", "RotationViews", "hamming_permutations", "inpainting_masks"]

@@ -192,3 +192,76 @@ class JigsawViews(nn.Module):
             std = tiles.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
             tiles = (tiles - mean) / std
         return Views(crops=[tiles.flatten(0, 1)], targets=target, grid=(b, self.grid))
+
+
+MASKS = ("central", "random_block", "random_region")
+
+
+def inpainting_masks(batch: int, size: int, kind: str, fraction: float = 0.5, device: torch.device | str = "cpu",
+                     region_area: float = 0.25) -> torch.Tensor:
+    """``(B, 1, size, size)`` float masks, 1 where the image is hidden (Pathak et al. 2016, Sec. 3.3).
+
+    Args:
+        batch: Number of masks.
+        size: Side of the (square) crops.
+        kind: ``central`` (a centred square), ``random_block`` (a square at a random position per image) or
+            ``random_region`` (a random blob per image: smooth noise thresholded at its ``region_area`` quantile).
+        fraction: Side of the block as a fraction of ``size`` (the paper: 64 of 128 = 0.5).
+        device: Device of the masks.
+        region_area: Hidden area fraction of ``random_region`` masks (the paper: up to 1/4).
+
+    Example:
+        >>> inpainting_masks(1, 4, "central")[0, 0].tolist()
+        [[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    """
+    if kind not in MASKS:
+        raise ValueError(f"Unknown inpainting mask {kind!r}; use one of {', '.join(MASKS)}.")
+    if not 0 < fraction < 1 or not 0 < region_area < 1:
+        raise ValueError(f"Inpainting needs 0 < fraction < 1 and 0 < region_area < 1; got {fraction}, {region_area}.")
+    if kind == "random_region":
+        noise = torch.rand(batch, 1, max(2, size // 8), max(2, size // 8), device=device)
+        noise = nn.functional.interpolate(noise, size=(size, size), mode="bicubic", align_corners=False)  # smooth blobs
+        cut = noise.flatten(1).quantile(1 - region_area, dim=1).view(batch, 1, 1, 1)  # per image
+        return (noise > cut).float()
+    side = max(1, round(fraction * size))
+    if kind == "central":
+        top = torch.full((batch,), (size - side) // 2, device=device)
+        left = top
+    else:
+        top = torch.randint(0, size - side + 1, (batch,), device=device)
+        left = torch.randint(0, size - side + 1, (batch,), device=device)
+    ar = torch.arange(size, device=device)
+    rows = (ar[None, :] >= top[:, None]) & (ar[None, :] < top[:, None] + side)  # (B, S)
+    cols = (ar[None, :] >= left[:, None]) & (ar[None, :] < left[:, None] + side)
+    return (rows[:, :, None] & cols[:, None, :]).float()[:, None]  # (B, 1, S, S)
+
+
+class InpaintingViews(nn.Module):
+    """Crops with a hidden region, for a context encoder (Pathak et al. 2016, https://arxiv.org/abs/1604.07379).
+
+    ``crops[0]`` is the crop with the masked pixels set to 0 (the dataset mean after normalisation),
+    ``targets`` the whole normalised crop and ``masks`` the ``(B, 1, s, s)`` mask, all made after cropping,
+    so they are aligned pixel for pixel.
+
+    Args:
+        config: Crop/flip/colour augmentation of the crop.
+        mask: ``central``, ``random_block`` or ``random_region``.
+        fraction: Block side as a fraction of the crop.
+
+    Example:
+        >>> v = InpaintingViews(ViewConfig(crop_size=16))(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+        >>> tuple(v.crops[0].shape), tuple(v.masks.shape), v.masks[0].sum().item()
+        ((2, 3, 16, 16), (2, 1, 16, 16), 64.0)
+    """
+
+    def __init__(self, config: ViewConfig = ViewConfig(), mask: str = "random_block", fraction: float = 0.5):
+        super().__init__()
+        inpainting_masks(1, config.crop_size, mask, fraction)  # validate now, with the fix in the message
+        self.mask, self.fraction = mask, fraction
+        self.policy = ContrastiveViews(config, num_views=1)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Views:
+        target = self.policy(images).crops[0]  # (B, 3, s, s) normalised crops
+        masks = inpainting_masks(len(target), target.shape[-1], self.mask, self.fraction, target.device)
+        return Views(crops=[target * (1 - masks)], targets=target, masks=masks)
