@@ -17,6 +17,7 @@ commands:
   probe      linear-probe top-1 of a checkpoint's encoder:  ssl-toolkit probe --ckpt RUN.ckpt
   retrieval  image<->text recall@K of a CLIP checkpoint:  ssl-toolkit retrieval --ckpt CLIP.ckpt
   zeroshot   zero-shot classification of a CLIP checkpoint:  ssl-toolkit zeroshot --ckpt CLIP.ckpt --data DATA
+  pictures   PNGs of a checkpoint's views (and inpainting):  ssl-toolkit pictures --ckpt RUN.ckpt --out pictures/
 
 Run `ssl-toolkit COMMAND --help` for the options of each command.
 """
@@ -102,7 +103,8 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
-    p.add_argument("--out", help="JSON result file (default: next to the checkpoint, <ckpt>.<command>.json)")
+    p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json); "
+                                 "for pictures, a folder (default <ckpt>.pictures)")
     return p
 
 
@@ -222,7 +224,26 @@ def zeroshot(args: list[str]) -> None:
     _write(a, "zeroshot", {**info, "templates": templates, "classes": dm.splits.classes, **result})
 
 
-COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retrieval, "zeroshot": zeroshot}
+def pictures(args: list[str]) -> None:
+    from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
+    from ssl_toolkit.eval import save_pictures, view_pictures
+
+    p = _eval_parser("pictures", "Write PNG grids of a checkpoint's training views (jigsaw puzzles, rotations, masked "
+                                 "inputs) and, for the context encoder, its inpainting of test images.")
+    p.add_argument("--num", type=int, default=16, help="test images to show (default 16)")
+    a = p.parse_args(args)
+    device = _device(a)
+    ckpt = load_checkpoint(a.ckpt)
+    model = method_from_checkpoint(ckpt).to(device)
+    dm = resolve_data(a.data, ckpt)
+    images, _ = next(dm.iter_split("test", a.num))
+    torch.manual_seed(0)
+    for path in save_pictures(view_pictures(model, images), a.out or f"{a.ckpt}.pictures"):
+        print(f"wrote {path}")
+
+
+COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retrieval, "zeroshot": zeroshot,
+            "pictures": pictures}
 
 
 def main(argv: list[str] | None = None) -> int:

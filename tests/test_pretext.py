@@ -191,3 +191,43 @@ def test_inpainting_beats_random_init_on_digits():
     # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 89.26% after 10 epochs (15 s); random_block
     # 87.04%, random_region 88.89%, central with the adversarial term (0.001) 87.22%.
     assert trained - init >= 4.0, (init, trained)
+
+
+# ---- pictures ------------------------------------------------------------------------------------------------
+
+def test_pictures_of_puzzles_rotations_and_inpainting(tmp_path):
+    from ssl_toolkit.eval import view_pictures
+
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    tiny = BackboneConfig("tiny_cnn", width=4)
+    jig = view_pictures(Jigsaw(tiny, views=ViewConfig(crop_size=12), tile=3, num_permutations=10), images)
+    rot = view_pictures(Rotation(tiny, views=ViewConfig(crop_size=16)), images)
+    inp = view_pictures(Inpainting(tiny, views=ViewConfig(crop_size=16), decoder_width=16), images)
+    assert jig["jigsaw_puzzles"].shape == (4, 3, 9, 9) and rot["views"].shape == (16, 3, 16, 16)
+    assert sorted(inp) == ["inpainted", "masked_input", "original"]
+    for pics in (jig, rot, inp):
+        for x in pics.values():
+            assert x.min() >= 0 and x.max() <= 1
+    outside = inp["masked_input"] != inp["original"]  # the inpainted picture keeps the visible pixels
+    assert torch.allclose(inp["inpainted"][~outside], inp["original"][~outside], atol=1e-5)
+
+
+def test_pictures_command_and_tensorboard_callback(tmp_path, capsys):
+    from pytorch_lightning.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from ssl_toolkit.cli import main
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.eval import PicturesCallback
+
+    model = Inpainting(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), decoder_width=16)
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=logger,
+                         enable_checkpointing=False, enable_progress_bar=False, callbacks=[PicturesCallback(num_images=8)])
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=16))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0}).Reload()
+    assert {"pictures/inpainted", "pictures/masked_input", "pictures/original"} <= set(events.Tags()["images"])
+    trainer.save_checkpoint(tmp_path / "inpainting.ckpt")
+    assert main(["pictures", "--ckpt", str(tmp_path / "inpainting.ckpt"), "--out", str(tmp_path / "png"),
+                 "--num", "8"]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == ["inpainted.png", "masked_input.png", "original.png"]

@@ -9,6 +9,12 @@ from ssl_toolkit.eval.features import extract_features
 from ssl_toolkit.eval.knn import knn_accuracy
 
 
+def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
+    """True at the end of every ``every_n_epochs``-th epoch and of the last one."""
+    epoch = trainer.current_epoch + 1
+    return epoch % every_n_epochs == 0 or (trainer.max_epochs is not None and epoch >= trainer.max_epochs)
+
+
 class PeriodicEvaluation(pl.Callback):
     """Evaluate before training (the random-init baseline), every ``every_n_epochs`` epochs and after the last.
 
@@ -49,9 +55,7 @@ class PeriodicEvaluation(pl.Callback):
                 trainer.logger.log_metrics(self.metrics(self.results["init"], "_init"), step=0)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        epoch = trainer.current_epoch + 1
-        last = trainer.max_epochs is not None and epoch >= trainer.max_epochs
-        if epoch % self.every_n_epochs and not last:
+        if not is_due(trainer, self.every_n_epochs):
             return
         self.results["trained"] = result = self.evaluate(trainer, pl_module)
         pl_module.log_dict(self.metrics(result), prog_bar=False)
