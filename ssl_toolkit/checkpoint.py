@@ -33,15 +33,20 @@ def load_checkpoint(path: str) -> dict:
 
 def load_backbone(ckpt: dict):
     """Rebuild the checkpoint's backbone and load its trained weights: ``(module, feature_dim)``."""
+    backbone, dim = build_backbone(**ckpt["hyper_parameters"]["backbone"])
+    return load_backbone_weights(ckpt, backbone), dim
+
+
+def load_backbone_weights(ckpt: dict, backbone):
+    """Load the checkpoint's backbone weights into ``backbone`` (built from the same config); returns it."""
     b = ckpt["hyper_parameters"]["backbone"]
-    backbone, dim = build_backbone(**b)
     prefix = "backbone."
     state = {k[len(prefix):]: t for k, t in ckpt["state_dict"].items() if k.startswith(prefix)}
     missing, unexpected = backbone.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"Checkpoint weights do not fit backbone {b['name']!r}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}. The checkpoint was written by another version or method.")
-    return backbone, dim
+    return backbone
 
 
 def encoder_from_checkpoint(ckpt: dict) -> Encoder:

@@ -100,7 +100,8 @@ class CaptionDataModule(InMemoryDataModule):
                 f"{len(missing)} of {len(names)} images named in {root / self.captions_file} are not in "
                 f"{root / self.images_dir}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Add the "
                 "files, delete their rows, or set data.on_corrupt=skip to leave them out.")
-        names = [n for n in names if n not in set(missing)]
+        gone = set(missing)
+        names = [n for n in names if n not in gone]
         x, keep, skipped = decode_images([str(root / self.images_dir / n) for n in names], self.image_size,
                                          self.decode_workers, self.on_corrupt, str(root / self.images_dir))
         self.num_skipped = len(missing) + skipped
@@ -110,12 +111,12 @@ class CaptionDataModule(InMemoryDataModule):
                              "lower it.")
         perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(self.split_seed))
         split_idx = {"test": perm[:self.val_images].sort().values, "train": perm[self.val_images:].sort().values}
-        train_texts = [c for i in split_idx["train"].tolist() for c in by_image[names[i]]]
+        for split, idx in split_idx.items():
+            self.texts[split] = [c for i in idx.tolist() for c in by_image[names[i]]]  # grouped by image
         self.tokenizer = (CaptionTokenizer.from_file(self.tokenizer_file) if self.tokenizer_file
-                          else CaptionTokenizer.train(train_texts, self.vocab_size))
+                          else CaptionTokenizer.train(self.texts["train"], self.vocab_size))
         for split, idx in split_idx.items():
             counts = torch.tensor([len(by_image[names[i]]) for i in idx.tolist()])
-            self.texts[split] = [c for i in idx.tolist() for c in by_image[names[i]]]
             self.tokens[split] = self.tokenizer.encode(self.texts[split], self.context_length)  # (M, L)
             self.caption_image[split] = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (M,)
             self.offsets[split] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (N + 1,)

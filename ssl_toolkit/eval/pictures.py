@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssl_toolkit.eval.callbacks import is_due
+from ssl_toolkit.eval.features import evaluating
 from ssl_toolkit.views.base import denormalize
 
 
@@ -26,9 +27,7 @@ def view_pictures(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
 
     Jigsaw puzzles are shown as their shuffled 3x3 tiles side by side; rotations in view order.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model, model.device):
         views = model.view_policy(images.to(model.device))
         c = model.view_config
         if views.grid is not None and views.targets is not None:  # jigsaw: (B*n) tiles -> one picture per puzzle
@@ -42,8 +41,6 @@ def view_pictures(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
                    "inpainted": denormalize(model.inpaint(views), c.mean, c.std),
                    "original": denormalize(views.targets, c.mean, c.std)}
         return out
-    finally:
-        model.train(was_training)
 
 
 class PicturesCallback(pl.Callback):

@@ -96,6 +96,11 @@ class BaseSSLModule(pl.LightningModule):
         step = self.global_step if step is None else step
         return float(schedule[min(max(step, 0), len(schedule) - 1)])
 
+    @property
+    def attached_datamodule(self):
+        """The trainer's DataModule, or None when the module is not attached to a trainer (or has no DataModule)."""
+        return self._trainer.datamodule if self._trainer is not None else None
+
     def encoder(self) -> Encoder:
         """The backbone with its input normalisation, on the module's device, for evaluators."""
         return Encoder.from_hparams(self.backbone, self.hparams).to(self.device)
@@ -159,7 +164,7 @@ class BaseSSLModule(pl.LightningModule):
         self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        dm = self.trainer.datamodule if self.trainer is not None else None
+        dm = self.attached_datamodule
         checkpoint["ssl_toolkit"] = {
             "format": CHECKPOINT_FORMAT,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",

@@ -78,9 +78,9 @@ class CLIP(BaseSSLModule):
                          max_logit_scale=max_logit_scale, lock_image=lock_image, gather=gather,
                          image_tower_from=image_checkpoint)  # provenance only: reloading uses the saved weights
         if source is not None:
-            from ssl_toolkit.checkpoint import load_backbone
+            from ssl_toolkit.checkpoint import load_backbone_weights
 
-            self.backbone.load_state_dict(load_backbone(source)[0].state_dict())
+            load_backbone_weights(source, self.backbone)
         self.text_config, self.lock_image, self.gather = text, lock_image, gather
         self.text = TextTransformer(text)
         self.image_proj = nn.Linear(self.feature_dim, embed_dim, bias=False)
@@ -101,7 +101,7 @@ class CLIP(BaseSSLModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        dm = self.attached_datamodule
         if dm is None:
             return
         tokenizer = getattr(dm, "tokenizer", None)

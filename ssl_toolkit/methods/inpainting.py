@@ -64,8 +64,12 @@ class Inpainting(BaseSSLModule):
         self.adversarial_weight = adversarial_weight
         self.discriminator = discriminator() if adversarial_weight > 0 else None
 
+    def reconstruct(self, views: Views) -> torch.Tensor:
+        """The decoder's ``(B, 3, s, s)`` image from the encoding of the masked crops."""
+        return self.decoder(self.backbone(self.prepare_input(views.crops[0])))
+
     def step(self, views: Views) -> dict[str, torch.Tensor]:
-        pred = self.decoder(self.backbone(self.prepare_input(views.crops[0])))  # (B, 3, s, s)
+        pred = self.reconstruct(views)  # (B, 3, s, s)
         target, mask = views.targets, views.masks
         out = {"rec_loss": (1 - self.adversarial_weight) * masked_l2(pred, target, mask)}
         if self.discriminator is not None:
@@ -80,5 +84,5 @@ class Inpainting(BaseSSLModule):
     @torch.no_grad()
     def inpaint(self, views: Views) -> torch.Tensor:
         """The crops with the hidden region painted in (normalised), for pictures."""
-        pred = self.decoder(self.backbone(self.prepare_input(views.crops[0])))
+        pred = self.reconstruct(views)
         return pred * views.masks + views.targets * (1 - views.masks)

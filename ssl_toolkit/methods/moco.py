@@ -77,7 +77,7 @@ class MoCoV2(BaseSSLModule):
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        dm = self._trainer.datamodule if self._trainer is not None else None
+        dm = self.attached_datamodule
         if dm is None or not hasattr(dm, "batch_size"):
             return
         per_step = dm.batch_size * self._trainer.world_size * (2 if self.symmetric else 1)  # keys queued per step
