@@ -27,12 +27,12 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig, TextConfig
-from ssl_toolkit.methods import CLIP, CPCV2, DINO, Inpainting, Jigsaw, MoCoV2, Rotation, SimCLR
+from ssl_toolkit.methods import CLIP, CPCV2, DINO, Colorization, Inpainting, Jigsaw, MoCoV2, Rotation, SimCLR
 from ssl_toolkit.optim import param_groups
 from ssl_toolkit.views import ViewConfig
 
 METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2, "clip": CLIP, "rotation": Rotation,
-           "jigsaw": Jigsaw, "inpainting": Inpainting}
+           "jigsaw": Jigsaw, "inpainting": Inpainting, "colorization": Colorization}
 CLIP_TEXT = TextConfig(vocab_size=4096, context_length=32, width=256, layers=4, heads=4)  # recipes/clip/flickr8k.yaml
 
 
@@ -98,6 +98,8 @@ def main() -> None:
     cls = METHODS[a.method]
     views: ViewConfig = inspect.signature(cls).parameters["views"].default  # the method's own augmentations
     extra = {"text": CLIP_TEXT, "embed_dim": 256} if a.method == "clip" else {}
+    if a.method == "colorization":  # no DataModule to count colours in; the weight lookup costs the same either way
+        extra = {"rebalance_mix": 1.0}
     crop = a.size - a.size % 3 if a.method == "jigsaw" else a.size  # a jigsaw crop divides into 3x3 cells
     model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=crop),
                 channels_last=not a.no_channels_last, **extra).to(device)

@@ -83,7 +83,8 @@ class ViT(nn.Module):
         grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
         return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], dim=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, 1 + gh*gw, D)`` output tokens: the class token, then the patch tokens in row-major order."""
         n, _, h, w = x.shape
         if h % self.patch_size or w % self.patch_size:
             raise ValueError(f"ViT input {h}x{w} is not divisible by patch_size {self.patch_size}; "
@@ -92,7 +93,10 @@ class ViT(nn.Module):
         tokens = torch.cat([self.vit.class_token.expand(n, -1, -1), tokens], dim=1)  # (N, 1 + gh*gw, D)
         enc = self.vit.encoder
         tokens = tokens + self.position_embedding(h // self.patch_size, w // self.patch_size)
-        return enc.ln(enc.layers(enc.dropout(tokens)))[:, 0]  # (N, D) class token
+        return enc.ln(enc.layers(enc.dropout(tokens)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tokens(x)[:, 0]  # (N, D) class token
 
 
 def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int = 32, patch_size: int = 4,
@@ -129,6 +133,28 @@ def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int 
     raise ValueError(f"Unknown backbone {name!r}. Set backbone.name to one of {', '.join(NAMES)}.")
 
 
+def feature_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ``(B, D, h, w)`` features of a :func:`build_backbone` network before its global pooling.
+
+    Dense pretext tasks (colorization) predict from it; ``net(x)`` is its spatial mean (the class token for ViTs).
+
+    Example:
+        >>> net, dim = build_backbone("tiny_cnn", width=4)
+        >>> feature_map(net, torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 32, 4, 4])
+    """
+    if isinstance(net, torchvision.models.ResNet):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))
+    if isinstance(net, ViT):
+        patches = net.tokens(x)[:, 1:]  # (B, gh*gw, D)
+        return patches.transpose(1, 2).unflatten(2, (x.shape[-2] // net.patch_size, x.shape[-1] // net.patch_size))
+    if isinstance(net, nn.Sequential) and isinstance(net[-2], nn.AdaptiveAvgPool2d):  # tiny_cnn
+        return net[:-2](x)
+    raise ValueError(f"No feature map for a {type(net).__name__}; dense tasks need a backbone from build_backbone "
+                     f"({', '.join(NAMES)}).")
+
+
 class Encoder(nn.Module):
     """A backbone with its input normalisation: uint8 images in, features out.
 
@@ -143,13 +169,20 @@ class Encoder(nn.Module):
         patch: With a patch size, the image is cut into a grid of ``patch`` px patches ``stride`` apart, each
             is encoded and the features are averaged (the representation of patch-based methods like CPC).
         stride: Step between patches.
+        lightness: The backbone was trained on lightness (colorization): images go to CIE Lab and the scaled L
+            channel replaces the normalised RGB.
+        tiles: ``(grid, tile, normalize)`` of a jigsaw tile encoder: the image (at ``input_size``) is cut into
+            the centre tile of each of ``grid x grid`` cells, optionally normalised per tile, and the tile
+            features are concatenated in position order (``grid^2 x D`` features: the solved puzzle).
     """
 
     def __init__(self, backbone: nn.Module, mean: tuple[float, float, float], std: tuple[float, float, float],
-                 input_size: int | None = None, patch: int | None = None, stride: int | None = None):
+                 input_size: int | None = None, patch: int | None = None, stride: int | None = None,
+                 lightness: bool = False, tiles: tuple[int, int, bool] | None = None):
         super().__init__()
         self.backbone = backbone
-        self.input_size, self.patch, self.stride = input_size, patch, stride
+        self.input_size, self.patch, self.stride, self.lightness = input_size, patch, stride, lightness
+        self.tiles = tiles
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
@@ -158,7 +191,17 @@ class Encoder(nn.Module):
         if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           antialias=True, align_corners=False)
-        x = (x - self.mean) / self.std
+        if self.lightness:
+            from ssl_toolkit.views.colorization import lightness_input
+
+            x = lightness_input(x)
+        else:
+            x = (x - self.mean) / self.std
+        if self.tiles is not None:
+            from ssl_toolkit.views.pretext import centre_tiles
+
+            tiles = centre_tiles(x, *self.tiles)  # (B, n, 3, t, t) in position order
+            return self.backbone(tiles.flatten(0, 1)).view(len(x), -1)  # (B, n * D)
         if self.patch is None:
             return self.backbone(x)  # (B, D)
         from ssl_toolkit.views.patches import patch_grid
@@ -169,11 +212,15 @@ class Encoder(nn.Module):
 
     @classmethod
     def from_hparams(cls, backbone: nn.Module, hparams: dict) -> "Encoder":
-        """The encoder a method's saved hyper-parameters describe (normalisation, input size, patches)."""
+        """The encoder a method's saved hyper-parameters describe (normalisation, input size, patches, tiles)."""
         v = hparams["views"]
         if "patch" in hparams:  # patch-based methods train on patches of the whole image
             return cls(backbone, tuple(v["mean"]), tuple(v["std"]), None, hparams["patch"], hparams["stride"])
-        return cls(backbone, tuple(v["mean"]), tuple(v["std"]), v["crop_size"])
+        tiles = None
+        if hparams.get("input") == "tiles":  # jigsaw: the solved puzzle of centre tiles
+            tiles = (hparams["grid"], hparams["tile"], hparams["normalize_tiles"])
+        return cls(backbone, tuple(v["mean"]), tuple(v["std"]), v["crop_size"],
+                   lightness=hparams.get("input") == "lightness", tiles=tiles)
 
 
 @dataclass(frozen=True)

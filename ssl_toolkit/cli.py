@@ -229,7 +229,8 @@ def pictures(args: list[str]) -> None:
     from ssl_toolkit.eval import save_pictures, view_pictures
 
     p = _eval_parser("pictures", "Write PNG grids of a checkpoint's training views (jigsaw puzzles, rotations, masked "
-                                 "inputs) and, for the context encoder, its inpainting of test images.")
+                                 "inputs) and, for the context encoder and colorization, their inpainting and "
+                                 "colours of test images.")
     p.add_argument("--num", type=int, default=16, help="test images to show (default 16)")
     a = p.parse_args(args)
     device = _device(a)

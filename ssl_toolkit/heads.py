@@ -108,3 +108,32 @@ class ConvDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.up(F.relu(self.fc(x)).view(len(x), self.width, 4, 4))  # (B, out, size, size)
+
+
+class ColorizationHead(nn.Module):
+    """Backbone feature map -> per-pixel ab-bin logits at ``size`` x ``size``.
+
+    Zhang et al. 2016 (https://arxiv.org/abs/1603.08511, Fig. 2) predict the colour distribution at 1/4 of the
+    input resolution with convolutions on the encoder's maps; here a 3x3 conv on the backbone's last map, a
+    bilinear upsampling to the output size, a second 3x3 conv and a 1x1 conv to the bins.
+
+    Args:
+        in_dim: Channels of the backbone's feature map.
+        num_bins: Q, the number of ab bins.
+        width: Channels of the two hidden convolutions.
+
+    Example:
+        >>> ColorizationHead(32, 261, width=16)(torch.zeros(2, 32, 4, 4), 8).shape
+        torch.Size([2, 261, 8, 8])
+    """
+
+    def __init__(self, in_dim: int, num_bins: int, width: int = 256):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Conv2d(in_dim, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU(inplace=True))
+        self.outer = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
+                                   nn.ReLU(inplace=True), nn.Conv2d(width, num_bins, 1))
+
+    def forward(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        x = F.interpolate(self.inner(x), size=(size, size), mode="bilinear", align_corners=False)  # (B, W, size, size)
+        return self.outer(x)  # (B, Q, size, size)

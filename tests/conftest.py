@@ -49,15 +49,17 @@ def cifar_small(tmp_path_factory) -> Path:
 DIGITS_MEAN, DIGITS_STD = (0.3055,) * 3, (0.3237,) * 3  # digits train statistics (recipes/quickstart.yaml)
 
 
-def knn_before_and_after(model, epochs: int, batch_size: int = 128, image_size: int = 32) -> tuple[float, float]:
-    """Train ``model`` on digits for ``epochs`` on the CPU; kNN top-1 (k=20) at random init and after training."""
+def knn_before_and_after(model, epochs: int, batch_size: int = 128, image_size: int = 32,
+                         data=None) -> tuple[float, float]:
+    """Train ``model`` for ``epochs`` on the CPU on ``data`` (default: digits); kNN top-1 (k=20) at random init
+    and after training."""
     from ssl_toolkit.data import DigitsDataModule
     from ssl_toolkit.eval import KNNCallback
 
     knn = KNNCallback(every_n_epochs=10_000, k=[20])
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[knn])
-    trainer.fit(model, DigitsDataModule(image_size=image_size, batch_size=batch_size))
+    trainer.fit(model, data if data is not None else DigitsDataModule(image_size=image_size, batch_size=batch_size))
     return knn.results["init"][20], knn.results["trained"][20]
 
 

@@ -49,7 +49,8 @@ def small_cifar(src, dst, n_train=256, n_test=128):
     return dst
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco", "dino", "cpc", "rotation", "jigsaw", "inpainting"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino", "cpc", "rotation", "jigsaw", "inpainting",
+                                    "colorization"])
 def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = small_cifar(cifar_small, tmp_path / "c.npz", n_train=128, n_test=64)

@@ -111,11 +111,12 @@ def test_dino_beats_random_init_on_digits():
     pl.seed_everything(0)
     views = ViewConfig(crop_size=32, scale=(0.4, 1.0), flip_p=0.0, hue=0.0, saturation=0.0, mean=DIGITS_MEAN,
                        std=DIGITS_STD)
-    m = DINO(BackboneConfig("tiny_cnn", width=16), views=views, num_local_crops=4, local_crop_size=16,
+    m = DINO(BackboneConfig("tiny_cnn", width=16), views=views, num_local_crops=2, local_crop_size=16,
              local_scale=(0.2, 0.4), global_blur_p=(0.0, 0.0), global_solarize_p=(0.0, 0.0), local_blur_p=0.0,
              out_dim=1024, hidden_dim=256, bottleneck_dim=64, head_batch_norm=True, teacher_temp=0.04,
              warmup_teacher_temp_epochs=0, momentum=0.99,
              optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=2))
-    init, trained = knn_before_and_after(m, epochs=30)
-    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 94.44% after 30 epochs (+10.9 points).
-    assert trained - init >= 8.5 and trained >= 92.0, (init, trained)
+    init, trained = knn_before_and_after(m, epochs=10)
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 93.15% after 10 epochs with 2 local crops (26 s);
+    # 94.26% after 15 epochs with 4 (44 s), 94.44% after 30 epochs with 4 (72 s).
+    assert trained - init >= 8.0 and trained >= 91.5, (init, trained)

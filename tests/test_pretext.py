@@ -132,6 +132,41 @@ def test_rotation_beats_random_init_on_digits():
     assert trained - init >= 6.0, (init, trained)
 
 
+def test_jigsaw_beats_random_init_on_cifar(cifar_small):
+    from ssl_toolkit.data import NpzDataModule
+
+    pl.seed_everything(0)
+    m = Jigsaw(BackboneConfig("tiny_cnn", width=16), tile=9, num_permutations=100, tile_dim=128, hidden_dim=512,
+               optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1),
+               views=ViewConfig(crop_size=30, scale=(0.6, 1.0), jitter_p=0.8, gray_p=0.3))
+    init, trained = knn_before_and_after(m, epochs=10, data=NpzDataModule(str(cifar_small), batch_size=128))
+    # Measured on 2 CPU cores (seed 0), kNN on the solved puzzle (9 centre tiles, features concatenated):
+    # 19.80% at random init -> 30.40% after 10 epochs (20 s). For scale: the random tiny_cnn on whole RGB images
+    # gives 30.0%, and the trained tile encoder on whole images 31.0% (it never saw a whole image). With 5,000
+    # training images: 25.0% -> 39.7% on tiles, against 30.5% for whole images at random init.
+    assert trained - init >= 7.0, (init, trained)
+
+
+def test_jigsaw_evaluators_see_the_solved_puzzle():
+    from ssl_toolkit.backbones import Encoder
+    from ssl_toolkit.views.pretext import centre_tiles
+
+    m = Jigsaw(BackboneConfig("tiny_cnn", width=4), views=replace(PLAIN, crop_size=12), tile=3, num_permutations=10)
+    m.eval()
+    images = torch.randint(0, 256, (2, 3, 12, 12), dtype=torch.uint8)
+    encoder = Encoder.from_hparams(m.backbone, m.hparams)
+    tiles = centre_tiles(normalised(images), 3, 3)  # (2, 9, 3, 3, 3) cells in position order, normalised per tile
+    with torch.no_grad():
+        feats = encoder(images)
+        assert feats.shape == (2, 9 * m.feature_dim)
+        assert torch.allclose(feats, m.backbone(tiles.flatten(0, 1)).view(2, -1), atol=1e-5)
+        assert torch.allclose(tiles[0, 4], normalize_tile(normalised(images)[0, :, 4:7, 4:7]), atol=1e-6)  # middle cell
+
+
+def normalize_tile(t: torch.Tensor) -> torch.Tensor:
+    return (t - t.mean((-2, -1), keepdim=True)) / t.std((-2, -1), keepdim=True).clamp_min(1e-3)
+
+
 # ---- inpainting ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["central", "random_block", "random_region"])

@@ -1,4 +1,4 @@
-"""Pictures of what a method sees and makes: its views, and for the context encoder its inpainting.
+"""Pictures of what a method sees and makes: its views, and the context encoder's and colorization's outputs.
 
 ``view_pictures`` turns a uint8 batch into named image grids in [0, 1]; ``PicturesCallback`` logs them
 to TensorBoard during training and ``ssl-toolkit pictures`` writes them to PNG from a checkpoint.
@@ -23,9 +23,10 @@ def _stretch(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def view_pictures(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Named ``(N, 3, h, w)`` pictures in [0, 1] of ``model``'s views of uint8 ``images`` (and its inpainting).
+    """Named ``(N, 3, h, w)`` pictures in [0, 1] of ``model``'s views of uint8 ``images``.
 
-    Jigsaw puzzles are shown as their shuffled 3x3 tiles side by side; rotations in view order.
+    Jigsaw puzzles are shown as their shuffled 3x3 tiles side by side; rotations in view order. A method with a
+    ``pictures(views)`` method (inpainting, colorization) shows what it makes instead.
     """
     with evaluating(model, model.device):
         views = model.view_policy(images.to(model.device))
@@ -35,12 +36,9 @@ def view_pictures(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
             tiles = _stretch(views.crops[0]).view(b, g, g, 3, *views.crops[0].shape[-2:])  # (B, g, g, 3, t, t)
             return {"jigsaw_puzzles": tiles.permute(0, 3, 1, 4, 2, 5).reshape(b, 3, g * tiles.shape[-2],
                                                                              g * tiles.shape[-1])}
-        out = {"views": denormalize(torch.cat(views.crops), c.mean, c.std)}
-        if views.masks is not None and hasattr(model, "inpaint"):
-            out = {"masked_input": denormalize(views.crops[0], c.mean, c.std),
-                   "inpainted": denormalize(model.inpaint(views), c.mean, c.std),
-                   "original": denormalize(views.targets, c.mean, c.std)}
-        return out
+        if hasattr(model, "pictures"):  # methods that make images: inpainting, colorization
+            return model.pictures(views)
+        return {"views": denormalize(torch.cat(views.crops), c.mean, c.std)}
 
 
 class PicturesCallback(pl.Callback):

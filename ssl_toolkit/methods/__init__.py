@@ -2,6 +2,7 @@
 
 from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
 from ssl_toolkit.methods.clip import CLIP
+from ssl_toolkit.methods.colorization import Colorization
 from ssl_toolkit.methods.cpc import CPCV2
 from ssl_toolkit.methods.dino import DINO
 from ssl_toolkit.methods.inpainting import Inpainting
@@ -10,4 +11,4 @@ from ssl_toolkit.methods.moco import MoCoV2
 from ssl_toolkit.methods.rotation import Rotation
 from ssl_toolkit.methods.simclr import SimCLR
 
-__all__ = ["BaseSSLModule", "CLIP", "CPCV2", "DINO", "Inpainting", "Jigsaw", "MoCoV2", "OptimConfig", "Rotation", "SimCLR"]
+__all__ = ["BaseSSLModule", "CLIP", "Colorization", "CPCV2", "DINO", "Inpainting", "Jigsaw", "MoCoV2", "OptimConfig", "Rotation", "SimCLR"]

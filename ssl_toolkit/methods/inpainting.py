@@ -14,7 +14,7 @@ from ssl_toolkit.backbones import BackboneConfig
 from ssl_toolkit.heads import ConvDecoder
 from ssl_toolkit.losses import adversarial_losses, masked_l2
 from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
-from ssl_toolkit.views import InpaintingViews, ViewConfig, Views
+from ssl_toolkit.views import InpaintingViews, ViewConfig, Views, denormalize
 
 INPAINTING_VIEWS = ViewConfig(scale=(0.6, 1.0), jitter_p=0.0, gray_p=0.0)
 
@@ -83,6 +83,13 @@ class Inpainting(BaseSSLModule):
 
     @torch.no_grad()
     def inpaint(self, views: Views) -> torch.Tensor:
-        """The crops with the hidden region painted in (normalised), for pictures."""
+        """The crops with the hidden region painted in (normalised)."""
         pred = self.reconstruct(views)
         return pred * views.masks + views.targets * (1 - views.masks)
+
+    def pictures(self, views: Views) -> dict[str, torch.Tensor]:
+        """Named pictures in [0, 1]: the masked input, the inpainted crops, the original crops."""
+        c = self.view_config
+        return {"masked_input": denormalize(views.crops[0], c.mean, c.std),
+                "inpainted": denormalize(self.inpaint(views), c.mean, c.std),
+                "original": denormalize(views.targets, c.mean, c.std)}

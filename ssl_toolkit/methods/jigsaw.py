@@ -23,7 +23,9 @@ class Jigsaw(BaseSSLModule):
     """Jigsaw: shared tile encoder (backbone + per-tile layer), concatenation in position order, P-way classifier.
 
     Args:
-        backbone: The tile encoder; at evaluation it encodes whole images (resized to ``views.crop_size``).
+        backbone: The tile encoder. Evaluators give it the solved puzzle of a whole image (resized to
+            ``views.crop_size``): the centre tile of each cell, normalised per tile, features concatenated in
+            position order, as the classifier sees them (``grid^2 x D`` features; the checkpoint records this).
         optim: Optimizer and schedule (paper: SGD lr 0.01, batch 256, 350k steps).
         views: Augmentation of the crop that is cut into tiles; ``crop_size`` a multiple of ``grid``.
         grid: Cells per side (3).
@@ -46,7 +48,7 @@ class Jigsaw(BaseSSLModule):
                  min_distance: int | None = None, normalize_tiles: bool = True, tile_dim: int = 256,
                  hidden_dim: int = 1024, channels_last: bool = False):
         super().__init__(backbone, optim, views, channels_last)
-        self.save_config(grid=grid, tile=tile, num_permutations=num_permutations, min_distance=min_distance,
+        self.save_config(input="tiles", grid=grid, tile=tile, num_permutations=num_permutations, min_distance=min_distance,
                          normalize_tiles=normalize_tiles, tile_dim=tile_dim, hidden_dim=hidden_dim)
         self.view_policy = JigsawViews(views, grid, tile, num_permutations, min_distance, normalize_tiles)
         self.tile_head = nn.Sequential(nn.Linear(self.feature_dim, tile_dim), nn.ReLU(inplace=True))

@@ -138,8 +138,9 @@ class ContrastiveViews(nn.Module):
             solarize=u[:, 6] < c.solarize_p,
         )
 
-    def apply(self, images: torch.Tensor, params: ViewParams) -> torch.Tensor:
-        """Apply ``params`` to uint8 ``(B, 3, H, W)`` images; returns ``(num_views * B, 3, s, s)`` normalised."""
+    def apply(self, images: torch.Tensor, params: ViewParams, normalize: bool = True) -> torch.Tensor:
+        """Apply ``params`` to uint8 ``(B, 3, H, W)`` images; returns ``(num_views * B, 3, s, s)`` normalised
+        (or in [0, 1] without ``normalize``)."""
         c = self.config
         x = images.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
         x = x.repeat(self.num_views, 1, 1, 1)  # (V*B, 3, H, W) view-major
@@ -151,13 +152,13 @@ class ContrastiveViews(nn.Module):
             x = VF.random_blur(x, params.blur_sigma, c.blur_kernel)
         if c.solarize_p > 0:
             x = VF.random_solarize(x, params.solarize)
-        return (x - self.mean) / self.std
+        return (x - self.mean) / self.std if normalize else x
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> Views:
+    def forward(self, images: torch.Tensor, normalize: bool = True) -> Views:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"View policies take uint8 (B, 3, H, W) batches; got {images.dtype} {tuple(images.shape)}. "
                              "Data modules yield uint8 RGB; check a custom dataset's output.")
         b, _, h, w = images.shape
-        x = self.apply(images, self.sample(b, h, w, images.device))
+        x = self.apply(images, self.sample(b, h, w, images.device), normalize)
         return Views(crops=list(x.chunk(self.num_views)))

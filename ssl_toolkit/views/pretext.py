@@ -139,6 +139,24 @@ def cut_tiles(x: torch.Tensor, grid: int, tile: int, offsets: torch.Tensor) -> t
     return out.permute(0, 1, 4, 2, 3)
 
 
+def normalize_tiles(tiles: torch.Tensor) -> torch.Tensor:
+    """Each ``(..., C, t, t)`` tile minus its own mean, over its own std, per channel (Noroozi & Favaro, Sec. 3.2)."""
+    mean = tiles.mean(dim=(-2, -1), keepdim=True)
+    std = tiles.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
+    return (tiles - mean) / std
+
+
+def centre_tiles(x: torch.Tensor, grid: int, tile: int, normalize: bool = True) -> torch.Tensor:
+    """``(B, grid*grid, C, tile, tile)``: the tile at the centre of every cell, in position order (no shuffling).
+
+    How a jigsaw-trained tile encoder sees a whole image at evaluation: the puzzle in its solved order.
+    """
+    cell = x.shape[-1] // grid
+    offsets = torch.full((x.shape[0], grid * grid, 2), (cell - tile) // 2, device=x.device)
+    tiles = cut_tiles(x, grid, tile, offsets)
+    return normalize_tiles(tiles) if normalize else tiles
+
+
 class JigsawViews(nn.Module):
     """A 3x3 jigsaw puzzle per image: tiles cut with a random gap, shuffled by one of P fixed permutations.
 
@@ -188,9 +206,7 @@ class JigsawViews(nn.Module):
         order = self.perms[target]  # (B, n): position j shows cell order[j]
         tiles = tiles[torch.arange(b, device=x.device)[:, None], order]  # (B, n, 3, t, t) shuffled
         if self.normalize_tiles:
-            mean = tiles.mean(dim=(-2, -1), keepdim=True)
-            std = tiles.std(dim=(-2, -1), keepdim=True).clamp_min(1e-3)
-            tiles = (tiles - mean) / std
+            tiles = normalize_tiles(tiles)
         return Views(crops=[tiles.flatten(0, 1)], targets=target, grid=(b, self.grid))
 
 
