@@ -13,7 +13,7 @@ USAGE = """usage: ssl-toolkit COMMAND [options]
 
 commands:
   pretrain   train an encoder from a recipe:  ssl-toolkit pretrain --config recipes/quickstart.yaml
-  knn        weighted kNN top-1 of a checkpoint's encoder:  ssl-toolkit knn --ckpt RUN.ckpt
+  knn        weighted kNN top-1 of a checkpoint's encoder (several --k/--temperature: a sweep):  ssl-toolkit knn --ckpt RUN.ckpt
   probe      linear-probe top-1 of a checkpoint's encoder:  ssl-toolkit probe --ckpt RUN.ckpt
   retrieval  image<->text recall@K of a CLIP checkpoint:  ssl-toolkit retrieval --ckpt CLIP.ckpt
   zeroshot   zero-shot classification of a CLIP checkpoint:  ssl-toolkit zeroshot --ckpt CLIP.ckpt --data DATA
@@ -156,18 +156,31 @@ def _write(args, command: str, result: dict) -> None:
 
 
 def knn(args: list[str]) -> None:
-    from ssl_toolkit.eval import knn_accuracy
+    from ssl_toolkit.eval import knn_sweep
 
-    p = _eval_parser("knn", "Weighted kNN top-1 (cosine, weights exp(s/T)) of a checkpoint's frozen encoder.")
+    p = _eval_parser("knn", "Weighted kNN top-1 (cosine, weights exp(s/T)) of a checkpoint's frozen encoder. Several "
+                            "k and T are a sweep on the same features and one search.")
     p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbours (default: 20 200)")
-    p.add_argument("--temperature", type=float, default=0.07, help="vote temperature T (default 0.07)")
+    p.add_argument("--temperature", type=float, nargs="+", default=[0.07],
+                   help="vote temperature(s) T (default 0.07); the first is the one reported as top1")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="search backend")
     a = p.parse_args(args)
     train, test, num_classes, info = _features(a)
-    acc = knn_accuracy(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), a.temperature, a.backend)
-    for k, v in acc.items():
-        print(f"kNN top-1 (k={k}, T={a.temperature}) on {info['dataset']}: {v:.2f}%")
-    _write(a, "knn", {**info, "temperature": a.temperature, "top1": {str(k): v for k, v in acc.items()}})
+    start = time.perf_counter()
+    sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature), a.backend)
+    seconds = round(time.perf_counter() - start, 3)
+    first = sweep[a.temperature[0]]
+    if len(sweep) == 1:
+        for k, v in first.items():
+            print(f"kNN top-1 (k={k}, T={a.temperature[0]}) on {info['dataset']}: {v:.2f}%")
+    else:
+        print(f"kNN top-1 (%) on {info['dataset']} ({info['train_size']} train / {info['test_size']} test):")
+        print("  T \\ k " + "".join(f"{k:>8d}" for k in first))
+        for t, row in sweep.items():
+            print(f"  {t:<6g}" + "".join(f"{v:8.2f}" for v in row.values()))
+    _write(a, "knn", {**info, "search_seconds": seconds, "temperature": a.temperature[0],
+                      "top1": {str(k): v for k, v in first.items()},
+                      "sweep": {str(t): {str(k): v for k, v in row.items()} for t, row in sweep.items()}})
 
 
 def probe(args: list[str]) -> None:

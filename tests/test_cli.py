@@ -35,6 +35,12 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     trained = float(re.search(r"k=20\s+random init [\d.]+% -> trained ([\d.]+)%", out).group(1))
     assert result["top1"]["20"] == pytest.approx(trained, abs=0.01)  # same number as the online callback
     assert f"{trained:.2f}%" in knn.stdout
+    sweep = run_cli("knn", "--ckpt", ckpt, "--k", "10", "20", "--temperature", "0.07", "0.5", "--out", "sweep.json",
+                    cwd=cwd)
+    assert sweep.returncode == 0 and "T \\ k" in sweep.stdout, sweep.stderr[-2000:]
+    grid = json.loads((cwd / "sweep.json").read_text())["sweep"]
+    assert set(grid) == {"0.07", "0.5"} and set(grid["0.5"]) == {"10", "20"}
+    assert grid["0.07"]["20"] == pytest.approx(trained, abs=0.01)  # one point of the grid is the default protocol
     probe = run_cli("probe", "--ckpt", ckpt, "--epochs", "30", cwd=cwd)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert json.loads((cwd / (ckpt + ".probe.json")).read_text())["top1"] > 95.0

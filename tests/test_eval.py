@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_toolkit.data import NpzDataModule
-from ssl_toolkit.eval import extract_features, knn_accuracy, knn_scores, knn_search, linear_probe
+from ssl_toolkit.eval import extract_features, knn_accuracy, knn_scores, knn_search, knn_sweep, linear_probe
 from ssl_toolkit.eval.knn import vote
 from ssl_toolkit.eval.linear_probe import topk_accuracy
 
@@ -40,6 +40,23 @@ def test_knn_accuracy_is_exact_on_separable_clusters_and_chance_on_noise():
     assert knn_accuracy(x[:800], y[:800], x[800:], y[800:], 5, ks=(20, 200)) == {20: 100.0, 200: 100.0}
     noise = knn_accuracy(torch.randn(800, 32), y[:800], torch.randn(200, 32), y[800:], 5, ks=(20,))[20]
     assert noise < 35
+
+
+def test_knn_sweep_searches_once_and_matches_each_single_setting(monkeypatch):
+    import ssl_toolkit.eval.knn as knn_module
+
+    x, y = clustered(600, noise=1.5)  # overlapping clusters: the accuracy depends on k and T
+    calls = []
+    search = knn_module.knn_search
+    monkeypatch.setattr(knn_module, "knn_search", lambda *a, **kw: calls.append(a[2]) or search(*a, **kw))
+    sweep = knn_sweep(x[:500], y[:500], x[500:], y[500:], 5, ks=(1, 10, 50), temperatures=(0.02, 0.1, 1.0))
+    assert calls == [50]  # one search with the largest k for the whole grid
+    assert list(sweep) == [0.02, 0.1, 1.0] and all(list(row) == [1, 10, 50] for row in sweep.values())
+    for t, row in sweep.items():
+        for k, acc in row.items():
+            scores = knn_scores(x[:500], y[:500], x[500:], 5, k=k, temperature=t, backend="torch")
+            assert acc == pytest.approx(100.0 * (scores.argmax(1) == y[500:]).float().mean().item())
+    assert len({v for row in sweep.values() for v in row.values()}) > 1  # the grid is not constant
 
 
 def test_knn_errors():

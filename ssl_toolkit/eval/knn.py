@@ -98,16 +98,34 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats
     return vote(sims, train_labels.to(idx.device)[idx], num_classes, temperature)
 
 
+def knn_sweep(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
+              test_labels: torch.Tensor, num_classes: int, ks: tuple[int, ...] = (10, 20, 100, 200),
+              temperatures: tuple[float, ...] = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5),
+              backend: str = "auto") -> dict[float, dict[int, float]]:
+    """Top-1 accuracy (in %) of weighted kNN for every (T, k), from one search with the largest k.
+
+    Neighbours come back sorted, so each k is a prefix of the one search and each T only re-weights the votes:
+    the whole grid costs one search. A k larger than the memory bank is reduced to its size.
+
+    Returns:
+        ``{T: {k: top1}}``.
+
+    Example:
+        >>> bank, labels = torch.eye(4), torch.tensor([0, 0, 1, 1])
+        >>> knn_sweep(bank, labels, bank, labels, 2, ks=(1, 4), temperatures=(0.1,), backend="torch")
+        {0.1: {1: 100.0, 4: 100.0}}
+    """
+    ks = tuple(sorted({min(k, len(train_feats)) for k in ks}))
+    sims, idx = knn_search(train_feats, test_feats, max(ks), backend)  # (M, k_max) sorted: every k is a prefix
+    labels = train_labels.to(idx.device)[idx]  # (M, k_max)
+    truth = test_labels.to(idx.device)
+    return {t: {k: 100.0 * (vote(sims[:, :k], labels[:, :k], num_classes, t).argmax(1) == truth).float().mean().item()
+                for k in ks} for t in temperatures}
+
+
 def knn_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, ks: tuple[int, ...] = (20, 200),
                  temperature: float = 0.07, backend: str = "auto") -> dict[int, float]:
-    """Top-1 accuracy (in %) of weighted kNN for each k in ``ks``, from one search with the largest k.
-
-    A k larger than the memory bank is reduced to its size.
-    """
-    ks = tuple(sorted({min(k, len(train_feats)) for k in ks}))
-    sims, idx = knn_search(train_feats, test_feats, max(ks), backend)  # sorted, so every k is a prefix
-    labels = train_labels.to(idx.device)[idx]  # (M, k_max)
-    truth = test_labels.to(idx.device)
-    return {k: 100.0 * (vote(sims[:, :k], labels[:, :k], num_classes, temperature).argmax(1) == truth).float().mean().item()
-            for k in ks}
+    """Top-1 accuracy (in %) of weighted kNN for each k in ``ks`` at one temperature (see :func:`knn_sweep`)."""
+    return knn_sweep(train_feats, train_labels, test_feats, test_labels, num_classes, ks, (temperature,),
+                     backend)[temperature]
