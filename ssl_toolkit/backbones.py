@@ -186,7 +186,8 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> the ``(B, 3, s, s)`` input of the backbone, before any tiling."""
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, 3, H, W) in [0, 1]
         if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
@@ -194,21 +195,25 @@ class Encoder(nn.Module):
         if self.lightness:
             from ssl_toolkit.views.colorization import lightness_input
 
-            x = lightness_input(x)
-        else:
-            x = (x - self.mean) / self.std
+            return lightness_input(x)
+        return (x - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images)
         if self.tiles is not None:
             from ssl_toolkit.views.pretext import centre_tiles
 
             tiles = centre_tiles(x, *self.tiles)  # (B, n, 3, t, t) in position order
-            return self.backbone(tiles.flatten(0, 1)).view(len(x), -1)  # (B, n * D)
+            f = self.backbone(tiles.flatten(0, 1))  # (B * n, D)
+            return f.reshape(-1, tiles.shape[1] * f.shape[1])  # (B, n * D); -1 keeps traced exports batch-agnostic
         if self.patch is None:
             return self.backbone(x)  # (B, D)
         from ssl_toolkit.views.patches import patch_grid
 
         grid = patch_grid(x, self.patch, self.stride)  # (B, G, G, 3, p, p)
-        b, g = grid.shape[:2]
-        return self.backbone(grid.view(b * g * g, *grid.shape[3:])).view(b, g * g, -1).mean(1)  # (B, D)
+        g = grid.shape[1]
+        f = self.backbone(grid.reshape(-1, *grid.shape[3:]))  # (B * G * G, D)
+        return f.reshape(-1, g * g, f.shape[1]).mean(1)  # (B, D)
 
     @classmethod
     def from_hparams(cls, backbone: nn.Module, hparams: dict) -> "Encoder":

@@ -18,6 +18,7 @@ commands:
   retrieval  image<->text recall@K of a CLIP checkpoint:  ssl-toolkit retrieval --ckpt CLIP.ckpt
   zeroshot   zero-shot classification of a CLIP checkpoint:  ssl-toolkit zeroshot --ckpt CLIP.ckpt --data DATA
   pictures   PNGs of a checkpoint's views (and inpainting):  ssl-toolkit pictures --ckpt RUN.ckpt --out pictures/
+  export     the backbone for use without the toolkit:  ssl-toolkit export --ckpt RUN.ckpt --format onnx
 
 Run `ssl-toolkit COMMAND --help` for the options of each command.
 """
@@ -256,8 +257,24 @@ def pictures(args: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def export(args: list[str]) -> None:
+    from ssl_toolkit.checkpoint import load_checkpoint
+    from ssl_toolkit.export import FORMATS, export as export_backbone
+
+    p = argparse.ArgumentParser(prog="ssl-toolkit export", description="Write a checkpoint's backbone so it loads "
+                                "without this toolkit, with a JSON that says how to prepare an image.")
+    p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="torchvision (ResNet state_dict), safetensors (weights), torchscript or onnx (whole encoder: "
+                        "uint8 images in, features out)")
+    p.add_argument("--out", help="output path (default: next to the checkpoint, <ckpt>.<format>.<suffix>)")
+    a = p.parse_args(args)
+    for path in export_backbone(load_checkpoint(a.ckpt), a.format, a.out or f"{a.ckpt}.{a.format}"):
+        print(f"wrote {path}")
+
+
 COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retrieval, "zeroshot": zeroshot,
-            "pictures": pictures}
+            "pictures": pictures, "export": export}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -273,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cmd(argv[1:])
-    except (CheckpointError, ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, ImportError, KeyError, ValueError) as e:
         if os.environ.get("SSL_TOOLKIT_DEBUG"):
             raise
         print(f"ssl-toolkit {argv[0]}: error: {e}", file=sys.stderr)

@@ -13,6 +13,7 @@ from torch import nn
 
 from ssl_toolkit.views.base import Views
 from ssl_toolkit.views.contrastive import ContrastiveViews, ViewConfig
+from ssl_toolkit.views.patches import patch_grid
 
 
 def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
@@ -152,8 +153,8 @@ def centre_tiles(x: torch.Tensor, grid: int, tile: int, normalize: bool = True) 
     How a jigsaw-trained tile encoder sees a whole image at evaluation: the puzzle in its solved order.
     """
     cell = x.shape[-1] // grid
-    offsets = torch.full((x.shape[0], grid * grid, 2), (cell - tile) // 2, device=x.device)
-    tiles = cut_tiles(x, grid, tile, offsets)
+    off, span = (cell - tile) // 2, (grid - 1) * cell + tile
+    tiles = patch_grid(x[..., off:off + span, off:off + span], tile, cell).flatten(1, 2)  # same slices for any batch
     return normalize_tiles(tiles) if normalize else tiles
 
 

@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torchvision
+
+from ssl_toolkit.backbones import BackboneConfig, build_backbone
+from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+from ssl_toolkit.cli import main
+from ssl_toolkit.data import DigitsDataModule, NpzDataModule
+from ssl_toolkit.methods import Colorization, Jigsaw, SimCLR
+from ssl_toolkit.views import ViewConfig
+
+
+def trained_checkpoint(path, model, data) -> str:
+    """Two training steps (batch-norm statistics move off their init), then a checkpoint as pretraining writes it."""
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+def colour_data(tmp_path) -> NpzDataModule:
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (64, 16, 16, 3), dtype=np.uint8)
+    y = np.arange(64) % 4
+    np.savez(tmp_path / "colour.npz", x_train=x, y_train=y, x_test=x[:16], y_test=y[:16])
+    return NpzDataModule(str(tmp_path / "colour.npz"), batch_size=16)
+
+
+def images(n: int, size: int) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def exported(tmp_path, ckpt: str, fmt: str) -> tuple[str, dict]:
+    assert main(["export", "--ckpt", ckpt, "--format", fmt, "--out", str(tmp_path / "out" / fmt)]) == 0
+    path = str(tmp_path / "out" / fmt) + {"torchvision": ".pth", "safetensors": ".safetensors", "torchscript": ".pt",
+                                          "onnx": ".onnx"}[fmt]
+    return path, json.loads((tmp_path / "out" / f"{fmt}.json").read_text())
+
+
+@pytest.mark.parametrize("cifar_stem", [True, False])
+def test_torchvision_export_loads_into_a_plain_torchvision_resnet(cifar_stem, tmp_path):
+    views = ViewConfig(crop_size=16, mean=(0.3,) * 3, std=(0.3,) * 3)
+    model = SimCLR(BackboneConfig("resnet18", cifar_stem=cifar_stem), views=views, proj_hidden_dim=32, proj_out_dim=8)
+    ckpt = trained_checkpoint(tmp_path / "r.ckpt", model, DigitsDataModule(image_size=16, batch_size=16))
+    path, meta = exported(tmp_path, ckpt, "torchvision")
+    assert meta["feature_dim"] == 512 and meta["input_size"] == 16 and meta["mean"] == [0.3] * 3
+    scope = {"torch": torch, "torchvision": torchvision}
+    exec(meta["load"].replace("PATH", repr(path)), scope)  # the instructions the JSON gives, as written
+    plain = scope["m"].eval()
+    x = images(4, 16)
+    with torch.no_grad():
+        expected = encoder_from_checkpoint(load_checkpoint(ckpt)).eval()(x)
+        assert torch.allclose(plain((x / 255.0 - 0.3) / 0.3), expected, atol=1e-5)
+
+
+def test_safetensors_export_holds_the_weights_and_the_config(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    model = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                   proj_out_dim=8)
+    ckpt = trained_checkpoint(tmp_path / "t.ckpt", model, DigitsDataModule(image_size=16, batch_size=16))
+    path, meta = exported(tmp_path, ckpt, "safetensors")
+    with safe_open(path, "pt") as f:
+        config = json.loads(f.metadata()["backbone"])
+    net, _ = build_backbone(**config)
+    net.load_state_dict(load_file(path))
+    x = images(3, 16)
+    with torch.no_grad():
+        encoder = encoder_from_checkpoint(load_checkpoint(ckpt)).eval()
+        assert torch.allclose(net.eval()(encoder.prepare(x)), encoder(x), atol=1e-6)
+    assert meta["input"] == "rgb" and "(x - mean) / std" in meta["preprocess"]
+
+
+@pytest.mark.parametrize("method", ["colorization", "jigsaw"])
+def test_torchscript_and_onnx_run_the_whole_encoder(method, tmp_path):
+    import onnxruntime
+
+    if method == "colorization":  # lightness input
+        model = Colorization(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16, jitter_p=0, gray_p=0),
+                             head_width=8)
+        data, size = colour_data(tmp_path), 16
+    else:  # the solved puzzle of 9 tiles
+        model = Jigsaw(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=15), tile=4,
+                       num_permutations=10, tile_dim=8, hidden_dim=16)
+        data, size = DigitsDataModule(image_size=15, batch_size=16), 15
+    ckpt = trained_checkpoint(tmp_path / "m.ckpt", model, data)
+    x = images(5, size)  # another batch size than the traced example
+    with torch.no_grad():
+        expected = encoder_from_checkpoint(load_checkpoint(ckpt)).eval()(x)
+    script, meta = exported(tmp_path, ckpt, "torchscript")
+    assert meta["input"] == ("lightness" if method == "colorization" else "tiles") and "uint8" in meta["takes"]
+    with torch.no_grad():
+        assert torch.allclose(torch.jit.load(script)(x), expected, atol=1e-5)
+    onnx_path, _ = exported(tmp_path, ckpt, "onnx")
+    out = onnxruntime.InferenceSession(onnx_path).run(None, {"images": x.numpy()})[0]
+    assert np.allclose(out, expected.numpy(), atol=1e-4)
+
+
+def test_export_refuses_what_a_format_cannot_hold(tmp_path, capsys):
+    model = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                   proj_out_dim=8)
+    ckpt = trained_checkpoint(tmp_path / "t.ckpt", model, DigitsDataModule(image_size=16, batch_size=16))
+    assert main(["export", "--ckpt", ckpt, "--format", "torchvision"]) == 1
+    assert "holds torchvision ResNets; this backbone is 'tiny_cnn'. Use --format safetensors" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["export", "--ckpt", ckpt, "--format", "keras"])
