@@ -19,6 +19,9 @@ commands:
   zeroshot   zero-shot classification of a CLIP checkpoint:  ssl-toolkit zeroshot --ckpt CLIP.ckpt --data DATA
   pictures   PNGs of a checkpoint's views (and inpainting):  ssl-toolkit pictures --ckpt RUN.ckpt --out pictures/
   export     the backbone for use without the toolkit:  ssl-toolkit export --ckpt RUN.ckpt --format onnx
+  embed      embeddings of a folder of images:  ssl-toolkit embed --ckpt RUN.ckpt --images DIR --out emb/
+  index      a FAISS index of embeddings (+ retrieval metrics):  ssl-toolkit index --embeddings emb/ [--type ivf]
+  search     nearest images of a query, with a gallery:  ssl-toolkit search --index emb/index.faiss --query IMG
 
 Run `ssl-toolkit COMMAND --help` for the options of each command.
 """
@@ -97,12 +100,20 @@ def resolve_data(spec: str | None, ckpt: dict):
     return dm
 
 
-def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
+def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True) -> argparse.ArgumentParser:
+    """A subcommand's parser with the options most commands share: --ckpt and --device."""
     p = argparse.ArgumentParser(prog=f"ssl-toolkit {prog}", description=description)
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
+    if ckpt:
+        p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
+    if device:
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    return p
+
+
+def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = _parser(prog, description)
     p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
     p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json); "
                                  "for pictures, a folder (default <ckpt>.pictures)")
@@ -261,9 +272,8 @@ def export(args: list[str]) -> None:
     from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.export import FORMATS, export as export_backbone
 
-    p = argparse.ArgumentParser(prog="ssl-toolkit export", description="Write a checkpoint's backbone so it loads "
-                                "without this toolkit, with a JSON that says how to prepare an image.")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
+    p = _parser("export", "Write a checkpoint's backbone so it loads without this toolkit, with a JSON that says how "
+                          "to prepare an image.", device=False)
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="torchvision (ResNet state_dict), safetensors (weights), torchscript or onnx (whole encoder: "
                         "uint8 images in, features out)")
@@ -273,8 +283,108 @@ def export(args: list[str]) -> None:
         print(f"wrote {path}")
 
 
+def embed(args: list[str]) -> None:
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.eval.search import backbone_fingerprint, embed_paths, folder_labels, list_images, save_embeddings
+    from ssl_toolkit.export import metadata
+
+    p = _parser("embed", "Embed every image of a folder (recursive) with a checkpoint's encoder: embeddings.npy "
+                         "(L2-normalised), paths.txt, meta.json.")
+    p.add_argument("--images", required=True, help="folder of images; a subfolder per class adds labels")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision")
+    p.add_argument("--on-corrupt", default="fail", choices=["fail", "skip"], help="unreadable images: stop or leave out")
+    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    a = p.parse_args(args)
+    device = _device(a)
+    ckpt = load_checkpoint(a.ckpt)
+    paths = list_images(a.images)
+    size = ckpt["hyper_parameters"]["views"]["crop_size"]
+    start = time.perf_counter()
+    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), paths, size, device, a.batch_size, a.workers, a.on_corrupt)
+    labelled = folder_labels(a.images, kept)
+    meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
+            "fingerprint": backbone_fingerprint(ckpt), "images": os.path.abspath(a.images), "image_size": size,
+            "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None}
+    save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
+    print(f"embedded {len(kept)} images ({len(paths) - len(kept)} skipped) to {emb.shape[1]}-d in "
+          f"{time.perf_counter() - start:.1f} s{f'; {len(labelled[0])} classes' if labelled else ''}: wrote {a.out}")
+
+
+def index(args: list[str]) -> None:
+    from ssl_toolkit.eval.search import build_index, faiss, load_embeddings, recall_against_exact, retrieval_metrics
+
+    p = _parser("index", "Build a FAISS index over an embeddings folder (cosine). With class labels it also reports "
+                         "leave-one-out recall@k and mAP.", ckpt=False, device=False)
+    p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
+    p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
+    p.add_argument("--nlist", type=int, help="IVF cells (default: sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=8, help="IVF cells searched per query (default 8)")
+    p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss)")
+    a = p.parse_args(args)
+    emb, paths, meta = load_embeddings(a.embeddings)
+    idx = build_index(emb, a.type, a.nlist, a.nprobe)
+    out = a.out or os.path.join(a.embeddings, "index.faiss")
+    faiss.write_index(idx, out)
+    info = {"embeddings": os.path.abspath(a.embeddings), "type": a.type, "count": len(paths), "dim": meta["dim"],
+            "checkpoint": meta["checkpoint"], "fingerprint": meta["fingerprint"], "image_size": meta["image_size"]}
+    if a.type == "ivf":
+        info.update(nlist=idx.nlist, nprobe=idx.nprobe, recall_at_10_vs_exact=recall_against_exact(idx, emb))
+        print(f"IVF index ({idx.nlist} cells, nprobe {idx.nprobe}): recall@10 against exact search "
+              f"{100 * info['recall_at_10_vs_exact']:.1f}%")
+    if meta["labels"] is not None:
+        m = retrieval_metrics(torch.from_numpy(emb), torch.from_numpy(meta["labels"]))
+        info["retrieval"] = {**m, "mAP_per_class": {meta["classes"][c]: v for c, v in m["mAP_per_class"].items()}}
+        print(f"leave-one-out retrieval over {m['queries']} queries: " + ", ".join(
+            f"{k} {m[k]:.2f}%" for k in ("recall@1", "recall@5", "recall@10", "mAP")))
+    with open(out + ".json", "w") as f:
+        json.dump(info, f, indent=2)
+    print(f"wrote {out} ({len(paths)} x {meta['dim']}) and {out}.json")
+
+
+def search(args: list[str]) -> None:
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.eval.search import backbone_fingerprint, embed_paths, faiss, list_images, write_gallery
+
+    p = _parser("search", "Nearest images of a query image (or a folder of queries) in an index; prints them with "
+                          "scores and writes a gallery.", ckpt=False)
+    p.add_argument("--index", required=True, help="index file written by `ssl-toolkit index`")
+    p.add_argument("--query", required=True, help="an image, or a folder of query images")
+    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--ckpt", help="checkpoint to embed the queries (default: the one the index was built from)")
+    p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
+    a = p.parse_args(args)
+    if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
+        raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
+                                "--embeddings FOLDER")
+    with open(a.index + ".json") as f:
+        info = json.load(f)
+    given = a.ckpt or info["checkpoint"]
+    ckpt = load_checkpoint(given)
+    if backbone_fingerprint(ckpt) != info["fingerprint"]:
+        raise ValueError(f"The index was built from other weights ({info['checkpoint']}, fingerprint "
+                         f"{info['fingerprint']}); {given} has {backbone_fingerprint(ckpt)}. Query with the "
+                         "checkpoint the index was built from, or re-run ssl-toolkit embed and index.")
+    idx = faiss.read_index(a.index)
+    queries = list_images(a.query) if os.path.isdir(a.query) else [a.query]
+    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), queries, info["image_size"], _device(a))
+    if emb.shape[1] != idx.d:
+        raise ValueError(f"The checkpoint gives {emb.shape[1]}-d embeddings but the index holds {idx.d}-d ones; "
+                         "query with the checkpoint the index was built from.")
+    with open(os.path.join(info["embeddings"], "paths.txt")) as f:
+        paths = f.read().splitlines()
+    scores, ids = idx.search(emb.numpy(), min(a.k, idx.ntotal))
+    found = [[(paths[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0] for row_s, row_i in zip(scores, ids)]
+    for q, row in zip(kept, found):
+        print(f"query: {q}")
+        for rank, (path, score) in enumerate(row, 1):
+            print(f"  {rank:3d}. {score:.4f}  {path}")
+    print(f"wrote {write_gallery(a.out or a.index + '.gallery.html', kept, found)}")
+
+
 COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retrieval, "zeroshot": zeroshot,
-            "pictures": pictures, "export": export}
+            "pictures": pictures, "export": export, "embed": embed, "index": index, "search": search}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Evaluators: weighted kNN (FAISS and a torch reference), linear probe, retrieval and zero-shot, online callbacks."""
+"""Evaluators: weighted kNN (FAISS and a torch reference), linear probe, retrieval and zero-shot, online callbacks,
+embedding search (``ssl_toolkit.eval.search``)."""
 
 from ssl_toolkit.eval.callbacks import KNNCallback, PeriodicEvaluation, RetrievalCallback
 from ssl_toolkit.eval.features import extract_features

@@ -1,0 +1,216 @@
+"""Embedding search on a folder of images: embed, index (FAISS flat or IVF), search, gallery, retrieval metrics.
+
+An embeddings folder holds ``embeddings.npy`` (L2-normalised rows, float16 or float32), ``paths.txt`` (one image
+per row, in the same order) and ``meta.json`` (checkpoint, its backbone fingerprint, method, backbone, dim,
+preprocessing, and the class of each image when the folder had class subfolders). An index is a FAISS
+inner-product index (cosine on the normalised rows) with ``<index>.json`` beside it.
+"""
+
+import hashlib
+import html
+import json
+import os
+
+import numpy as np
+import torch
+
+from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_images
+from ssl_toolkit.eval.features import evaluating
+from ssl_toolkit.eval.knn import faiss
+
+
+def list_images(folder: str) -> list[str]:
+    """Every image under ``folder`` (recursive, sorted), or an error that says what was looked for."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images {folder!r} is not a folder. Pass a folder of images (subfolders are "
+                                "searched; a subfolder per class adds labels).")
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                   if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise ValueError(f"No images in {folder} or its subfolders (looked for {', '.join(IMAGE_EXTENSIONS)}).")
+    return paths
+
+
+def backbone_fingerprint(ckpt: dict) -> str:
+    """SHA-256 of a checkpoint's backbone weights: which weights made an embedding, wherever the file moved."""
+    h = hashlib.sha256()
+    for k, t in sorted(ckpt["state_dict"].items()):
+        if k.startswith("backbone."):
+            h.update(k.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: torch.device | str = "cpu",
+                batch_size: int = 256, workers: int = 0, on_corrupt: str = "fail",
+                chunk: int = 4096) -> tuple[torch.Tensor, list[str]]:
+    """L2-normalised ``(N, D)`` float32 embeddings of the images at ``paths`` and the paths kept.
+
+    Images are decoded ``chunk`` at a time (memory stays bounded), shorter side resized to ``size`` and
+    centre-cropped, as ImageFolderDataModule does. Unreadable files stop with their list (``on_corrupt='fail'``)
+    or are left out (``'skip'``).
+    """
+    encoder = encoder.to(device)
+    feats, kept = [], []
+    with evaluating(encoder, device):
+        for start in range(0, len(paths), chunk):
+            part = paths[start:start + chunk]
+            try:
+                images, keep, _ = decode_images(part, size, workers, on_corrupt, "the images")
+            except ValueError as e:
+                if on_corrupt == "skip" and str(e).startswith("No readable images"):
+                    continue  # a chunk of only unreadable files
+                raise ValueError(str(e).replace("data.on_corrupt=skip", "--on-corrupt skip")) from None
+            kept += [part[i] for i in keep.tolist()]
+            for x in images.split(batch_size):
+                feats.append(torch.nn.functional.normalize(encoder(x.to(device)).float(), dim=1).cpu())
+    if not feats:
+        raise ValueError(f"None of the {len(paths)} images could be read.")
+    return torch.cat(feats), kept
+
+
+def folder_labels(folder: str, paths: list[str]) -> tuple[list[str], list[int]] | None:
+    """Classes and labels when every image sits in a first-level subfolder of ``folder`` and there are two or more."""
+    parts = [os.path.relpath(p, folder).split(os.sep) for p in paths]
+    if any(len(q) < 2 for q in parts):
+        return None
+    classes = sorted({q[0] for q in parts})
+    if len(classes) < 2:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    return classes, [index[q[0]] for q in parts]
+
+
+def save_embeddings(folder: str, embeddings: torch.Tensor, paths: list[str], meta: dict, dtype: str = "float32",
+                    labels: list[int] | None = None) -> None:
+    """Write an embeddings folder (see the module docstring); ``labels`` go to ``labels.npy``."""
+    os.makedirs(folder, exist_ok=True)
+    np.save(os.path.join(folder, "embeddings.npy"), embeddings.numpy().astype(dtype))
+    if labels is not None:
+        np.save(os.path.join(folder, "labels.npy"), np.asarray(labels, dtype=np.int64))
+    with open(os.path.join(folder, "paths.txt"), "w") as f:
+        f.write("\n".join(paths) + "\n")
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({**meta, "count": len(paths), "dim": int(embeddings.shape[1]), "dtype": dtype,
+                   "l2_normalized": True}, f, indent=2)
+
+
+def load_embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
+    """``(N, D)`` float32 embeddings, their paths and the metadata of an ``ssl-toolkit embed`` folder."""
+    files = [os.path.join(folder, n) for n in ("embeddings.npy", "paths.txt", "meta.json")]
+    missing = [f for f in files if not os.path.isfile(f)]
+    if missing:
+        raise FileNotFoundError(f"{folder} is not an embeddings folder (missing {', '.join(map(os.path.basename, missing))}"
+                                "). Make one with: ssl-toolkit embed --ckpt RUN.ckpt --images DIR --out FOLDER")
+    emb = np.load(files[0]).astype(np.float32)
+    with open(files[1]) as f:
+        paths = f.read().splitlines()
+    with open(files[2]) as f:
+        meta = json.load(f)
+    labels_path = os.path.join(folder, "labels.npy")
+    meta["labels"] = np.load(labels_path) if os.path.isfile(labels_path) else None
+    if len(paths) != len(emb) or emb.ndim != 2 or emb.shape[1] != meta["dim"]:
+        raise ValueError(f"{folder}: {len(emb)} embeddings of dim {emb.shape[1:]} but {len(paths)} paths and dim "
+                         f"{meta['dim']} in meta.json; the folder was changed by hand. Run ssl-toolkit embed again.")
+    return emb, paths, meta
+
+
+def build_index(embeddings: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8):
+    """A FAISS inner-product index: ``flat`` (exact) or ``ivf`` (inverted lists, ``nlist`` k-means cells)."""
+    if faiss is None:
+        raise ImportError("Indexes need faiss: pip install faiss-cpu (or faiss-gpu).")
+    d = embeddings.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "ivf":
+        nlist = nlist or max(1, int(round(len(embeddings) ** 0.5)))
+        if nlist > len(embeddings):
+            raise ValueError(f"An IVF index with nlist={nlist} needs at least that many embeddings; got "
+                             f"{len(embeddings)}. Lower --nlist or use --type flat.")
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(np.ascontiguousarray(embeddings))
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ValueError(f"Unknown index type {kind!r}; use flat or ivf.")
+    index.add(np.ascontiguousarray(embeddings))
+    return index
+
+
+def recall_against_exact(index, embeddings: np.ndarray, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
+    """Fraction of the exact top-``k`` neighbours an approximate index returns, on sampled indexed rows."""
+    rng = np.random.default_rng(seed)
+    q = embeddings[rng.choice(len(embeddings), min(queries, len(embeddings)), replace=False)]
+    k = min(k, len(embeddings))
+    exact = faiss.IndexFlatIP(embeddings.shape[1])
+    exact.add(np.ascontiguousarray(embeddings))
+    _, truth = exact.search(np.ascontiguousarray(q), k)
+    _, got = index.search(np.ascontiguousarray(q), k)
+    return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth, got)]))
+
+
+def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
+                      max_queries: int = 2000, chunk: int = 512, seed: int = 0) -> dict:
+    """Leave-one-out retrieval on a labelled set: recall@k (a same-class item in the top k) and mAP, per class too.
+
+    Each query (all rows, or ``max_queries`` sampled ones) ranks every other row by cosine similarity; average
+    precision is over all rows of its class. Exact, in chunks of queries.
+
+    Example:
+        >>> e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+        >>> retrieval_metrics(e, torch.tensor([0, 0, 1, 1]), ks=(1,))["recall@1"]
+        100.0
+    """
+    e = torch.nn.functional.normalize(embeddings.float(), dim=1)
+    n = len(e)
+    g = torch.Generator().manual_seed(seed)
+    queries = torch.randperm(n, generator=g)[:max_queries].sort().values if n > max_queries else torch.arange(n)
+    hits = {k: [] for k in ks}
+    aps = []
+    for q in queries.split(chunk):
+        sims = e[q] @ e.T  # (c, N)
+        sims[torch.arange(len(q)), q] = -float("inf")  # leave the query out
+        order = sims.argsort(dim=1, descending=True)[:, :-1]  # (c, N - 1) the query itself is last
+        rel = (labels[order] == labels[q][:, None]).float()  # (c, N - 1)
+        for k in ks:
+            hits[k].append(rel[:, :k].amax(1))
+        ranks = torch.arange(1, rel.shape[1] + 1)
+        precision = rel.cumsum(1) / ranks
+        aps.append((precision * rel).sum(1) / rel.sum(1).clamp_min(1))
+    ap = torch.cat(aps)
+    per_class = {int(c): 100.0 * ap[labels[queries] == c].mean().item() for c in labels[queries].unique()}
+    return {**{f"recall@{k}": 100.0 * torch.cat(hits[k]).mean().item() for k in ks}, "mAP": 100.0 * ap.mean().item(),
+            "mAP_per_class": per_class, "queries": len(queries)}
+
+
+def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str, float]]], size: int = 96) -> str:
+    """An HTML page (``.html``) or one PNG grid (``.png``): each query followed by its neighbours and scores."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if out.endswith(".png"):
+        from torchvision.utils import save_image
+
+        rows = [[q] + [p for p, _ in found] for q, found in zip(queries, neighbours)]
+        width = max(len(r) for r in rows)
+        flat = [p for r in rows for p in r + [None] * (width - len(r))]
+        images, keep, _ = decode_images([p for p in flat if p], size, 0, "skip", "the gallery")
+        grid = torch.zeros(len(flat), 3, size, size, dtype=torch.uint8)
+        real = [i for i, p in enumerate(flat) if p]
+        grid[[real[i] for i in keep.tolist()]] = images
+        save_image(grid.float() / 255, out, nrow=width, padding=2)
+        return out
+    base = os.path.dirname(os.path.abspath(out))
+
+    def cell(path: str, caption: str) -> str:
+        src = html.escape(os.path.relpath(os.path.abspath(path), base))
+        return (f'<figure><img src="{src}" width="{size}" height="{size}" style="object-fit:cover">'
+                f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+    body = "".join(
+        '<div style="display:flex;gap:8px;align-items:flex-start;margin-bottom:12px">'
+        + cell(q, "query: " + os.path.basename(q))
+        + "".join(cell(p, f"{s:.3f} {os.path.basename(p)}") for p, s in found) + "</div>"
+        for q, found in zip(queries, neighbours))
+    with open(out, "w") as f:
+        f.write(f"<!doctype html><meta charset=utf-8><title>ssl-toolkit search</title>"
+                f"<style>figure{{margin:0;font:11px sans-serif;width:{size}px;word-break:break-all}}</style>{body}")
+    return out

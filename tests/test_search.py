@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.cli import main
+from ssl_toolkit.data import NpzDataModule
+from ssl_toolkit.eval.search import build_index, faiss, list_images, load_embeddings, retrieval_metrics
+from ssl_toolkit.methods import SimCLR
+from ssl_toolkit.views import ViewConfig
+
+
+def checkpoint(path, data, seed: int) -> str:
+    pl.seed_everything(seed)
+    model = SimCLR(BackboneConfig("tiny_cnn", width=8), views=ViewConfig(crop_size=32), proj_hidden_dim=32,
+                   proj_out_dim=16)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(model, data)
+    trainer.save_checkpoint(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def gallery(cifar_small, tmp_path_factory):
+    """90 real CIFAR-10 images as PNGs in 3 class folders, and a checkpoint (two SimCLR steps on the subset)."""
+    root = tmp_path_factory.mktemp("search")
+    arrays = np.load(cifar_small)
+    x, y, classes = arrays["x_train"], arrays["y_train"], arrays["classes"]
+    for c in (0, 1, 2):
+        folder = root / "images" / str(classes[c])
+        folder.mkdir(parents=True)
+        for i in np.flatnonzero(y == c)[:30]:
+            Image.fromarray(x[i]).save(folder / f"{i}.png")
+    ckpt = checkpoint(root / "a.ckpt", NpzDataModule(str(cifar_small), batch_size=64), seed=0)
+    return root, ckpt
+
+
+def test_embed_index_search_round_trip(gallery, tmp_path, capsys):
+    root, ckpt = gallery
+    emb_dir = tmp_path / "emb"
+    assert main(["embed", "--ckpt", ckpt, "--images", str(root / "images"), "--out", str(emb_dir)]) == 0
+    emb, paths, meta = load_embeddings(str(emb_dir))
+    assert emb.shape == (90, 64) and len(paths) == 90 and meta["classes"] == ["airplane", "automobile", "bird"]
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5) and meta["l2_normalized"]
+    assert sorted(set(meta["labels"].tolist())) == [0, 1, 2] and meta["checkpoint"].endswith("a.ckpt")
+    assert meta["input"] == "rgb" and meta["fingerprint"]
+
+    assert main(["index", "--embeddings", str(emb_dir)]) == 0
+    info = json.loads((emb_dir / "index.faiss.json").read_text())
+    direct = retrieval_metrics(torch.from_numpy(emb), torch.from_numpy(meta["labels"]))
+    assert info["retrieval"]["recall@1"] == pytest.approx(direct["recall@1"])
+    assert set(info["retrieval"]["mAP_per_class"]) == {"airplane", "automobile", "bird"}
+    assert "leave-one-out retrieval over 90 queries" in capsys.readouterr().out
+
+    query = paths[7]
+    out = tmp_path / "g.html"
+    assert main(["search", "--index", str(emb_dir / "index.faiss"), "--query", query, "-k", "5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    first = printed.splitlines()[1].split()
+    assert first[0] == "1." and first[2] == query and float(first[1]) == pytest.approx(1.0, abs=1e-4)  # itself
+    assert out.read_text().count("<img") == 6  # the query and 5 neighbours
+    png = tmp_path / "g.png"
+    folder = str(root / "images" / "bird")
+    assert main(["search", "--index", str(emb_dir / "index.faiss"), "--query", folder, "-k", "3", "--out", str(png)]) == 0
+    assert capsys.readouterr().out.count("query: ") == 30
+    grid = np.asarray(Image.open(png))
+    assert grid.shape[:2] == (2 + 30 * 98, 2 + 4 * 98)  # 30 rows of query + 3 neighbours, 96 px and 2 px padding
+
+
+def test_ivf_index_reports_its_recall_against_exact(gallery, tmp_path, capsys):
+    root, ckpt = gallery
+    assert main(["embed", "--ckpt", ckpt, "--images", str(root / "images"), "--out", str(tmp_path / "e"),
+                 "--dtype", "float16"]) == 0
+    assert np.load(tmp_path / "e" / "embeddings.npy").dtype == np.float16
+    assert main(["index", "--embeddings", str(tmp_path / "e"), "--type", "ivf", "--nlist", "4", "--nprobe", "4"]) == 0
+    info = json.loads((tmp_path / "e" / "index.faiss.json").read_text())
+    assert info["recall_at_10_vs_exact"] == pytest.approx(1.0)  # every cell probed: exact
+    assert main(["index", "--embeddings", str(tmp_path / "e"), "--type", "ivf", "--nlist", "9", "--nprobe", "1",
+                 "--out", str(tmp_path / "i1.faiss")]) == 0
+    low = json.loads((tmp_path / "i1.faiss.json").read_text())["recall_at_10_vs_exact"]
+    assert 0 < low < 1  # one of 9 cells: approximate, and the number says by how much
+
+
+def test_retrieval_metrics_by_hand():
+    e = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 0, 1])
+    m = retrieval_metrics(e, labels, ks=(1, 2))
+    # query 0 ranks 1 (x), 2 (hit), 3 (x): AP 1/2. query 1: 2 (x), 0 (x), 3 (hit): AP 1/3.
+    # query 2: 1 (x), 3 (x), 0 (hit): AP 1/3. query 3: 2 (x), 1 (hit), 0: AP 1/2.
+    assert m["mAP"] == pytest.approx(100 * (1 / 2 + 1 / 3 + 1 / 3 + 1 / 2) / 4)
+    assert m["recall@1"] == 0.0 and m["recall@2"] == 50.0
+    assert m["mAP_per_class"] == {0: pytest.approx(100 * (1 / 2 + 1 / 3) / 2), 1: pytest.approx(100 * (1 / 3 + 1 / 2) / 2)}
+
+
+def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
+    root, ckpt = gallery
+    (tmp_path / "empty").mkdir()
+    assert main(["embed", "--ckpt", ckpt, "--images", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 1
+    assert "No images in" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(broken / "ok.png")
+    (broken / "bad.jpg").write_bytes(b"not a jpeg")
+    assert main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "b")]) == 1
+    err = capsys.readouterr().err
+    assert "bad.jpg" in err and "--on-corrupt skip" in err
+    assert main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "b"),
+                 "--on-corrupt", "skip"]) == 0
+    assert json.loads((tmp_path / "b" / "meta.json").read_text())["skipped"] == 1
+    assert main(["index", "--embeddings", str(tmp_path / "b")]) == 0
+    other = checkpoint(tmp_path / "other.ckpt", NpzDataModule(str(cifar_small), batch_size=64), seed=1)
+    index = str(tmp_path / "b" / "index.faiss")
+    assert main(["search", "--index", index, "--query", str(broken / "ok.png"), "--ckpt", other]) == 1
+    assert "The index was built from other weights" in capsys.readouterr().err
+    faiss.write_index(build_index(np.eye(7, dtype=np.float32)), index)  # an index of another dimension
+    assert main(["search", "--index", index, "--query", str(broken / "ok.png")]) == 1
+    assert "64-d embeddings but the index holds 7-d ones" in capsys.readouterr().err
+    assert main(["index", "--embeddings", str(tmp_path / "empty")]) == 1
+    assert "is not an embeddings folder" in capsys.readouterr().err
+    assert list_images(str(root / "images"))[0].endswith(".png")
