@@ -22,6 +22,7 @@ commands:
   embed      embeddings of a folder of images:  ssl-toolkit embed --ckpt RUN.ckpt --images DIR --out emb/
   index      a FAISS index of embeddings (+ retrieval metrics):  ssl-toolkit index --embeddings emb/ [--type ivf]
   search     nearest images of a query, with a gallery:  ssl-toolkit search --index emb/index.faiss --query IMG
+  map        2-D map of embeddings (PNG) and TensorBoard projector:  ssl-toolkit map --embeddings emb/
 
 Run `ssl-toolkit COMMAND --help` for the options of each command.
 """
@@ -383,8 +384,31 @@ def search(args: list[str]) -> None:
     print(f"wrote {write_gallery(a.out or a.index + '.gallery.html', kept, found)}")
 
 
+def map_(args: list[str]) -> None:
+    from ssl_toolkit.eval.search import embedding_map, load_embeddings, save_map, write_projector
+
+    p = _parser("map", "A 2-D map (t-SNE or PCA, scikit-learn) of an embeddings folder as a PNG coloured by class, "
+                       "and optionally the TensorBoard embedding projector with image sprites.", ckpt=False, device=False)
+    p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
+    p.add_argument("--method", default="tsne", choices=["tsne", "pca"], help="projection (default tsne)")
+    p.add_argument("--out", help="PNG path (default: EMBEDDINGS/map.png)")
+    p.add_argument("--tensorboard", help="also write the projector here (view with tensorboard --logdir DIR)")
+    a = p.parse_args(args)
+    emb, paths, meta = load_embeddings(a.embeddings)
+    start = time.perf_counter()
+    xy = embedding_map(emb, a.method)
+    title = f"{os.path.basename(meta['method'])} {meta['backbone']['name']}: {len(paths)} images ({a.method})"
+    out = save_map(xy, a.out or os.path.join(a.embeddings, "map.png"), meta["labels"], meta["classes"], title)
+    print(f"wrote {out} ({a.method} in {time.perf_counter() - start:.1f} s)")
+    if a.tensorboard:
+        sprites = write_projector(a.tensorboard, emb, paths, meta["labels"], meta["classes"])
+        print(f"wrote the TensorBoard projector to {a.tensorboard}" + ("" if sprites else " (no image sprites: more "
+              "than 8192 images or unreadable ones)"))
+
+
 COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retrieval, "zeroshot": zeroshot,
-            "pictures": pictures, "export": export, "embed": embed, "index": index, "search": search}
+            "pictures": pictures, "export": export, "embed": embed, "index": index, "search": search,
+            "map": map_}
 
 
 def main(argv: list[str] | None = None) -> int:

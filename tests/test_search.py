@@ -123,3 +123,18 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     assert main(["index", "--embeddings", str(tmp_path / "empty")]) == 1
     assert "is not an embeddings folder" in capsys.readouterr().err
     assert list_images(str(root / "images"))[0].endswith(".png")
+
+
+def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):
+    root, ckpt = gallery
+    emb = tmp_path / "emb"
+    assert main(["embed", "--ckpt", ckpt, "--images", str(root / "images"), "--out", str(emb)]) == 0
+    assert main(["map", "--embeddings", str(emb), "--tensorboard", str(tmp_path / "tb")]) == 0
+    assert "wrote the TensorBoard projector" in capsys.readouterr().out
+    assert Image.open(emb / "map.png").size == (700, 700)
+    files = {p.name for p in (tmp_path / "tb").rglob("*")}
+    assert {"projector_config.pbtxt", "sprite.png", "metadata.tsv", "tensors.tsv"} <= files
+    tsv = next((tmp_path / "tb").rglob("metadata.tsv")).read_text().splitlines()
+    assert tsv[0] == "file\tclass" and len(tsv) == 91 and tsv[1].endswith("airplane")
+    assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", str(tmp_path / "pca.png")]) == 0
+    assert (tmp_path / "pca.png").exists()

@@ -214,3 +214,68 @@ def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str,
         f.write(f"<!doctype html><meta charset=utf-8><title>ssl-toolkit search</title>"
                 f"<style>figure{{margin:0;font:11px sans-serif;width:{size}px;word-break:break-all}}</style>{body}")
     return out
+
+
+def embedding_map(embeddings: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
+    """``(N, 2)`` coordinates of the embeddings: scikit-learn's t-SNE (cosine) or PCA."""
+    if method == "pca":
+        from sklearn.decomposition import PCA
+
+        return PCA(n_components=2, random_state=seed).fit_transform(embeddings)
+    if method != "tsne":
+        raise ValueError(f"Unknown map method {method!r}; use tsne or pca.")
+    from sklearn.manifold import TSNE
+
+    perplexity = min(30.0, max(2.0, (len(embeddings) - 1) / 3))  # t-SNE needs perplexity < N
+    return TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity,
+                random_state=seed).fit_transform(embeddings)
+
+
+def save_map(xy: np.ndarray, out: str, labels: np.ndarray | None = None, classes: list[str] | None = None,
+             title: str = "") -> str:
+    """A scatter plot PNG of the 2-D map, coloured by class with a legend when labels are given."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 7), dpi=100)
+    if labels is None:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.7)
+    else:
+        cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+        for c, name in enumerate(classes):
+            sel = labels == c
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.7, color=cmap(c % cmap.N), label=name)
+        if len(classes) <= 20:
+            ax.legend(markerscale=3, fontsize=8, loc="best")
+    ax.set_title(title)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+MAX_SPRITES = 8192  # TensorBoard's sprite sheet is at most 8192 px square: 8192 thumbnails of 32 px fit with room
+
+
+def write_projector(logdir: str, embeddings: np.ndarray, paths: list[str], labels: np.ndarray | None = None,
+                    classes: list[str] | None = None, thumbnail: int = 32) -> bool:
+    """The TensorBoard embedding projector for these embeddings, with image sprites when there are at most
+    ``MAX_SPRITES`` images; returns whether sprites were written."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    meta = [[os.path.basename(p), classes[int(y)]] for p, y in zip(paths, labels)] if labels is not None else \
+        [os.path.basename(p) for p in paths]
+    sprites = None
+    if len(paths) <= MAX_SPRITES:
+        images, keep, _ = decode_images(paths, thumbnail, 0, "skip", "the projector")
+        if len(keep) == len(paths):
+            sprites = images.float() / 255
+    with SummaryWriter(logdir) as writer:
+        writer.add_embedding(torch.from_numpy(embeddings), metadata=meta, label_img=sprites,
+                             metadata_header=["file", "class"] if labels is not None else None, tag="embeddings")
+    return sprites is not None
