@@ -198,19 +198,34 @@ def knn(args: list[str]) -> None:
 
 def probe(args: list[str]) -> None:
     from ssl_toolkit.eval import linear_probe
+    from ssl_toolkit.eval.linear_probe import linear_probe_sweep
 
-    p = _eval_parser("probe", "Linear probe on cached frozen features of a checkpoint's encoder.")
+    p = _eval_parser("probe", "Linear probe on cached frozen features of a checkpoint's encoder. Several --lr or "
+                              "--weight-decay values train one head per pair at once and choose on a validation "
+                              "split of train.")
     p.add_argument("--epochs", type=int, default=100, help="epochs over the cached features (default 100)")
-    p.add_argument("--lr", type=float, default=0.1, help="SGD learning rate on standardised features (default 0.1)")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty (default 0)")
+    p.add_argument("--lr", type=float, nargs="+", default=[0.1],
+                   help="SGD learning rate(s) on standardised features (default 0.1)")
+    p.add_argument("--weight-decay", type=float, nargs="+", default=[0.0], help="L2 penalty (default 0)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out to choose (default 0.1)")
     a = p.parse_args(args)
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
-    acc = linear_probe(train[0], train[1], test[0], test[1], num_classes, epochs=a.epochs, lr=a.lr,
-                       weight_decay=a.weight_decay)
+    if len(a.lr) == 1 and len(a.weight_decay) == 1:
+        acc = linear_probe(train[0], train[1], test[0], test[1], num_classes, epochs=a.epochs, lr=a.lr[0],
+                           weight_decay=a.weight_decay[0])
+        acc.update(lr=a.lr[0], weight_decay=a.weight_decay[0])
+    else:
+        acc = linear_probe_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.lr), tuple(a.weight_decay),
+                                 a.val_fraction, a.epochs)
+        print(f"validation top-1 (%) on {acc['val_size']} training images held out:")
+        print("  lr \\ wd " + "".join(f"{w:>9g}" for w in a.weight_decay))
+        for lr, row in acc["grid"].items():
+            print(f"  {lr:<8g}" + "".join(f"{v:9.2f}" for v in row.values()))
+        print(f"chosen: lr {acc['lr']:g}, weight decay {acc['weight_decay']:g}; retrained on all of train")
+        acc["grid"] = {str(lr): {str(w): v for w, v in row.items()} for lr, row in acc["grid"].items()}
     print(f"linear probe on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
-    _write(a, "probe", {**info, "epochs": a.epochs, "lr": a.lr, "weight_decay": a.weight_decay,
-                        "train_seconds": round(time.perf_counter() - start, 3), **acc})
+    _write(a, "probe", {**info, "epochs": a.epochs, "train_seconds": round(time.perf_counter() - start, 3), **acc})
 
 
 def retrieval(args: list[str]) -> None:

@@ -44,6 +44,11 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     probe = run_cli("probe", "--ckpt", ckpt, "--epochs", "30", cwd=cwd)
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert json.loads((cwd / (ckpt + ".probe.json")).read_text())["top1"] > 95.0
+    sweep = run_cli("probe", "--ckpt", ckpt, "--epochs", "30", "--lr", "0.01", "0.1", "--weight-decay", "0", "1e-4",
+                    "--out", "probe_sweep.json", cwd=cwd)
+    assert sweep.returncode == 0 and "lr \\ wd" in sweep.stdout and "chosen: lr" in sweep.stdout, sweep.stderr[-2000:]
+    result = json.loads((cwd / "probe_sweep.json").read_text())
+    assert set(result["grid"]) == {"0.01", "0.1"} and result["val_size"] == 126 and result["top1"] > 95.0
     assert (cwd / "runs" / "quickstart" / "version_0" / "knn.json").exists()
     assert list((cwd / "runs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))
 

@@ -6,7 +6,8 @@ from torch import nn
 from ssl_toolkit.data import NpzDataModule
 from ssl_toolkit.eval import extract_features, knn_accuracy, knn_scores, knn_search, knn_sweep, linear_probe
 from ssl_toolkit.eval.knn import vote
-from ssl_toolkit.eval.linear_probe import topk_accuracy
+from ssl_toolkit.eval.linear_probe import (linear_probe_sweep, split_validation, topk_accuracy, train_linear,
+                                           train_linear_grid)
 
 
 def clustered(n, d=32, c=5, noise=0.6, seed=0):
@@ -66,6 +67,35 @@ def test_knn_errors():
         knn_search(torch.randn(10, 4), torch.randn(2, 5), 3)
     with pytest.raises(ValueError, match="backend"):
         knn_search(torch.randn(10, 4), torch.randn(2, 4), 3, backend="annoy")
+
+
+def test_probe_grid_trains_each_head_as_train_linear_would():
+    x, y = clustered(300, noise=2.0)
+    lrs, wds = torch.tensor([0.01, 0.01, 0.5, 0.5]), torch.tensor([0.0, 1e-2, 0.0, 1e-2])
+    w, b, mean, std = train_linear_grid(x, y, 5, lrs, wds, epochs=3, batch_size=64)
+    for h in range(4):
+        ref = train_linear(x, y, 5, epochs=3, lr=float(lrs[h]), weight_decay=float(wds[h]), batch_size=64)
+        assert torch.allclose(w[h], ref.linear.weight.T, atol=1e-5) and torch.allclose(b[h], ref.linear.bias, atol=1e-5)
+    assert torch.equal(mean, ref.mean) and not torch.allclose(w[0], w[2])
+
+
+def test_probe_sweep_chooses_on_validation_never_on_test():
+    x, y = clustered(700, noise=2.5)
+    train_x, train_y, test_x, test_y = x[:500], y[:500], x[500:], y[500:]
+    out = linear_probe_sweep(train_x, train_y, test_x, test_y, 5, lrs=(1e-4, 0.1), weight_decays=(0.0, 0.1), epochs=5)
+    assert set(out["grid"]) == {1e-4, 0.1} and set(out["grid"][0.1]) == {0.0, 0.1} and out["val_size"] == 50
+    cells = [(v, lr, wd) for lr, row in out["grid"].items() for wd, v in row.items()]  # lr-major order
+    best = next(c for c in cells if c[0] == max(v for v, _, _ in cells))  # the first of any tie
+    assert out["val_top1"] == best[0] and (out["lr"], out["weight_decay"]) == (best[1], best[2])
+    flipped = linear_probe_sweep(train_x, train_y, test_x, 4 - test_y, 5, lrs=(1e-4, 0.1), weight_decays=(0.0, 0.1),
+                                 epochs=5)
+    assert flipped["grid"] == out["grid"] and flipped["lr"] == out["lr"]  # test labels do not move the choice
+    assert out["top1"] == linear_probe(train_x, train_y, test_x, test_y, 5, epochs=5, lr=out["lr"],
+                                       weight_decay=out["weight_decay"])["top1"]  # retrained on all of train
+    tr, va = split_validation(500, 0.1)
+    assert len(va) == 50 and len(set(tr.tolist()) | set(va.tolist())) == 500
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_validation(5, 0.01)
 
 
 def test_linear_probe_learns_separable_features():
