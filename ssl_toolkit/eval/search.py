@@ -234,16 +234,15 @@ def embedding_map(embeddings: np.ndarray, method: str = "tsne", seed: int = 0) -
 def save_map(xy: np.ndarray, out: str, labels: np.ndarray | None = None, classes: list[str] | None = None,
              title: str = "") -> str:
     """A scatter plot PNG of the 2-D map, coloured by class with a legend when labels are given."""
-    import matplotlib
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend (a notebook's inline one) is left alone
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 7), dpi=100)
+    fig = Figure(figsize=(7, 7), dpi=100)
+    ax = fig.subplots()
     if labels is None:
         ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.7)
     else:
-        cmap = plt.get_cmap("tab20" if len(classes) > 10 else "tab10")
+        cmap = colormaps["tab20" if len(classes) > 10 else "tab10"]
         for c, name in enumerate(classes):
             sel = labels == c
             ax.scatter(xy[sel, 0], xy[sel, 1], s=4, alpha=0.7, color=cmap(c % cmap.N), label=name)
@@ -255,7 +254,6 @@ def save_map(xy: np.ndarray, out: str, labels: np.ndarray | None = None, classes
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out)
-    plt.close(fig)
     return out
 
 
