@@ -71,9 +71,12 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = "unknown", None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    from ssl_toolkit.eval.knn import faiss
+
     return {"commit": commit, "uncommitted_changes": dirty, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
             "python": platform.python_version(), "torch": torch.__version__, "kornia": kornia.__version__,
-            "pytorch_lightning": pytorch_lightning.__version__, "cuda": torch.version.cuda}
+            "pytorch_lightning": pytorch_lightning.__version__, "cuda": torch.version.cuda,
+            "faiss": getattr(faiss, "__version__", None), "cpu_count": os.cpu_count()}
 
 
 def main() -> None:

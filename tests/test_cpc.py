@@ -101,6 +101,7 @@ def test_cpc_beats_random_init_on_digits():
                        std=DIGITS_STD)
     m = CPCV2(BackboneConfig("tiny_cnn", width=16, norm="layer"), views=views, patch=8, stride=4, steps=1,
               context_dim=64, context_layers=2, optim=OptimConfig("adamw", lr=2e-3, weight_decay=1e-4, warmup_epochs=2))
-    init, trained = knn_before_and_after(m, epochs=40, image_size=16)
-    # Measured on 2 CPU cores (seed 0), 16 px digits, 3x3 grid of 8 px patches: 90.37% -> 95.56% (+5.2 points).
-    assert trained - init >= 4.0 and trained >= 94.5, (init, trained)
+    init, trained = knn_before_and_after(m, epochs=20, image_size=16)
+    # Measured on 2 CPU cores (seed 0), 16 px digits, 3x3 grid of 8 px patches: 90.37% -> 95.00% after 20 epochs
+    # (+4.6 points, 16 s); 95.56% after 40.
+    assert trained - init >= 3.5 and trained >= 94.0, (init, trained)

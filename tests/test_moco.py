@@ -100,6 +100,7 @@ def test_moco_beats_random_init_on_digits():
     m = MoCoV2(BackboneConfig("tiny_cnn", width=16), views=views, temperature=0.2, queue_size=1024,
                proj_hidden_dim=256, proj_out_dim=64, momentum=0.99,
                optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=2))
-    init, trained = knn_before_and_after(m, epochs=30)
-    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 96.30% after 30 epochs (+12.8 points).
-    assert trained - init >= 10.0 and trained >= 94.0, (init, trained)
+    init, trained = knn_before_and_after(m, epochs=15)
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 94.81% after 15 epochs (+11.3 points, 16 s);
+    # 96.30% after 30 epochs.
+    assert trained - init >= 9.5 and trained >= 93.0, (init, trained)
