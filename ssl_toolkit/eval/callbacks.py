@@ -4,9 +4,12 @@ import json
 import os
 
 import pytorch_lightning as pl
+import torch
 
-from ssl_toolkit.eval.features import extract_features
+from ssl_toolkit.distributed import all_reduce_mean
+from ssl_toolkit.eval.features import evaluating, extract_features
 from ssl_toolkit.eval.knn import knn_accuracy
+from ssl_toolkit.eval.linear_probe import topk_accuracy
 
 
 def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
@@ -124,6 +127,107 @@ class KNNCallback(PeriodicEvaluation):
 
     def config(self) -> dict:
         return {"temperature": self.temperature}
+
+
+class OnlineProbe(PeriodicEvaluation):
+    """A linear classifier trained alongside pretraining on the frozen encoder's features of each training batch.
+
+    Every step the encoder (eval mode, no gradient: the probe never changes the backbone) embeds the batch's
+    images as the evaluators see them, and the probe, a ``BatchNorm1d`` without affine parameters and a linear
+    layer, takes one SGD step with its own optimizer. Its test top-1 is logged as ``val/online_probe_top1``
+    every ``every_n_epochs`` epochs (results in ``online_probe.json``); the training loss and accuracy as
+    ``train/online_probe_loss`` and ``train/online_probe_acc``. In DDP the probe's gradients are averaged over
+    ranks, so every rank holds the same probe. The probe and its optimizer are saved with the checkpoint.
+
+    Costs one extra forward of the backbone per step (no backward). For published numbers use the offline
+    ``ssl-toolkit probe`` on the final checkpoint.
+
+    Args:
+        lr: SGD learning rate (momentum 0.9).
+        weight_decay: L2 penalty of the probe.
+        every_n_epochs: Score the probe on the test split every this many epochs.
+        batch_size: Images per forward pass when scoring.
+    """
+
+    json_name = "online_probe.json"
+
+    def __init__(self, lr: float = 0.1, weight_decay: float = 0.0, every_n_epochs: int = 1, batch_size: int = 512):
+        super().__init__(every_n_epochs, baseline=False, batch_size=batch_size)
+        if lr <= 0 or weight_decay < 0:
+            raise ValueError(f"OnlineProbe needs lr > 0 and weight_decay >= 0; got {lr}, {weight_decay}.")
+        self.lr, self.weight_decay = lr, weight_decay
+        self.probe: torch.nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._pending_state: dict | None = None
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        dm = trainer.datamodule
+        if dm is None or not hasattr(dm, "num_classes") or dm.num_classes < 1:
+            raise ValueError("OnlineProbe needs a toolkit DataModule with class labels; remove it from the callbacks "
+                             "for unlabelled or image-caption data.")
+        self.encoder = pl_module.encoder()  # wraps the live backbone: it sees every update
+        images, _ = next(dm.iter_split("test", 2, pl_module.device))
+        with torch.no_grad(), evaluating(self.encoder, pl_module.device):
+            dim = self.encoder(images).shape[1]
+        with torch.random.fork_rng(devices=[]):  # the probe's init must not shift the run's random stream
+            torch.manual_seed(0)
+            self.probe = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False),
+                                             torch.nn.Linear(dim, dm.num_classes)).to(pl_module.device)
+        self.optimizer = torch.optim.SGD(self.probe.parameters(), lr=self.lr, momentum=0.9,
+                                         weight_decay=self.weight_decay)
+        if self._pending_state is not None:  # resumed: the probe and its optimizer continue where they were
+            self.probe.load_state_dict(self._pending_state["probe"])
+            self.optimizer.load_state_dict(self._pending_state["optimizer"])
+            self._pending_state = None
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        images, labels = pl_module.batch_images, batch[1]
+        with torch.no_grad(), evaluating(self.encoder, pl_module.device):
+            feats = self.encoder(images).float()  # (B, D), no gradient to the backbone
+        self.probe.train()
+        with torch.enable_grad():
+            logits = self.probe(feats)
+            loss = torch.nn.functional.cross_entropy(logits, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        for p in self.probe.parameters():
+            if p.grad is not None:
+                p.grad.copy_(all_reduce_mean(p.grad))
+        self.optimizer.step()
+        pl_module.log_dict({"train/online_probe_loss": loss.detach(),
+                            "train/online_probe_acc": (logits.argmax(1) == labels).float().mean()},
+                           on_step=True, on_epoch=False)
+
+    def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[str, float]:
+        test = extract_features(self.encoder, trainer.datamodule, "test", pl_module.device, self.batch_size)
+        self.probe.eval()
+        with torch.no_grad():
+            acc = topk_accuracy(self.probe(test[0]), test[1].to(test[0].device))
+        return {"top1": acc[1], "top5": acc[5]}
+
+    def metrics(self, result: dict, suffix: str = "") -> dict[str, float]:
+        return {"val/online_probe_top1": result["top1"], "val/online_probe_top5": result["top5"]}
+
+    def report(self, trainer: pl.Trainer) -> list[str]:
+        r = self.results["trained"]
+        return [f"online linear probe on {trainer.datamodule.name} test: top-1 {r['top1']:.2f}%, top-5 {r['top5']:.2f}%"]
+
+    def config(self) -> dict:
+        return {"lr": self.lr, "weight_decay": self.weight_decay}
+
+    def state_dict(self) -> dict:
+        if self.probe is None:
+            return {}
+        return {"probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        if self.probe is None:
+            self._pending_state = state_dict  # applied when the probe is built at fit start
+        else:
+            self.probe.load_state_dict(state_dict["probe"])
+            self.optimizer.load_state_dict(state_dict["optimizer"])
 
 
 class RetrievalCallback(PeriodicEvaluation):

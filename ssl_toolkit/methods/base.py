@@ -69,6 +69,7 @@ class BaseSSLModule(pl.LightningModule):
         self.view_policy: nn.Module | None = None  # set by the subclass
         self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
         self.momentum_schedule: torch.Tensor | None = None  # one momentum per global step, built with the optimizer
+        self.batch_images: torch.Tensor | None = None  # the current training batch before the view policy
 
     def save_config(self, **method_args) -> None:
         """Store the whole configuration as plain values (checkpoints load with ``weights_only=True``)."""
@@ -115,6 +116,7 @@ class BaseSSLModule(pl.LightningModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.trainer is not None and self.trainer.training and self.view_policy is not None:
             images, labels = batch
+            self.batch_images = images  # the uint8 batch the views come from, for online evaluators (OnlineProbe)
             return self.view_policy(images), labels
         return batch
 
