@@ -130,9 +130,9 @@ def _info(args, ckpt: dict, dm, device: torch.device) -> dict:
             "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name, "device": str(device)}
 
 
-def _features(args):
+def _encoder_and_data(args):
+    """The checkpoint's frozen encoder on the chosen device, the labelled data to evaluate on, and the run info."""
     from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
-    from ssl_toolkit.eval import extract_features
 
     device = _device(args)
     ckpt = load_checkpoint(args.ckpt)
@@ -141,10 +141,17 @@ def _features(args):
     if dm.num_classes < 1:
         raise ValueError(f"{dm.name} has no class labels (image-caption data?); pass --data with a labelled set "
                          "(.npz, image folder, recipe or 'digits'). For CLIP checkpoints see also `ssl-toolkit retrieval`.")
+    return encoder, dm, _info(args, ckpt, dm, device), device
+
+
+def _features(args):
+    from ssl_toolkit.eval import extract_features
+
+    encoder, dm, info, device = _encoder_and_data(args)
     start = time.perf_counter()
     train = extract_features(encoder, dm, "train", device, args.batch_size)
     test = extract_features(encoder, dm, "test", device, args.batch_size)
-    info = {**_info(args, ckpt, dm, device), "train_size": len(train[1]), "test_size": len(test[1]),
+    info = {**info, "train_size": len(train[1]), "test_size": len(test[1]),
             "extract_seconds": round(time.perf_counter() - start, 3)}
     return train, test, dm.num_classes, info
 
@@ -177,10 +184,12 @@ def knn(args: list[str]) -> None:
     p.add_argument("--temperature", type=float, nargs="+", default=[0.07],
                    help="vote temperature(s) T (default 0.07); the first is the one reported as top1")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="search backend")
+    p.add_argument("--fp16", action="store_true", help="keep the features in half precision (half the memory)")
     a = p.parse_args(args)
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
-    sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature), a.backend)
+    sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature), a.backend,
+                      a.fp16)
     seconds = round(time.perf_counter() - start, 3)
     first = sweep[a.temperature[0]]
     if len(sweep) == 1:
@@ -191,14 +200,14 @@ def knn(args: list[str]) -> None:
         print("  T \\ k " + "".join(f"{k:>8d}" for k in first))
         for t, row in sweep.items():
             print(f"  {t:<6g}" + "".join(f"{v:8.2f}" for v in row.values()))
-    _write(a, "knn", {**info, "search_seconds": seconds, "temperature": a.temperature[0],
+    _write(a, "knn", {**info, "search_seconds": seconds, "fp16": a.fp16, "temperature": a.temperature[0],
                       "top1": {str(k): v for k, v in first.items()},
                       "sweep": {str(t): {str(k): v for k, v in row.items()} for t, row in sweep.items()}})
 
 
 def probe(args: list[str]) -> None:
     from ssl_toolkit.eval import linear_probe
-    from ssl_toolkit.eval.linear_probe import linear_probe_sweep
+    from ssl_toolkit.eval.linear_probe import augmented_linear_probe, linear_probe_sweep
 
     p = _eval_parser("probe", "Linear probe on cached frozen features of a checkpoint's encoder. Several --lr or "
                               "--weight-decay values train one head per pair at once and choose on a validation "
@@ -208,7 +217,24 @@ def probe(args: list[str]) -> None:
                    help="SGD learning rate(s) on standardised features (default 0.1)")
     p.add_argument("--weight-decay", type=float, nargs="+", default=[0.0], help="L2 penalty (default 0)")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of train held out to choose (default 0.1)")
+    p.add_argument("--augment", action="store_true", help="the standard protocol: random resized crops and flips "
+                   "each epoch through the frozen backbone (slower: the backbone runs every epoch)")
+    p.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="crop area range with --augment")
+    p.add_argument("--flip-p", type=float, default=0.5, help="flip probability with --augment (0 for digits, text)")
     a = p.parse_args(args)
+    if a.augment:
+        if len(a.lr) > 1 or len(a.weight_decay) > 1:
+            raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
+                             "protocol, without --augment, then use the chosen values here).")
+        encoder, dm, info, device = _encoder_and_data(a)
+        start = time.perf_counter()
+        acc = augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
+                                     tuple(a.scale), a.flip_p)
+        print(f"linear probe (augmented) on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+        _write(a, "probe", {**info, "protocol": "augmented", "epochs": a.epochs, "lr": a.lr[0],
+                            "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
+                            "train_seconds": round(time.perf_counter() - start, 3), **acc})
+        return
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
     if len(a.lr) == 1 and len(a.weight_decay) == 1:
@@ -225,7 +251,8 @@ def probe(args: list[str]) -> None:
         print(f"chosen: lr {acc['lr']:g}, weight decay {acc['weight_decay']:g}; retrained on all of train")
         acc["grid"] = {str(lr): {str(w): v for w, v in row.items()} for lr, row in acc["grid"].items()}
     print(f"linear probe on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
-    _write(a, "probe", {**info, "epochs": a.epochs, "train_seconds": round(time.perf_counter() - start, 3), **acc})
+    _write(a, "probe", {**info, "protocol": "cached features", "epochs": a.epochs,
+                        "train_seconds": round(time.perf_counter() - start, 3), **acc})
 
 
 def retrieval(args: list[str]) -> None:

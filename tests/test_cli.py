@@ -49,6 +49,12 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     assert sweep.returncode == 0 and "lr \\ wd" in sweep.stdout and "chosen: lr" in sweep.stdout, sweep.stderr[-2000:]
     result = json.loads((cwd / "probe_sweep.json").read_text())
     assert set(result["grid"]) == {"0.01", "0.1"} and result["val_size"] == 126 and result["top1"] > 95.0
+    assert main(["probe", "--ckpt", str(cwd / ckpt), "--augment", "--epochs", "10", "--scale", "0.8", "1.0",
+                 "--flip-p", "0", "--batch-size", "64", "--out", str(cwd / "probe_aug.json")]) == 0
+    augmented = json.loads((cwd / "probe_aug.json").read_text())
+    assert augmented["protocol"] == "augmented" and augmented["top1"] > 93.0, augmented
+    assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--fp16", "--out", str(cwd / "knn16.json")]) == 0
+    assert json.loads((cwd / "knn16.json").read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
     assert (cwd / "runs" / "quickstart" / "version_0" / "knn.json").exists()
     assert list((cwd / "runs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))
 

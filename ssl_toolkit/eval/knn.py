@@ -20,24 +20,38 @@ def faiss_has_gpu() -> bool:
     return faiss is not None and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
-def search_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k by matrix products, in chunks of test rows (the reference)."""
+def search_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 4096,
+                 fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k by matrix products, in chunks of test rows (the reference).
+
+    With ``fp16`` the features are rounded to half precision first (stored as half on CUDA, where the products
+    run in half; on the CPU the rounded values are multiplied in float32).
+    """
+    if fp16:
+        dtype = torch.float16 if train.is_cuda else torch.float32
+        train, test = train.half().to(dtype), test.half().to(dtype)
     sims, idx = [], []
     for q in test.split(chunk):
-        s, i = (q @ train.T).topk(k, dim=1)  # (chunk, N) -> (chunk, k)
+        s, i = (q @ train.T).float().topk(k, dim=1)  # (chunk, N) -> (chunk, k)
         sims.append(s)
         idx.append(i)
     return torch.cat(sims), torch.cat(idx)
 
 
-def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k with a flat FAISS index (on the GPU when faiss has one)."""
+def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int, fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact inner-product top-k with a flat FAISS index (on the GPU when faiss has one).
+
+    With ``fp16`` the index stores the training features in half precision (FAISS's fp16 scalar quantizer:
+    half the memory, the same search over the rounded vectors).
+    """
     if faiss is None:
         raise ImportError("faiss is not installed: pip install faiss-cpu (or faiss-gpu), or pass backend='torch'.")
     xb = np.ascontiguousarray(train.detach().float().cpu().numpy())
     xq = np.ascontiguousarray(test.detach().float().cpu().numpy())
-    index = faiss.IndexFlatIP(xb.shape[1])
-    if faiss_has_gpu():
+    d = xb.shape[1]
+    index = (faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT) if fp16
+             else faiss.IndexFlatIP(d))
+    if faiss_has_gpu() and not fp16:
         index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     index.add(xb)
     s, i = index.search(xq, k)
@@ -45,7 +59,7 @@ def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int) -> tuple[torch
 
 
 def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
-               backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str = "auto", fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k of each test feature in the training features: ``(M, k)`` similarities and indices.
 
     Args:
@@ -53,6 +67,7 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
         test_feats: ``(M, D)`` queries; L2-normalised here.
         k: Neighbours to return, sorted by decreasing similarity.
         backend: ``faiss``, ``torch`` (brute-force reference) or ``auto`` (faiss when installed).
+        fp16: Keep the (normalised) features in half precision: half the memory of the memory bank.
     """
     if not 1 <= k <= len(train_feats):
         raise ValueError(f"kNN needs 1 <= k <= {len(train_feats)} (the memory bank size); got k={k}.")
@@ -65,7 +80,7 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
         raise ValueError(f"kNN backend must be 'auto', 'faiss' or 'torch'; got {backend!r}.")
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
-    return (search_faiss if backend == "faiss" else search_torch)(train, test, k)
+    return (search_faiss if backend == "faiss" else search_torch)(train, test, k, fp16=fp16)
 
 
 def vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
@@ -101,7 +116,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats
 def knn_sweep(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
               test_labels: torch.Tensor, num_classes: int, ks: tuple[int, ...] = (10, 20, 100, 200),
               temperatures: tuple[float, ...] = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5),
-              backend: str = "auto") -> dict[float, dict[int, float]]:
+              backend: str = "auto", fp16: bool = False) -> dict[float, dict[int, float]]:
     """Top-1 accuracy (in %) of weighted kNN for every (T, k), from one search with the largest k.
 
     Neighbours come back sorted, so each k is a prefix of the one search and each T only re-weights the votes:
@@ -116,7 +131,7 @@ def knn_sweep(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats:
         {0.1: {1: 100.0, 4: 100.0}}
     """
     ks = tuple(sorted({min(k, len(train_feats)) for k in ks}))
-    sims, idx = knn_search(train_feats, test_feats, max(ks), backend)  # (M, k_max) sorted: every k is a prefix
+    sims, idx = knn_search(train_feats, test_feats, max(ks), backend, fp16)  # (M, k_max) sorted: each k a prefix
     labels = train_labels.to(idx.device)[idx]  # (M, k_max)
     truth = test_labels.to(idx.device)
     return {t: {k: 100.0 * (vote(sims[:, :k], labels[:, :k], num_classes, t).argmax(1) == truth).float().mean().item()

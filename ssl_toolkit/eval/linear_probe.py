@@ -161,3 +161,52 @@ def linear_probe_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     grid = {l_: {w_: float(val[i * len(weight_decays) + j]) for j, w_ in enumerate(weight_decays)}
             for i, l_ in enumerate(lrs)}
     return {**final, "lr": lr, "weight_decay": wd, "val_top1": float(val[best]), "val_size": len(va), "grid": grid}
+
+
+def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr: float = 0.1,
+                           weight_decay: float = 0.0, batch_size: int = 256, device: torch.device | str = "cpu",
+                           scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5,
+                           seed: int = 0) -> dict[str, float]:
+    """The standard linear protocol, for comparison with published numbers: augmentation, a frozen backbone.
+
+    Every epoch each training image is cropped (torchvision's RandomResizedCrop rule, ``scale``) and flipped
+    (``flip_p``; 0 for data where mirroring changes the class, like digits) on the device; the frozen encoder (eval mode, no gradient) embeds the crops and a ``BatchNorm1d`` without affine
+    parameters + linear classifier takes SGD steps (momentum 0.9, cosine schedule). Test images are embedded
+    as they are (no augmentation). The backbone runs every epoch, so this costs ``epochs`` passes of it; the
+    fast protocol (:func:`linear_probe_sweep`) runs it once.
+    """
+    from ssl_toolkit.eval.features import evaluating, extract_features
+    from ssl_toolkit.views import functional as VF
+
+    if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"The augmented probe needs epochs >= 1, lr > 0, weight_decay >= 0 and 0 < scale <= 1; got "
+                         f"{epochs}, {lr}, {weight_decay}, {scale}.")
+    datamodule.setup()
+    x_all, y_all = datamodule.splits.x_train, datamodule.splits.y_train
+    size = getattr(encoder, "input_size", None) or x_all.shape[-1]
+    encoder = encoder.to(device)
+    with torch.no_grad(), evaluating(encoder, device):
+        dim = encoder(x_all[:2].to(device)).shape[1]
+    with torch.random.fork_rng(devices=[]):  # the probe's init and crops do not move the caller's random stream
+        torch.manual_seed(seed)
+        clf = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, datamodule.num_classes)).to(device)
+        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(y_all) / batch_size))
+        for _ in range(epochs):
+            for idx in torch.randperm(len(y_all)).split(batch_size):
+                x = x_all[idx].to(device).float() / 255.0  # (b, 3, H, W) in [0, 1]
+                boxes = VF.sample_crop_boxes(len(x), x.shape[-2], x.shape[-1], scale, (3 / 4, 4 / 3), device=device)
+                x = VF.resized_crop(x, boxes, size, torch.rand(len(x), device=device) < flip_p)  # (b, 3, s, s)
+                with torch.no_grad(), evaluating(encoder, device):
+                    feats = encoder(x).float()
+                clf.train()
+                loss = F.cross_entropy(clf(feats), y_all[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    test_x, test_y = extract_features(encoder, datamodule, "test", device, batch_size)
+    clf.eval()
+    with torch.no_grad():
+        acc = topk_accuracy(clf(test_x), test_y.to(test_x.device))
+    return {"top1": acc[1], "top5": acc[5]}

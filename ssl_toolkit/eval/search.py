@@ -150,11 +150,12 @@ def recall_against_exact(index, embeddings: np.ndarray, k: int = 10, queries: in
 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
-                      max_queries: int = 2000, chunk: int = 512, seed: int = 0) -> dict:
+                      max_queries: int = 2000, seed: int = 0) -> dict:
     """Leave-one-out retrieval on a labelled set: recall@k (a same-class item in the top k) and mAP, per class too.
 
     Each query (all rows, or ``max_queries`` sampled ones) ranks every other row by cosine similarity; average
-    precision is over all rows of its class. Exact, in chunks of queries.
+    precision is over all rows of its class. Exact, in chunks of queries sized so that a chunk's similarity
+    matrix stays near 32M entries whatever the set size.
 
     Example:
         >>> e = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
@@ -167,7 +168,7 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[
     queries = torch.randperm(n, generator=g)[:max_queries].sort().values if n > max_queries else torch.arange(n)
     hits = {k: [] for k in ks}
     aps = []
-    for q in queries.split(chunk):
+    for q in queries.split(max(1, min(512, 2**25 // n))):
         sims = e[q] @ e.T  # (c, N)
         sims[torch.arange(len(q)), q] = -float("inf")  # leave the query out
         order = sims.argsort(dim=1, descending=True)[:, :-1]  # (c, N - 1) the query itself is last
