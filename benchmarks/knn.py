@@ -14,10 +14,9 @@ import json
 import os
 import time
 
-import numpy as np
 import torch
 
-from ssl_toolkit.eval.knn import faiss, faiss_has_gpu, search_torch
+from ssl_toolkit.eval.knn import faiss, faiss_has_gpu, neighbour_recall, search_torch
 from throughput import environment
 
 
@@ -34,12 +33,6 @@ def timed(fn, repeats: int) -> tuple[float, object]:
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
     return best, out
-
-
-def overlap(idx: np.ndarray, ref: np.ndarray) -> float:
-    """Mean fraction of the reference top-k found in ``idx`` (1.0: the same neighbour sets)."""
-    k = ref.shape[1]
-    return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(idx.tolist(), ref.tolist())]))
 
 
 def main() -> None:
@@ -68,7 +61,7 @@ def main() -> None:
     def record(name: str, seconds: float, idx) -> None:
         idx = idx.cpu().numpy() if torch.is_tensor(idx) else idx
         results[name] = {"seconds": round(seconds, 4), "queries_per_s": round(a.test / seconds, 1),
-                         "recall_vs_exact": round(overlap(idx, ref), 4)}
+                         "recall_vs_exact": round(neighbour_recall(idx, ref), 4)}
         print(f"{name:28s} {1000 * seconds:10.1f} ms  {a.test / seconds:12.0f} queries/s  "
               f"overlap with exact {results[name]['recall_vs_exact']:.4f}")
 

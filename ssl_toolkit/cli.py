@@ -185,12 +185,25 @@ def knn(args: list[str]) -> None:
                    help="vote temperature(s) T (default 0.07); the first is the one reported as top1")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="search backend")
     p.add_argument("--fp16", action="store_true", help="keep the features in half precision (half the memory)")
+    p.add_argument("--index", default="flat", choices=["flat", "ivf"], help="FAISS index: flat (exact, default) or "
+                   "ivf (approximate; its neighbour recall against exact is reported)")
+    p.add_argument("--nlist", type=int, help="IVF cells (default sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=8, help="IVF cells searched per query (default 8)")
     a = p.parse_args(args)
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
+    index_args = {"index": a.index, "nlist": a.nlist, "nprobe": a.nprobe} if a.index == "ivf" else {}
     sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature), a.backend,
-                      a.fp16)
+                      a.fp16, **index_args)
     seconds = round(time.perf_counter() - start, 3)
+    if index_args:
+        from ssl_toolkit.eval.knn import knn_search, neighbour_recall
+
+        k = min(a.k)
+        recall = neighbour_recall(knn_search(train[0], test[0], k, "faiss", a.fp16, **index_args)[1].cpu(),
+                                  knn_search(train[0], test[0], k, "faiss", a.fp16)[1].cpu())
+        info["ivf_recall_vs_exact"] = {"k": k, "recall": recall}
+        print(f"IVF index: recall@{k} of the exact neighbours {100 * recall:.2f}%")
     first = sweep[a.temperature[0]]
     if len(sweep) == 1:
         for k, v in first.items():
@@ -200,7 +213,8 @@ def knn(args: list[str]) -> None:
         print("  T \\ k " + "".join(f"{k:>8d}" for k in first))
         for t, row in sweep.items():
             print(f"  {t:<6g}" + "".join(f"{v:8.2f}" for v in row.values()))
-    _write(a, "knn", {**info, "search_seconds": seconds, "fp16": a.fp16, "temperature": a.temperature[0],
+    _write(a, "knn", {**info, "search_seconds": seconds, "fp16": a.fp16, "index": a.index,
+                      "temperature": a.temperature[0],
                       "top1": {str(k): v for k, v in first.items()},
                       "sweep": {str(t): {str(k): v for k, v in row.items()} for t, row in sweep.items()}})
 

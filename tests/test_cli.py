@@ -55,6 +55,10 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     assert augmented["protocol"] == "augmented" and augmented["top1"] > 93.0, augmented
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--fp16", "--out", str(cwd / "knn16.json")]) == 0
     assert json.loads((cwd / "knn16.json").read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
+    assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--index", "ivf", "--nlist", "32", "--nprobe", "4",
+                 "--out", str(cwd / "knn_ivf.json")]) == 0
+    ivf = json.loads((cwd / "knn_ivf.json").read_text())
+    assert 0.9 < ivf["ivf_recall_vs_exact"]["recall"] <= 1.0 and abs(ivf["top1"]["20"] - trained) < 3.0
     assert (cwd / "runs" / "quickstart" / "version_0" / "knn.json").exists()
     assert list((cwd / "runs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))
 

@@ -241,3 +241,20 @@ def test_faiss_and_torch_agree_on_real_data_and_fp16_halves_memory_not_accuracy(
 
     index = faiss.IndexScalarQuantizer(768, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
     assert index.sa_code_size() == 2 * 768  # bytes per stored vector: half of float32's 4 * 768
+
+
+def test_ivf_knn_reports_its_recall_and_stays_close_to_exact():
+    from ssl_toolkit.eval.knn import neighbour_recall
+
+    x, y = clustered(3000, d=32, c=10, noise=1.0)
+    train, test = x[:2500], x[2500:]
+    exact = knn_search(train, test, 10, backend="faiss")[1]
+    probe_all = knn_search(train, test, 10, backend="faiss", index="ivf", nlist=16, nprobe=16)[1]
+    assert neighbour_recall(probe_all, exact) == 1.0  # every cell searched: exact
+    one = knn_search(train, test, 10, backend="faiss", index="ivf", nlist=16, nprobe=1)[1]
+    assert 0.3 < neighbour_recall(one, exact) < 1.0  # one cell of 16: approximate
+    acc = knn_sweep(train, y[:2500], test, y[2500:], 10, ks=(10,), temperatures=(0.07,), index="ivf", nlist=16,
+                    nprobe=4)[0.07][10]
+    assert acc > 90.0
+    with pytest.raises(ValueError, match="IVF index needs the faiss backend"):
+        knn_search(train, test, 10, backend="torch", index="ivf")

@@ -38,28 +38,51 @@ def search_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 4
     return torch.cat(sims), torch.cat(idx)
 
 
-def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int, fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k with a flat FAISS index (on the GPU when faiss has one).
-
-    With ``fp16`` the index stores the training features in half precision (FAISS's fp16 scalar quantizer:
-    half the memory, the same search over the rounded vectors).
+def make_index(xb: np.ndarray, kind: str = "flat", fp16: bool = False, nlist: int | None = None, nprobe: int = 8,
+               gpu: bool = True):
+    """A FAISS inner-product index holding ``xb``: ``flat`` (exact) or ``ivf`` (``nlist`` k-means cells, ``nprobe`` of
+    them searched per query; default nlist sqrt(N)). ``fp16`` stores vectors in half precision (FAISS's fp16
+    scalar quantizer). With ``gpu``, a flat float32 index moves to the GPU when faiss has one.
     """
     if faiss is None:
         raise ImportError("faiss is not installed: pip install faiss-cpu (or faiss-gpu), or pass backend='torch'.")
-    xb = np.ascontiguousarray(train.detach().float().cpu().numpy())
-    xq = np.ascontiguousarray(test.detach().float().cpu().numpy())
-    d = xb.shape[1]
-    index = (faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT) if fp16
-             else faiss.IndexFlatIP(d))
-    if faiss_has_gpu() and not fp16:
-        index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    d, ip = xb.shape[1], faiss.METRIC_INNER_PRODUCT
+    if kind == "flat":
+        index = faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_fp16, ip) if fp16 else faiss.IndexFlatIP(d)
+        if gpu and faiss_has_gpu() and not fp16:
+            index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
+    elif kind == "ivf":
+        nlist = nlist or max(1, int(round(len(xb) ** 0.5)))
+        if not 1 <= nlist <= len(xb):
+            raise ValueError(f"An IVF index with nlist={nlist} needs at least that many vectors; got {len(xb)}. "
+                             "Lower nlist or use the flat index.")
+        quantizer = faiss.IndexFlatIP(d)
+        index = (faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, faiss.ScalarQuantizer.QT_fp16, ip) if fp16
+                 else faiss.IndexIVFFlat(quantizer, d, nlist, ip))
+        index.train(xb)
+        index.nprobe = min(nprobe, nlist)
+    else:
+        raise ValueError(f"Unknown index type {kind!r}; use flat or ivf.")
     index.add(xb)
-    s, i = index.search(xq, k)
-    return torch.from_numpy(s).to(test.device), torch.from_numpy(i).long().to(test.device)
+    return index
 
 
-def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
-               backend: str = "auto", fp16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int, fp16: bool = False, index: str = "flat",
+                 nlist: int | None = None, nprobe: int = 8, chunk: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inner-product top-k with a FAISS index (:func:`make_index`), queries searched ``chunk`` at a time so the
+    result buffers stay bounded for any number of queries."""
+    xb = np.ascontiguousarray(train.detach().float().cpu().numpy())
+    built = make_index(xb, index, fp16, nlist, nprobe)
+    sims, idx = [], []
+    for q in test.split(chunk):
+        s, i = built.search(np.ascontiguousarray(q.detach().float().cpu().numpy()), k)
+        sims.append(torch.from_numpy(s))
+        idx.append(torch.from_numpy(i).long())
+    return torch.cat(sims).to(test.device), torch.cat(idx).to(test.device)
+
+
+def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int, backend: str = "auto",
+               fp16: bool = False, **index_args) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k of each test feature in the training features: ``(M, k)`` similarities and indices.
 
     Args:
@@ -68,6 +91,7 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
         k: Neighbours to return, sorted by decreasing similarity.
         backend: ``faiss``, ``torch`` (brute-force reference) or ``auto`` (faiss when installed).
         fp16: Keep the (normalised) features in half precision: half the memory of the memory bank.
+        index_args: FAISS only: ``index="ivf"``, ``nlist``, ``nprobe`` for an approximate search.
     """
     if not 1 <= k <= len(train_feats):
         raise ValueError(f"kNN needs 1 <= k <= {len(train_feats)} (the memory bank size); got k={k}.")
@@ -78,9 +102,25 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int,
         backend = "faiss" if faiss is not None else "torch"
     if backend not in ("faiss", "torch"):
         raise ValueError(f"kNN backend must be 'auto', 'faiss' or 'torch'; got {backend!r}.")
+    if backend == "torch" and index_args.get("index", "flat") != "flat":
+        raise ValueError("An IVF index needs the faiss backend; the torch reference is exact.")
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)
-    return (search_faiss if backend == "faiss" else search_torch)(train, test, k, fp16=fp16)
+    if backend == "faiss":
+        return search_faiss(train, test, k, fp16=fp16, **index_args)
+    return search_torch(train, test, k, fp16=fp16)
+
+
+def neighbour_recall(found, exact) -> float:
+    """Mean fraction of each row's exact neighbours (``(M, k)`` indices) that ``found`` also returns; 1.0 when the
+    sets agree. Takes tensors or arrays.
+
+    Example:
+        >>> neighbour_recall(np.array([[1, 2], [3, 4]]), np.array([[2, 1], [3, 5]]))
+        0.75
+    """
+    found, exact = np.asarray(found), np.asarray(exact)
+    return float(np.mean([len(set(a) & set(b)) / len(b) for a, b in zip(found.tolist(), exact.tolist())]))
 
 
 def vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
@@ -116,7 +156,7 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats
 def knn_sweep(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
               test_labels: torch.Tensor, num_classes: int, ks: tuple[int, ...] = (10, 20, 100, 200),
               temperatures: tuple[float, ...] = (0.02, 0.05, 0.07, 0.1, 0.2, 0.5),
-              backend: str = "auto", fp16: bool = False) -> dict[float, dict[int, float]]:
+              backend: str = "auto", fp16: bool = False, **index_args) -> dict[float, dict[int, float]]:
     """Top-1 accuracy (in %) of weighted kNN for every (T, k), from one search with the largest k.
 
     Neighbours come back sorted, so each k is a prefix of the one search and each T only re-weights the votes:
@@ -131,7 +171,7 @@ def knn_sweep(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats:
         {0.1: {1: 100.0, 4: 100.0}}
     """
     ks = tuple(sorted({min(k, len(train_feats)) for k in ks}))
-    sims, idx = knn_search(train_feats, test_feats, max(ks), backend, fp16)  # (M, k_max) sorted: each k a prefix
+    sims, idx = knn_search(train_feats, test_feats, max(ks), backend, fp16, **index_args)  # (M, k_max), sorted
     labels = train_labels.to(idx.device)[idx]  # (M, k_max)
     truth = test_labels.to(idx.device)
     return {t: {k: 100.0 * (vote(sims[:, :k], labels[:, :k], num_classes, t).argmax(1) == truth).float().mean().item()

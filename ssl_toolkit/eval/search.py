@@ -16,7 +16,7 @@ import torch
 
 from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_images
 from ssl_toolkit.eval.features import evaluating
-from ssl_toolkit.eval.knn import faiss
+from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 
 
 def list_images(folder: str) -> list[str]:
@@ -117,24 +117,9 @@ def load_embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
 
 
 def build_index(embeddings: np.ndarray, kind: str = "flat", nlist: int | None = None, nprobe: int = 8):
-    """A FAISS inner-product index: ``flat`` (exact) or ``ivf`` (inverted lists, ``nlist`` k-means cells)."""
-    if faiss is None:
-        raise ImportError("Indexes need faiss: pip install faiss-cpu (or faiss-gpu).")
-    d = embeddings.shape[1]
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "ivf":
-        nlist = nlist or max(1, int(round(len(embeddings) ** 0.5)))
-        if nlist > len(embeddings):
-            raise ValueError(f"An IVF index with nlist={nlist} needs at least that many embeddings; got "
-                             f"{len(embeddings)}. Lower --nlist or use --type flat.")
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
-        index.train(np.ascontiguousarray(embeddings))
-        index.nprobe = min(nprobe, nlist)
-    else:
-        raise ValueError(f"Unknown index type {kind!r}; use flat or ivf.")
-    index.add(np.ascontiguousarray(embeddings))
-    return index
+    """A FAISS inner-product index of the embeddings, on the CPU so it can be saved: ``flat`` (exact) or ``ivf``
+    (see :func:`~ssl_toolkit.eval.knn.make_index`)."""
+    return make_index(np.ascontiguousarray(embeddings), kind, nlist=nlist, nprobe=nprobe, gpu=False)
 
 
 def recall_against_exact(index, embeddings: np.ndarray, k: int = 10, queries: int = 1000, seed: int = 0) -> float:
@@ -146,7 +131,7 @@ def recall_against_exact(index, embeddings: np.ndarray, k: int = 10, queries: in
     exact.add(np.ascontiguousarray(embeddings))
     _, truth = exact.search(np.ascontiguousarray(q), k)
     _, got = index.search(np.ascontiguousarray(q), k)
-    return float(np.mean([len(set(t) & set(g)) / k for t, g in zip(truth, got)]))
+    return neighbour_recall(got, truth)
 
 
 def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10),
