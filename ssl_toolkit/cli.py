@@ -477,10 +477,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssl-toolkit: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
     from ssl_toolkit.checkpoint import CheckpointError
+    from ssl_toolkit.methods import NonFiniteLossError
 
     try:
         cmd(argv[1:])
-    except (CheckpointError, ConfigError, FileNotFoundError, ImportError, KeyError, ValueError) as e:
+    except (CheckpointError, ConfigError, FileNotFoundError, ImportError, KeyError, NonFiniteLossError,
+            ValueError) as e:
         if os.environ.get("SSL_TOOLKIT_DEBUG"):
             raise
         print(f"ssl-toolkit {argv[0]}: error: {e}", file=sys.stderr)

@@ -110,3 +110,12 @@ def test_eval_commands_refuse_bad_checkpoints_and_data(tmp_path, capsys):
     assert "could not be read" in capsys.readouterr().err
     assert main(["probe", "--ckpt", str(tmp_path / "missing.ckpt")]) == 1
     assert "No checkpoint at" in capsys.readouterr().err
+
+
+def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1",
+                 "--model.init_args.optim.lr", "1e12"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the training loss is not finite at step" in err and "Lower optim.lr" in err, err
+    assert "Traceback" not in err

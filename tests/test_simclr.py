@@ -94,3 +94,34 @@ def test_knn_callback_writes_no_file_without_a_run_folder(tmp_path, monkeypatch)
                          enable_model_summary=False, accelerator="cpu", callbacks=[knn])
     trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=64))
     assert set(knn.results) == {"init", "trained"} and not list(tmp_path.iterdir())
+
+
+def test_non_finite_loss_stops_the_run_without_overwriting_a_good_checkpoint(tmp_path):
+    import os
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ssl_toolkit.checkpoint import load_checkpoint
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.methods import NonFiniteLossError
+
+    class Diverging(SimCLR):
+        def step(self, views):
+            out = super().step(views)
+            if self.global_step >= 5:  # the loss becomes NaN at step 5, as a diverging run would
+                out["ntxent_loss"] = out["ntxent_loss"] * float("nan")
+            return out
+
+    model = Diverging(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                      proj_out_dim=8)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_last=True, save_top_k=-1)
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[ckpt])
+    with pytest.raises(NonFiniteLossError, match="not finite at step 5") as err:
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=128))
+    message = str(err.value)
+    assert "ntxent_loss=nan" in message and "last.ckpt" in message and "--ckpt_path" in message
+    last = load_checkpoint(str(tmp_path / "last.ckpt"))
+    assert last["global_step"] <= 5  # saved before the bad step, never after it
+    assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
+    assert not any(f.startswith("epoch=0-step=6") for f in os.listdir(tmp_path))

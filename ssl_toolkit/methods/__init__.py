@@ -1,6 +1,6 @@
 """Methods: a base module with the plumbing, one short file per method."""
 
-from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
+from ssl_toolkit.methods.base import BaseSSLModule, NonFiniteLossError, OptimConfig
 from ssl_toolkit.methods.clip import CLIP
 from ssl_toolkit.methods.colorization import Colorization
 from ssl_toolkit.methods.cpc import CPCV2
@@ -11,4 +11,4 @@ from ssl_toolkit.methods.moco import MoCoV2
 from ssl_toolkit.methods.rotation import Rotation
 from ssl_toolkit.methods.simclr import SimCLR
 
-__all__ = ["BaseSSLModule", "CLIP", "Colorization", "CPCV2", "DINO", "Inpainting", "Jigsaw", "MoCoV2", "OptimConfig", "Rotation", "SimCLR"]
+__all__ = ["BaseSSLModule", "CLIP", "Colorization", "CPCV2", "DINO", "Inpainting", "Jigsaw", "MoCoV2", "NonFiniteLossError", "OptimConfig", "Rotation", "SimCLR"]

@@ -51,6 +51,10 @@ class OptimConfig:
             raise ValueError(f"optim needs lr > 0 and weight_decay, warmup_epochs, min_lr >= 0; got {self}.")
 
 
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite; the message names the step, the terms and the last checkpoint."""
+
+
 class BaseSSLModule(pl.LightningModule):
     """Base class of every method: a subclass builds its modules and implements :meth:`step`.
 
@@ -70,6 +74,7 @@ class BaseSSLModule(pl.LightningModule):
         self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
         self.momentum_schedule: torch.Tensor | None = None  # one momentum per global step, built with the optimizer
         self.batch_images: torch.Tensor | None = None  # the current training batch before the view policy
+        self._unchecked: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # (step, finite?, terms)
 
     def save_config(self, **method_args) -> None:
         """Store the whole configuration as plain values (checkpoints load with ``weights_only=True``)."""
@@ -136,9 +141,36 @@ class BaseSSLModule(pl.LightningModule):
         views, _ = batch
         out = self.step(views)
         loss = self.sum_losses(out)
+        self.check_finite()  # the previous step's loss: read one step late, so the check does not stall the device
+        self._unchecked = (self.global_step, torch.isfinite(loss.detach()), {k: v.detach() for k, v in out.items()})
         self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteLossError` if the last unchecked training loss was NaN or infinite.
+
+        Called each step for the step before, and before every checkpoint is written and at the end of each
+        epoch, so weights updated by a non-finite loss are never saved over a good checkpoint.
+        """
+        if self._unchecked is None:
+            return
+        step, finite, terms = self._unchecked
+        self._unchecked = None
+        if bool(finite):
+            return
+        values = ", ".join(f"{k}={v.float().item():.4g}" for k, v in terms.items())
+        ckpt = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
+        last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
+        where = (f"The last good checkpoint is {last} (nothing saved was overwritten); resume from it with "
+                 f"--ckpt_path {last}" if last else "No checkpoint had been saved yet")
+        raise NonFiniteLossError(
+            f"{type(self).__name__}: the training loss is not finite at step {step} (epoch {self.current_epoch}): "
+            f"{values}. Training stopped. {where}. Lower optim.lr or raise optim.warmup_epochs; with bf16, "
+            "--trainer.precision 32 shows whether precision is the cause.")
+
+    def on_train_epoch_end(self) -> None:
+        self.check_finite()
 
     def configure_optimizers(self):
         c = self.optim_config
@@ -166,6 +198,7 @@ class BaseSSLModule(pl.LightningModule):
         self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        self.check_finite()  # never write weights a non-finite loss has touched
         dm = self.attached_datamodule
         checkpoint["ssl_toolkit"] = {
             "format": CHECKPOINT_FORMAT,
