@@ -1,11 +1,14 @@
 """Reading toolkit checkpoints: the encoder and the data they were trained on, from the file alone."""
 
+import contextlib
 import importlib
 import os
 import pickle
+import tempfile
 import zipfile
 
 import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ssl_toolkit.backbones import Encoder, build_backbone
 
@@ -95,3 +98,32 @@ def datamodule_from_checkpoint(ckpt: dict):
         raise CheckpointError("This checkpoint does not record its dataset; pass --data.")
     kwargs = {k: v for k, v in ckpt["datamodule_hyper_parameters"].items() if not k.startswith("_")}  # no CLI keys
     return import_class(cls_path)(**kwargs)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoint writes that a killed process cannot leave half-done, on any local file system.
+
+    The bytes go to a temporary file in the checkpoint's own folder, are flushed to disk, and the file is
+    renamed over the old one (``os.replace`` is atomic within a folder, also on network file systems, where a
+    temporary file in ``/tmp`` would be copied across devices). Remote URLs go through Lightning's own writer.
+    ``ssl-toolkit pretrain`` uses it by default.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = str(path)
+        if "://" in path and not path.startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = path.removeprefix("file://")
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".writing-", suffix=".ckpt", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise

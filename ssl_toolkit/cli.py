@@ -58,7 +58,8 @@ def pretrain(args: list[str]) -> None:
             parser_kwargs={"prog": "ssl-toolkit pretrain", "description": "Pretrain an encoder from a recipe.",
                            "exit_on_error": False},
             trainer_defaults={"default_root_dir": "runs", "logger": {
-                "class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}}})
+                "class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
+                "plugins": [{"class_path": "ssl_toolkit.checkpoint.AtomicCheckpointIO"}]})
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
     start = time.perf_counter()

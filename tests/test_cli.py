@@ -119,3 +119,15 @@ def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 1 and "the training loss is not finite at step" in err and "Lower optim.lr" in err, err
     assert "Traceback" not in err
+
+
+def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
+    from ssl_toolkit.checkpoint import AtomicCheckpointIO
+
+    monkeypatch.chdir(tmp_path)
+    written = []
+    save = AtomicCheckpointIO.save_checkpoint
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", lambda self, ckpt, path, storage_options=None:
+                        written.append(str(path)) or save(self, ckpt, path, storage_options))
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1"]) == 0
+    assert written and all(p.endswith(".ckpt") for p in written) and (tmp_path / written[-1]).exists()

@@ -125,3 +125,32 @@ def test_non_finite_loss_stops_the_run_without_overwriting_a_good_checkpoint(tmp
     assert last["global_step"] <= 5  # saved before the bad step, never after it
     assert all(torch.isfinite(t).all() for t in last["state_dict"].values() if t.is_floating_point())
     assert not any(f.startswith("epoch=0-step=6") for f in os.listdir(tmp_path))
+
+
+def test_a_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    from ssl_toolkit.checkpoint import AtomicCheckpointIO, load_checkpoint
+
+    model = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                   proj_out_dim=8)
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         plugins=[AtomicCheckpointIO()])
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    good = path.read_bytes()
+    save = torch.save
+
+    def killed(obj, f):  # the process dies after half of the bytes reached the disk
+        save(obj, f)
+        f.seek(len(good) // 2)
+        f.truncate()
+        raise KeyboardInterrupt("killed during the write")
+
+    monkeypatch.setattr(torch, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == good  # the half-written bytes went to a temporary file, never over the checkpoint
+    assert load_checkpoint(str(path))["global_step"] == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # and the temporary file is gone
