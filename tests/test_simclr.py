@@ -154,3 +154,33 @@ def test_a_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(
     assert path.read_bytes() == good  # the half-written bytes went to a temporary file, never over the checkpoint
     assert load_checkpoint(str(path))["global_step"] == 2
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # and the temporary file is gone
+
+
+def test_collapse_monitor_warns_for_a_collapsed_run_and_stays_quiet_otherwise(capsys):
+    from ssl_toolkit.eval import CollapseMonitor
+    from ssl_toolkit.losses import nt_xent
+
+    assert nt_xent(torch.ones(8, 16), torch.ones(8, 16), 0.5)["z_std"].item() == 0.0  # one point
+    assert nt_xent(torch.randn(256, 16), torch.randn(256, 16), 0.5)["z_std"].item() > 0.9  # spread out
+
+    class Collapsed(SimCLR):
+        def step(self, views):
+            z = self.projector(self.backbone(views.crops[0])) * 0 + 1  # every image maps to the same point
+            return nt_xent(z, z, 0.5)
+
+    def run(cls):
+        monitor = CollapseMonitor(after_epochs=0)
+        model = cls(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                    proj_out_dim=8)
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[monitor])
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64))
+        return monitor, trainer
+
+    with pytest.warns(UserWarning, match="Possible collapse at epoch 0: train/z_std = 0 is below 0.1"):
+        monitor, trainer = run(Collapsed)
+    assert "train/z_std" in monitor.warned and trainer.callback_metrics["diagnostics/collapse"] == 1.0
+    assert "Possible collapse" in capsys.readouterr().out
+    monitor, trainer = run(SimCLR)
+    assert not monitor.warned and trainer.callback_metrics["diagnostics/collapse"] == 0.0

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytorch_lightning as pl
 import torch
@@ -228,6 +229,50 @@ class OnlineProbe(PeriodicEvaluation):
         else:
             self.probe.load_state_dict(state_dict["probe"])
             self.optimizer.load_state_dict(state_dict["optimizer"])
+
+
+COLLAPSE_HINTS = {
+    "train/z_std": "the embeddings of different images are nearly the same point",
+    "train/teacher_mi": "the DINO teacher gives every image the same distribution",
+}
+
+
+class CollapseMonitor(pl.Callback):
+    """Warn (logged and printed) when a collapse diagnostic falls below its threshold at the end of an epoch.
+
+    Reads the last logged value of each key: ``train/z_std`` (SimCLR, MoCo: about 1 when healthy, 0 when every
+    image maps to one point) and ``train/teacher_mi`` (DINO: 0 when the teacher's output is the same for every
+    image). Logs ``diagnostics/collapse`` (1 or 0) each epoch and warns once per key.
+
+    Args:
+        thresholds: Key -> lowest healthy value.
+        after_epochs: Epochs to wait before checking (early epochs can look collapsed during warmup).
+    """
+
+    def __init__(self, thresholds: dict[str, float] | None = None, after_epochs: int = 1):
+        self.thresholds = dict(thresholds) if thresholds is not None else {"train/z_std": 0.1, "train/teacher_mi": 0.01}
+        if after_epochs < 0 or any(v <= 0 for v in self.thresholds.values()):
+            raise ValueError(f"CollapseMonitor needs after_epochs >= 0 and thresholds > 0; got {after_epochs}, "
+                             f"{self.thresholds}.")
+        self.after_epochs = after_epochs
+        self.warned: dict[str, str] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 <= self.after_epochs:
+            return
+        low = {k: float(trainer.callback_metrics[k]) for k, limit in self.thresholds.items()
+               if k in trainer.callback_metrics and float(trainer.callback_metrics[k]) < limit}
+        pl_module.log("diagnostics/collapse", float(bool(low)), on_step=False, on_epoch=True)
+        for key, value in low.items():
+            if key in self.warned:
+                continue
+            self.warned[key] = (f"Possible collapse at epoch {trainer.current_epoch}: {key} = {value:.4g} is below "
+                                f"{self.thresholds[key]} ({COLLAPSE_HINTS.get(key, 'below its healthy range')}). "
+                                "Check the learning rate, the temperature(s) and the augmentation strength; the "
+                                "checkpoints before this epoch are the ones to resume from.")
+            if trainer.is_global_zero:
+                warnings.warn(self.warned[key], stacklevel=1)
+                print(self.warned[key])
 
 
 class RetrievalCallback(PeriodicEvaluation):

@@ -7,6 +7,8 @@ https://arxiv.org/abs/1807.03748 for the InfoNCE objective.
 import torch
 import torch.nn.functional as F
 
+from ssl_toolkit.losses.ntxent import embedding_std
+
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
     """Cross-entropy of the positive key against the negatives, the positive logit at index 0.
@@ -18,7 +20,8 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
         temperature: tau (0.2 in MoCo v2, 0.07 in MoCo v1).
 
     Returns:
-        ``infonce_loss``, and ``pos_sim`` / ``neg_sim`` (mean cosine, no gradient).
+        ``infonce_loss``, and ``pos_sim`` / ``neg_sim`` (mean cosine, no gradient) and ``z_std`` (collapse
+        diagnostic of the queries, :func:`~ssl_toolkit.losses.ntxent.embedding_std`).
 
     Example:
         >>> q = torch.tensor([[1.0, 0.0]])
@@ -34,4 +37,5 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     neg = q @ negatives.float().T  # (B, K)
     logits = torch.cat([pos, neg], dim=1) / temperature  # (B, 1+K), positive at index 0
     loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
-    return {"infonce_loss": loss, "pos_sim": pos.detach().mean(), "neg_sim": neg.detach().mean()}
+    return {"infonce_loss": loss, "pos_sim": pos.detach().mean(), "neg_sim": neg.detach().mean(),
+            "z_std": embedding_std(q)}

@@ -11,6 +11,21 @@ from torch import nn
 from ssl_toolkit import distributed
 
 
+def embedding_std(z: torch.Tensor) -> torch.Tensor:
+    """Collapse diagnostic: the per-dimension std over the batch of the L2-normalised embeddings, times sqrt(D).
+
+    About 1 for embeddings spread over the sphere, 0 when every image maps to the same point (SimSiam, Chen &
+    He 2021, https://arxiv.org/abs/2011.10566, Sec. 4.1 uses the unscaled std, 1/sqrt(D) when healthy).
+
+    Example:
+        >>> round(embedding_std(torch.ones(8, 16)).item(), 6), bool(embedding_std(torch.randn(4096, 16)) > 0.9)
+        (0.0, True)
+    """
+    with torch.no_grad():
+        z = F.normalize(z.detach().float(), dim=1)
+        return z.std(0, correction=0).mean() * z.shape[1] ** 0.5
+
+
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool = True) -> dict[str, torch.Tensor]:
     """NT-Xent over the 2N views of a batch, negatives from every rank.
 
@@ -26,8 +41,8 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool
         gather: Gather negatives from all ranks (no effect in a single process).
 
     Returns:
-        ``ntxent_loss`` plus two diagnostics without gradient: ``pos_sim`` (mean cosine of
-        positive pairs) and ``neg_sim`` (mean cosine to negatives).
+        ``ntxent_loss`` plus diagnostics without gradient: ``pos_sim`` (mean cosine of
+        positive pairs), ``neg_sim`` (mean cosine to negatives) and ``z_std`` (:func:`embedding_std`).
 
     Example:
         >>> z = torch.eye(4)  # identical pairs, orthogonal negatives
@@ -64,7 +79,7 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool
         pos = sim[rows, pos_idx]
         neg_sum = sim.sum(1) - pos - sim[rows, self_idx]
         out_pos, out_neg = pos.mean(), (neg_sum / (2 * n - 2)).mean()
-    return {"ntxent_loss": loss, "pos_sim": out_pos, "neg_sim": out_neg}
+    return {"ntxent_loss": loss, "pos_sim": out_pos, "neg_sim": out_neg, "z_std": embedding_std(z_local)}
 
 
 class NTXentLoss(nn.Module):

@@ -30,7 +30,7 @@ class SimCLR(BaseSSLModule):
         >>> m = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16))
         >>> views = m.view_policy(torch.randint(0, 256, (8, 3, 16, 16), dtype=torch.uint8))
         >>> sorted(m.step(views))
-        ['neg_sim', 'ntxent_loss', 'pos_sim']
+        ['neg_sim', 'ntxent_loss', 'pos_sim', 'z_std']
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(),
