@@ -184,3 +184,35 @@ def test_collapse_monitor_warns_for_a_collapsed_run_and_stays_quiet_otherwise(ca
     assert "Possible collapse" in capsys.readouterr().out
     monitor, trainer = run(SimCLR)
     assert not monitor.warned and trainer.callback_metrics["diagnostics/collapse"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco"])
+def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(method, tmp_path):
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    from ssl_toolkit.methods import MoCoV2
+
+    class KilledAfterFirstEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 0:
+                trainer.should_stop = True  # the process dies right after the epoch's checkpoint
+
+    def fit(folder, callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        args = dict(backbone=BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16),
+                    optim=OptimConfig("sgd", lr=0.05, warmup_epochs=0.5))
+        model = (MoCoV2(**args, queue_size=512, proj_hidden_dim=16, proj_out_dim=8) if method == "moco"
+                 else SimCLR(**args, proj_hidden_dim=16, proj_out_dim=8))
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=folder, save_last=True),
+                                                                    *callbacks])
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=128), ckpt_path=ckpt_path)
+        return model, trainer
+
+    straight, _ = fit(tmp_path / "a")
+    _, killed = fit(tmp_path / "b", [KilledAfterFirstEpoch()])
+    assert killed.current_epoch == 1 and killed.global_step == 9  # one epoch of 9 steps done
+    resumed, trainer = fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert trainer.global_step == 18
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k  # weights, EMA key encoder, MoCo queue and pointer: bit-identical

@@ -51,6 +51,34 @@ class OptimConfig:
             raise ValueError(f"optim needs lr > 0 and weight_decay, warmup_epochs, min_lr >= 0; got {self}.")
 
 
+def rng_states() -> dict:
+    """Every random generator a run draws from (torch CPU and CUDA, numpy, Python), as plain values that load
+    with ``weights_only=True``."""
+    import random
+
+    import numpy as np
+
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_states(state: dict) -> None:
+    """Restore what :func:`rng_states` saved."""
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+
+
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step, the terms and the last checkpoint."""
 
@@ -204,4 +232,10 @@ class BaseSSLModule(pl.LightningModule):
             "format": CHECKPOINT_FORMAT,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
             "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}" if dm is not None else None,
+            "rng": rng_states(),
         }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("ssl_toolkit", {}).get("rng")
+        if rng is not None and self._trainer is not None:  # resuming a run: views and data order continue exactly
+            set_rng_states(rng)

@@ -163,4 +163,5 @@ class CLIP(BaseSSLModule):
         checkpoint["ssl_toolkit"]["tokenizer"] = self.tokenizer_json
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         self.tokenizer_json = checkpoint.get("ssl_toolkit", {}).get("tokenizer", self.tokenizer_json)
