@@ -193,16 +193,20 @@ def knn(args: list[str]) -> None:
     a = p.parse_args(args)
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
-    index_args = {"index": a.index, "nlist": a.nlist, "nprobe": a.nprobe} if a.index == "ivf" else {}
-    sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature), a.backend,
-                      a.fp16, **index_args)
-    seconds = round(time.perf_counter() - start, 3)
-    if index_args:
-        from ssl_toolkit.eval.knn import knn_search, neighbour_recall
+    if a.index == "flat":
+        sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature),
+                          a.backend, a.fp16)
+        seconds = round(time.perf_counter() - start, 3)
+    else:  # one approximate search serves the sweep and, against the exact one, the recall
+        from ssl_toolkit.eval.knn import knn_search, neighbour_recall, vote_sweep
 
-        k = min(a.k)
-        recall = neighbour_recall(knn_search(train[0], test[0], k, "faiss", a.fp16, **index_args)[1].cpu(),
-                                  knn_search(train[0], test[0], k, "faiss", a.fp16)[1].cpu())
+        k_max = min(max(a.k), len(train[0]))
+        sims, idx = knn_search(train[0], test[0], k_max, a.backend, a.fp16, index="ivf", nlist=a.nlist,
+                               nprobe=a.nprobe)
+        sweep = vote_sweep(sims, idx, train[1], test[1], num_classes, tuple(a.k), tuple(a.temperature))
+        seconds = round(time.perf_counter() - start, 3)
+        k = min(min(a.k), k_max)
+        recall = neighbour_recall(idx[:, :k].cpu(), knn_search(train[0], test[0], k, "faiss", a.fp16)[1].cpu())
         info["ivf_recall_vs_exact"] = {"k": k, "recall": recall}
         print(f"IVF index: recall@{k} of the exact neighbours {100 * recall:.2f}%")
     first = sweep[a.temperature[0]]
@@ -403,7 +407,8 @@ def index(args: list[str]) -> None:
 
 def search(args: list[str]) -> None:
     from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
-    from ssl_toolkit.eval.search import backbone_fingerprint, embed_paths, faiss, list_images, write_gallery
+    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, faiss, list_images, load_paths,
+                                         write_gallery)
 
     p = _parser("search", "Nearest images of a query image (or a folder of queries) in an index; prints them with "
                           "scores and writes a gallery.", ckpt=False)
@@ -430,8 +435,7 @@ def search(args: list[str]) -> None:
     if emb.shape[1] != idx.d:
         raise ValueError(f"The checkpoint gives {emb.shape[1]}-d embeddings but the index holds {idx.d}-d ones; "
                          "query with the checkpoint the index was built from.")
-    with open(os.path.join(info["embeddings"], "paths.txt")) as f:
-        paths = f.read().splitlines()
+    paths = load_paths(info["embeddings"])
     scores, ids = idx.search(emb.numpy(), min(a.k, idx.ntotal))
     found = [[(paths[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0] for row_s, row_i in zip(scores, ids)]
     for q, row in zip(kept, found):

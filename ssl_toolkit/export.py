@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import nn
 
-from ssl_toolkit.backbones import RESNETS, Encoder
+from ssl_toolkit.backbones import RESNETS
 from ssl_toolkit.checkpoint import encoder_from_checkpoint
 
 FORMATS = ("torchvision", "safetensors", "torchscript", "onnx")
@@ -62,11 +62,6 @@ def metadata(ckpt: dict, fmt: str, feature_dim: int) -> dict:
     return meta
 
 
-def _traced_input(encoder: Encoder, size: int) -> torch.Tensor:
-    encoder.input_size = None  # the graph takes images at the training size; the resize branch is not traced
-    return torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
-
-
 def export(ckpt: dict, fmt: str, out: str) -> list[str]:
     """Write the backbone of ``ckpt`` in ``fmt`` to ``out`` (suffix added when missing) and its ``.json``.
 
@@ -92,13 +87,15 @@ def export(ckpt: dict, fmt: str, out: str) -> list[str]:
         from safetensors.torch import save_file
 
         save_file(state, path, metadata={k: json.dumps(v) for k, v in meta.items()})
-    elif fmt == "torchscript":
-        example = _traced_input(encoder, size)
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # jit's deprecation notice and its tracer's notes on shape checks
-            torch.jit.save(torch.jit.trace(encoder, example), path)
-    else:
-        _export_onnx(encoder, _traced_input(encoder, size), path)
+    else:  # a whole-encoder graph takes images at the training size: the resize branch stays out of the trace
+        encoder.input_size = None
+        example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+        if fmt == "torchscript":
+            with warnings.catch_warnings(), torch.no_grad():
+                warnings.simplefilter("ignore")  # jit's deprecation notice and its tracer's notes on shape checks
+                torch.jit.save(torch.jit.trace(encoder, example), path)
+        else:
+            _export_onnx(encoder, example, path)
     meta_path = os.path.splitext(path)[0] + ".json"
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)

@@ -10,7 +10,7 @@ import torch
 from ssl_toolkit.distributed import all_reduce_mean
 from ssl_toolkit.eval.features import evaluating, extract_features
 from ssl_toolkit.eval.knn import knn_accuracy
-from ssl_toolkit.eval.linear_probe import topk_accuracy
+from ssl_toolkit.eval.linear_probe import bn_linear, topk_accuracy
 
 
 def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
@@ -172,13 +172,11 @@ class OnlineProbe(PeriodicEvaluation):
             dim = self.encoder(images).shape[1]
         with torch.random.fork_rng(devices=[]):  # the probe's init must not shift the run's random stream
             torch.manual_seed(0)
-            self.probe = torch.nn.Sequential(torch.nn.BatchNorm1d(dim, affine=False),
-                                             torch.nn.Linear(dim, dm.num_classes)).to(pl_module.device)
+            self.probe = bn_linear(dim, dm.num_classes).to(pl_module.device)
         self.optimizer = torch.optim.SGD(self.probe.parameters(), lr=self.lr, momentum=0.9,
                                          weight_decay=self.weight_decay)
         if self._pending_state is not None:  # resumed: the probe and its optimizer continue where they were
-            self.probe.load_state_dict(self._pending_state["probe"])
-            self.optimizer.load_state_dict(self._pending_state["optimizer"])
+            self._restore(self._pending_state)
             self._pending_state = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -227,8 +225,11 @@ class OnlineProbe(PeriodicEvaluation):
         if self.probe is None:
             self._pending_state = state_dict  # applied when the probe is built at fit start
         else:
-            self.probe.load_state_dict(state_dict["probe"])
-            self.optimizer.load_state_dict(state_dict["optimizer"])
+            self._restore(state_dict)
+
+    def _restore(self, state: dict) -> None:
+        self.probe.load_state_dict(state["probe"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
 
 COLLAPSE_HINTS = {

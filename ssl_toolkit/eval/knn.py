@@ -170,8 +170,14 @@ def knn_sweep(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats:
         >>> knn_sweep(bank, labels, bank, labels, 2, ks=(1, 4), temperatures=(0.1,), backend="torch")
         {0.1: {1: 100.0, 4: 100.0}}
     """
-    ks = tuple(sorted({min(k, len(train_feats)) for k in ks}))
-    sims, idx = knn_search(train_feats, test_feats, max(ks), backend, fp16, **index_args)  # (M, k_max), sorted
+    sims, idx = knn_search(train_feats, test_feats, min(max(ks), len(train_feats)), backend, fp16, **index_args)
+    return vote_sweep(sims, idx, train_labels, test_labels, num_classes, ks, temperatures)
+
+
+def vote_sweep(sims: torch.Tensor, idx: torch.Tensor, train_labels: torch.Tensor, test_labels: torch.Tensor,
+               num_classes: int, ks: tuple[int, ...], temperatures: tuple[float, ...]) -> dict[float, dict[int, float]]:
+    """``{T: {k: top1}}`` from one sorted search result ``(M, k_max)``; a k above ``k_max`` is reduced to it."""
+    ks = tuple(sorted({min(k, idx.shape[1]) for k in ks}))
     labels = train_labels.to(idx.device)[idx]  # (M, k_max)
     truth = test_labels.to(idx.device)
     return {t: {k: 100.0 * (vote(sims[:, :k], labels[:, :k], num_classes, t).argmax(1) == truth).float().mean().item()

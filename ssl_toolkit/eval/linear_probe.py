@@ -163,6 +163,12 @@ def linear_probe_sweep(train_x: torch.Tensor, train_y: torch.Tensor, test_x: tor
     return {**final, "lr": lr, "weight_decay": wd, "val_top1": float(val[best]), "val_size": len(va), "grid": grid}
 
 
+def bn_linear(dim: int, num_classes: int) -> nn.Sequential:
+    """The probe of the augmented and online protocols: ``BatchNorm1d`` without affine parameters (features
+    standardised with running statistics, as MAE's probe) and a linear layer."""
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
+
+
 def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr: float = 0.1,
                            weight_decay: float = 0.0, batch_size: int = 256, device: torch.device | str = "cpu",
                            scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5,
@@ -170,8 +176,9 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     """The standard linear protocol, for comparison with published numbers: augmentation, a frozen backbone.
 
     Every epoch each training image is cropped (torchvision's RandomResizedCrop rule, ``scale``) and flipped
-    (``flip_p``; 0 for data where mirroring changes the class, like digits) on the device; the frozen encoder (eval mode, no gradient) embeds the crops and a ``BatchNorm1d`` without affine
-    parameters + linear classifier takes SGD steps (momentum 0.9, cosine schedule). Test images are embedded
+    (``flip_p``; 0 for data where mirroring changes the class, like digits) on the device; the frozen encoder
+    (eval mode, no gradient) embeds the crops and a :func:`bn_linear` classifier takes SGD steps (momentum 0.9,
+    cosine schedule). Test images are embedded
     as they are (no augmentation). The backbone runs every epoch, so this costs ``epochs`` passes of it; the
     fast protocol (:func:`linear_probe_sweep`) runs it once.
     """
@@ -189,7 +196,7 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
         dim = encoder(x_all[:2].to(device)).shape[1]
     with torch.random.fork_rng(devices=[]):  # the probe's init and crops do not move the caller's random stream
         torch.manual_seed(seed)
-        clf = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, datamodule.num_classes)).to(device)
+        clf = bn_linear(dim, datamodule.num_classes).to(device)
         opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(y_all) / batch_size))
         for _ in range(epochs):

@@ -96,6 +96,12 @@ def save_embeddings(folder: str, embeddings: torch.Tensor, paths: list[str], met
                    "l2_normalized": True}, f, indent=2)
 
 
+def load_paths(folder: str) -> list[str]:
+    """The image paths of an embeddings folder, in the order of its rows."""
+    with open(os.path.join(folder, "paths.txt")) as f:
+        return f.read().splitlines()
+
+
 def load_embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
     """``(N, D)`` float32 embeddings, their paths and the metadata of an ``ssl-toolkit embed`` folder."""
     files = [os.path.join(folder, n) for n in ("embeddings.npy", "paths.txt", "meta.json")]
@@ -104,8 +110,7 @@ def load_embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
         raise FileNotFoundError(f"{folder} is not an embeddings folder (missing {', '.join(map(os.path.basename, missing))}"
                                 "). Make one with: ssl-toolkit embed --ckpt RUN.ckpt --images DIR --out FOLDER")
     emb = np.load(files[0]).astype(np.float32)
-    with open(files[1]) as f:
-        paths = f.read().splitlines()
+    paths = load_paths(folder)
     with open(files[2]) as f:
         meta = json.load(f)
     labels_path = os.path.join(folder, "labels.npy")
