@@ -42,8 +42,8 @@ def concise_config_error(message: str) -> str:
                                 "resolved config."
 
 
-def pretrain(args: list[str]) -> None:
-    """Run LightningCLI: every option of the model, data and trainer is a config key or a flag."""
+def pretrain(args: list[str]):
+    """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer."""
     from jsonargparse import ArgumentError
     from pytorch_lightning.cli import LightningCLI
 
@@ -69,6 +69,7 @@ def pretrain(args: list[str]) -> None:
         print(f"pretraining took {time.perf_counter() - start:.1f} s")
         if ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path):
             print(f"checkpoint: {ckpt.last_model_path or ckpt.best_model_path}")
+    return cli.trainer
 
 
 def resolve_data(spec: str | None, ckpt: dict):

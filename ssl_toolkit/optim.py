@@ -65,22 +65,26 @@ class LARS(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                d = p.grad.add(p, alpha=g["weight_decay"]) if g["weight_decay"] else p.grad.clone()
-                if not g["lars_exclude"]:
-                    w_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
-                    trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
-                    d.mul_(trust)
+        for g in self.param_groups:  # each group in a few multi-tensor (foreach) kernels, no host sync
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            d = torch._foreach_add(grads, params, alpha=g["weight_decay"]) if g["weight_decay"] else \
+                torch._foreach_mul(grads, 1.0)  # a copy: the update must not alias .grad
+            if not g["lars_exclude"]:
+                w_norm, d_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d))  # (P,)
+                trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
+                torch._foreach_mul_(d, list(trust.unbind()))
+            bufs = []
+            for p, dp in zip(params, d):
                 state = self.state[p]
-                buf = state.get("momentum_buffer")
-                if buf is None:
-                    buf = state["momentum_buffer"] = d
-                else:
-                    buf.mul_(g["momentum"]).add_(d)
-                p.add_(buf, alpha=-g["lr"])
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)  # heavy ball from zero: the first step is d
+                bufs.append(state["momentum_buffer"])
+            torch._foreach_mul_(bufs, g["momentum"])
+            torch._foreach_add_(bufs, d)
+            torch._foreach_add_(params, bufs, alpha=-g["lr"])
         return loss
 
 

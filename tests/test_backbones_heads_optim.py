@@ -65,3 +65,38 @@ def test_lars_step_matches_formula():
     expected_w = torch.tensor([[3.0, 4.0]]) - 0.5 * (0.01 * 5.0 / d.norm()) * d
     opt.step()
     assert torch.allclose(w, expected_w) and torch.allclose(b, torch.tensor([0.75]))
+
+
+def _lars_reference(params, grads, bufs, lr, momentum, wd, eta, exclude):
+    """LARS written per tensor, as in the paper: the multi-tensor step must equal it."""
+    for p, g, buf in zip(params, grads, bufs):
+        d = g + wd * p
+        if not exclude and p.norm() > 0 and d.norm() > 0:
+            d = d * (eta * p.norm() / d.norm())
+        buf.mul_(momentum).add_(d)
+        p.sub_(lr * buf)
+
+
+def test_lars_multi_tensor_step_equals_the_per_tensor_rule_over_steps():
+    torch.manual_seed(0)
+    shapes = [(8, 4, 3, 3), (16, 8), (5,), (3, 3)]
+    params = [nn.Parameter(torch.randn(s)) for s in shapes]
+    with torch.no_grad():
+        params[3].zero_()  # zero weights: the trust ratio falls back to 1
+    ref = [p.detach().clone() for p in params]
+    bufs = [torch.zeros_like(p) for p in ref]
+    opt = LARS([{"params": params[:2] + params[3:], "weight_decay": 1e-2},
+                {"params": [params[2]], "weight_decay": 0.0, "lars_exclude": True}], lr=0.3, momentum=0.9, eta=0.02)
+    for step in range(4):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        if step == 2:
+            params[1].grad = None  # a parameter without a gradient this step is left alone
+        opt.step()
+        live = [i for i in range(4) if params[i].grad is not None]
+        for exclude, wd, idx in ((False, 1e-2, [i for i in live if i != 2]), (True, 0.0, [i for i in live if i == 2])):
+            _lars_reference([ref[i] for i in idx], [grads[i] for i in idx], [bufs[i] for i in idx],
+                            0.3, 0.9, wd, 0.02, exclude)
+        for p, r in zip(params, ref):
+            assert torch.allclose(p.detach(), r, atol=1e-6), step

@@ -60,6 +60,27 @@ def test_knn_sweep_searches_once_and_matches_each_single_setting(monkeypatch):
     assert len({v for row in sweep.values() for v in row.values()}) > 1  # the grid is not constant
 
 
+def test_auto_backend_keeps_gpu_features_on_the_gpu(monkeypatch):
+    import ssl_toolkit.eval.knn as knn_module
+
+    monkeypatch.setattr(knn_module, "faiss_has_gpu", lambda: False)  # faiss-cpu
+    assert knn_module.auto_backend(on_cuda=True) == "torch"  # no copy to the host for an exact search
+    assert knn_module.auto_backend(on_cuda=True, index="ivf") == "faiss"  # only faiss has IVF
+    assert knn_module.auto_backend(on_cuda=False) == "faiss"
+    monkeypatch.setattr(knn_module, "faiss_has_gpu", lambda: True)  # faiss-gpu searches on the GPU itself
+    assert knn_module.auto_backend(on_cuda=True) == "faiss"
+    monkeypatch.setattr(knn_module, "faiss", None)
+    assert knn_module.auto_backend(on_cuda=False) == "torch"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_knn_on_gpu_features_matches_the_cpu_search():
+    x, y = clustered(600, noise=1.5)
+    cpu = knn_accuracy(x[:500], y[:500], x[500:], y[500:], 5, (1, 20), 0.1)
+    gpu = knn_accuracy(x[:500].cuda(), y[:500].cuda(), x[500:].cuda(), y[500:].cuda(), 5, (1, 20), 0.1)
+    assert gpu == pytest.approx(cpu, abs=0.5)
+
+
 def test_knn_errors():
     with pytest.raises(ValueError, match="1 <= k <= 10"):
         knn_search(torch.randn(10, 4), torch.randn(2, 4), 11)

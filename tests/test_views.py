@@ -65,12 +65,19 @@ def test_color_jitter_matches_torchvision_in_each_images_order():
     f = torch.tensor([[0.6, 1.3, 0.7, 0.1], [1.2, 0.8, 1.4, -0.2], [1.0, 1.0, 1.0, 0.0], [0.9, 1.1, 0.5, 0.45]])
     order = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [1, 0, 3, 2], [2, 3, 0, 1]])
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    out = VF.color_jitter(x, f, order)
-    for i in range(4):
-        ref = x[i]
-        for op in order[i].tolist():
-            ref = ops[op](ref, float(f[i, op]))
-        assert torch.allclose(out[i], ref, atol=1e-4), i
+    for active in (None, (True,) * 4):  # read from the factors, or given by the policy (no device sync)
+        out = VF.color_jitter(x, f, order, active=active)
+        for i in range(4):
+            ref = x[i]
+            for op in order[i].tolist():
+                ref = ops[op](ref, float(f[i, op]))
+            assert torch.allclose(out[i], ref, atol=1e-4), (active, i)
+    for only in range(4):  # one op with strength, the others at identity: the other branches are skipped
+        g = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(4, 1)
+        g[:, only] = f[:, only]
+        active = tuple(op == only for op in range(4))
+        ref = torch.stack([ops[only](x[i], float(g[i, only])) for i in range(4)])
+        assert torch.allclose(VF.color_jitter(x, g, order, active=active), ref, atol=1e-4), only
 
 
 def test_grayscale_blur_solarize_apply_only_where_drawn():

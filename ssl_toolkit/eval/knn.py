@@ -81,6 +81,21 @@ def search_faiss(train: torch.Tensor, test: torch.Tensor, k: int, fp16: bool = F
     return torch.cat(sims).to(test.device), torch.cat(idx).to(test.device)
 
 
+def auto_backend(on_cuda: bool, index: str = "flat") -> str:
+    """The backend ``auto`` picks: FAISS when installed, except for an exact search of features already on a GPU
+    that the installed FAISS cannot use (faiss-cpu): there the torch search runs on the GPU, with no copy to the host.
+
+    Example:
+        >>> auto_backend(on_cuda=False) == ("faiss" if faiss is not None else "torch")
+        True
+    """
+    if faiss is None:
+        return "torch"
+    if on_cuda and index == "flat" and not faiss_has_gpu():
+        return "torch"
+    return "faiss"
+
+
 def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int, backend: str = "auto",
                fp16: bool = False, **index_args) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine top-k of each test feature in the training features: ``(M, k)`` similarities and indices.
@@ -89,7 +104,7 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int, back
         train_feats: ``(N, D)`` memory bank; L2-normalised here.
         test_feats: ``(M, D)`` queries; L2-normalised here.
         k: Neighbours to return, sorted by decreasing similarity.
-        backend: ``faiss``, ``torch`` (brute-force reference) or ``auto`` (faiss when installed).
+        backend: ``faiss``, ``torch`` (brute-force reference) or ``auto`` (:func:`auto_backend`).
         fp16: Keep the (normalised) features in half precision: half the memory of the memory bank.
         index_args: FAISS only: ``index="ivf"``, ``nlist``, ``nprobe`` for an approximate search.
     """
@@ -99,7 +114,7 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int, back
         raise ValueError(f"kNN needs (N, D) and (M, D) features of one dimension; got {tuple(train_feats.shape)} "
                          f"and {tuple(test_feats.shape)}.")
     if backend == "auto":
-        backend = "faiss" if faiss is not None else "torch"
+        backend = auto_backend(train_feats.is_cuda, index_args.get("index", "flat"))
     if backend not in ("faiss", "torch"):
         raise ValueError(f"kNN backend must be 'auto', 'faiss' or 'torch'; got {backend!r}.")
     if backend == "torch" and index_args.get("index", "flat") != "flat":

@@ -114,6 +114,8 @@ class ContrastiveViews(nn.Module):
             raise ValueError(f"num_views must be >= 1; got {num_views}.")
         self.config = config
         self.num_views = num_views
+        strengths = (config.brightness, config.contrast, config.saturation, config.hue)
+        self.jitter_active = tuple(config.jitter_p > 0 and v > 0 for v in strengths)  # ops that can change an image
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
 
@@ -145,7 +147,7 @@ class ContrastiveViews(nn.Module):
         x = images.float().div_(255.0)  # (B, 3, H, W) in [0, 1]
         x = x.repeat(self.num_views, 1, 1, 1)  # (V*B, 3, H, W) view-major
         x = VF.resized_crop(x, params.boxes, c.crop_size, params.flip)  # (V*B, 3, s, s)
-        x = VF.color_jitter(x, params.jitter, params.order)
+        x = VF.color_jitter(x, params.jitter, params.order, active=self.jitter_active)
         if c.gray_p > 0:
             x = VF.random_grayscale(x, params.gray)
         if c.blur_p > 0:

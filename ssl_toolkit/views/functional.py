@@ -76,29 +76,50 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, size: int, flip: tor
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
+                 active: tuple[bool, bool, bool, bool] | None = None) -> torch.Tensor:
     """torchvision ``ColorJitter`` with per-image factors and a per-image random order.
+
+    Brightness, contrast and saturation are each torchvision's blend ``clamp(f x + (1 - f) g)`` with
+    ``g`` = 0, the image's mean gray, or the per-pixel gray; so each of the four slots runs one blend
+    with per-image ``f`` and ``g`` (the op an image runs in that slot picks them), plus the hue shift
+    (rgb -> hsv -> rgb) where some image may run it. No op reads values back to the host.
 
     Args:
         x: ``(N, 3, H, W)`` RGB in [0, 1].
         factors: ``(N, 4)`` brightness, contrast, saturation factors (1 = unchanged) and hue
             shift in turns (0 = unchanged, in [-0.5, 0.5]).
         order: ``(N, 4)`` a permutation of ``0..3`` per image: the order the four ops run in.
+        active: Which of the four ops any image may run (a policy passes its strengths > 0); ``None``
+            reads it from ``factors``, which waits for the device.
 
     Returns:
         The jittered batch, equal per image to torchvision's ``adjust_*`` calls in that order.
     """
     identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)
-    ops = (kornia.enhance.adjust_brightness_accumulative,
-           kornia.enhance.adjust_contrast_with_mean_subtraction,
-           kornia.enhance.adjust_saturation_with_gray_subtraction,
-           lambda img, f: kornia.enhance.adjust_hue(img, f * 2 * math.pi))
-    active = [op for op in range(4) if bool((factors[:, op] != identity[op]).any())]  # skip ops with no strength
+    if active is None:
+        active = tuple(bool(a) for a in (factors != identity).any(dim=0).tolist())
+    if not any(active):
+        return x
+    factors = factors.to(x.dtype)
     for slot in range(4):
-        for op in active:
-            chosen = order[:, slot] == op  # (N,) images running this op in this slot
-            f = torch.where(chosen, factors[:, op], identity[op])  # identity factor elsewhere: a no-op
-            x = ops[op](x, f)
+        op = order[:, slot]  # (N,) the op each image runs in this slot
+        if any(active[:3]):
+            f = torch.where(op < 3, factors.gather(1, op.clamp(max=2)[:, None]).squeeze(1), 1.0).view(-1, 1, 1, 1)
+            if active[1] or active[2]:
+                gray = kornia.color.rgb_to_grayscale(x)  # (N, 1, H, W)
+                g = torch.where((op == 2).view(-1, 1, 1, 1), gray, gray.mean(dim=(2, 3), keepdim=True))
+                g = torch.where((op == 0).view(-1, 1, 1, 1), 0.0, g)
+                y = (f * x + (1 - f) * g).clamp_(0.0, 1.0)
+            else:
+                y = (f * x).clamp_(0.0, 1.0)
+        else:
+            y = x
+        if active[3]:
+            is_hue = op == 3
+            shift = torch.where(is_hue, factors[:, 3], 0.0)  # a zero shift elsewhere
+            y = torch.where(is_hue.view(-1, 1, 1, 1), kornia.enhance.adjust_hue(x, shift * 2 * math.pi), y)
+        x = y
     return x
 
 

@@ -26,12 +26,10 @@ def rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """
     if x.shape[-1] != x.shape[-2]:
         raise ValueError(f"Rotation needs square images; got {tuple(x.shape[-2:])}. Set views.crop_size.")
-    out = x.clone()
-    k = k % 4
-    for r in range(1, 4):
-        sel = (k == r).nonzero().flatten()
-        if len(sel):
-            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    k = (k % 4).view(-1, 1, 1, 1)
+    out = x
+    for r in range(1, 4):  # every rotation of the batch, selected per image: no data-dependent shapes, no host sync
+        out = torch.where(k == r, torch.rot90(x, r, dims=(-2, -1)), out)
     return out
 
 
@@ -61,8 +59,9 @@ class RotationViews(nn.Module):
         b = images.shape[0]
         if self.all_rotations:
             k = torch.arange(4, device=x.device).repeat_interleave(b)  # (4B,) view v rotated by v x 90 degrees
-        else:
-            k = torch.randint(0, 4, (b,), device=x.device)  # (B,) per-image rotation
+            x = torch.cat([torch.rot90(v, r, dims=(-2, -1)) for r, v in enumerate(x.chunk(4))])
+            return Views(crops=[x], targets=k)
+        k = torch.randint(0, 4, (b,), device=x.device)  # (B,) per-image rotation
         return Views(crops=[rotate(x, k)], targets=k)
 
 

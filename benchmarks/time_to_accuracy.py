@@ -1,0 +1,133 @@
+"""Time to accuracy: a CIFAR-10 recipe run end to end, its wall-clock and its kNN top-1 along the way.
+
+  python benchmarks/time_to_accuracy.py --recipe recipes/simclr/cifar10.yaml --data data/cifar10/cifar10.npz
+  python benchmarks/time_to_accuracy.py --recipe recipes/moco/cifar10.yaml --data ... --epochs 100
+  python benchmarks/time_to_accuracy.py ... -- --trainer.limit_train_batches 2   # more pretrain flags after --
+
+The recipe runs as written (model, views, optimizer, precision, checkpoints, callbacks) except: the data
+come from the local ``.npz`` (resident on the device, as the recipe's CIFARDataModule), ``--epochs`` (the
+schedules are built for that many), the kNN callback every ``--knn-every`` epochs, no progress bar (this
+is a log, not a terminal) and the run folder. Wall-clock counts from before the data are loaded to after
+the last kNN evaluation, both included; Python's start and imports are not. Writes
+``benchmarks/results/time-to-accuracy-<method>-<device>.json``: that time, the training and evaluation
+seconds, the kNN curve (epoch, seconds since the start, top-1 at each k, read from the run's TensorBoard
+log), the random-init baseline, peak GPU memory, the commit, device and library versions.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from throughput import environment, sync  # noqa: E402  (same commit/device/versions record)
+
+from ssl_toolkit.cli import pretrain  # noqa: E402
+from ssl_toolkit.eval import KNNCallback  # noqa: E402
+
+
+def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: int, runs: str) -> dict:
+    with open(recipe) as f:
+        cfg = yaml.safe_load(f)
+    trainer = cfg["trainer"]
+    if epochs:
+        trainer["max_epochs"] = epochs
+    trainer["enable_progress_bar"] = False
+    trainer["logger"]["init_args"]["save_dir"] = runs
+    knn = [c for c in trainer.get("callbacks", []) if c["class_path"].endswith("KNNCallback")]
+    if not knn:
+        raise SystemExit(f"{recipe} has no KNNCallback; time to accuracy needs one.")
+    knn[0].setdefault("init_args", {})["every_n_epochs"] = knn_every
+    batch = cfg["data"].get("init_args", {}).get("batch_size", 512)
+    cfg["data"] = {"class_path": "ssl_toolkit.data.NpzDataModule",
+                   "init_args": {"path": data, "batch_size": batch, "resident": True}}
+    return cfg
+
+
+def knn_curve(log_dir: str, steps_per_epoch: int, start_wall: float) -> list[dict]:
+    """kNN top-1 at each evaluation, from the run's TensorBoard events."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = [t for t in acc.Tags()["scalars"] if t.startswith("val/knn_top1_k")]
+    rows: dict[int, dict] = {}
+    for tag in tags:
+        for e in acc.Scalars(tag):
+            row = rows.setdefault(e.step, {"epoch": round(e.step / steps_per_epoch), "seconds": round(e.wall_time - start_wall, 1)})
+            row[f"top1_k{tag.rsplit('_k', 1)[1]}"] = round(e.value, 2)
+    return [rows[s] for s in sorted(rows)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/simclr/cifar10.yaml")
+    p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+    p.add_argument("--epochs", type=int, help="default: the recipe's max_epochs")
+    p.add_argument("--knn-every", type=int, default=10)
+    p.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "ssl-toolkit-bench"))
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/time-to-accuracy-<method>-<device>.json)")
+    p.add_argument("--tag", default="", help="suffix of the default JSON name")
+    a, extra = p.parse_known_args()
+    extra = [x for x in extra if x != "--"]
+    if not os.path.isfile(a.data):
+        raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = environment(device)
+    cfg = recipe_for_benchmark(a.recipe, a.data, a.epochs, a.knn_every, a.runs)
+    method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
+
+    eval_seconds: list[float] = []
+    evaluate = KNNCallback.evaluate
+
+    def timed_evaluate(self, trainer, pl_module):  # the evaluations' share of the wall-clock
+        sync(pl_module.device)
+        t = time.perf_counter()
+        result = evaluate(self, trainer, pl_module)
+        sync(pl_module.device)
+        eval_seconds.append(time.perf_counter() - t)
+        return result
+
+    KNNCallback.evaluate = timed_evaluate
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    start_wall, start = time.time(), time.perf_counter()
+    trainer = pretrain(["--config", f.name, *extra])
+    sync(device)
+    wall = time.perf_counter() - start
+    os.unlink(f.name)
+
+    steps_per_epoch = max(1, trainer.global_step // max(1, trainer.current_epoch))
+    curve = knn_curve(trainer.logger.log_dir, steps_per_epoch, start_wall)
+    knn_json = os.path.join(trainer.logger.log_dir, "knn.json")
+    knn = json.load(open(knn_json)) if os.path.isfile(knn_json) else {}
+    images = trainer.global_step * trainer.datamodule.batch_size
+    train_seconds = wall - sum(eval_seconds)
+    record = {**env, "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
+              "epochs": trainer.current_epoch, "steps": trainer.global_step,
+              "overrides": {"data": a.data, "knn_every": a.knn_every, "extra": extra},
+              "wall_clock_s": round(wall, 1), "eval_s": round(sum(eval_seconds), 1),
+              "evaluations": len(eval_seconds), "train_s": round(train_seconds, 1),
+              "train_images_per_s": round(images / train_seconds, 1),
+              "eval_share": round(sum(eval_seconds) / wall, 4),
+              "knn": knn, "curve": curve,
+              "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None}
+    tag = f"-{a.tag}" if a.tag else ""
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"time-to-accuracy-{method}-{device.type}{tag}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(record, fh, indent=2)
+    final = knn.get("trained", {})
+    print(f"{method}: {record['epochs']} epochs in {wall:.1f} s (evaluations {sum(eval_seconds):.1f} s, "
+          f"{len(eval_seconds)}x); kNN top-1 {final}; peak memory {record['peak_memory_mb']} MB; wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
