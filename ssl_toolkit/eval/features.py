@@ -11,12 +11,15 @@ from ssl_toolkit.data.base import InMemoryDataModule
 
 @contextmanager
 def evaluating(model: nn.Module, device: torch.device | str) -> Iterator[None]:
-    """Eval mode (restored afterwards) and, on CUDA, bf16 autocast: how every evaluator runs a model."""
+    """Eval mode (restored afterwards), on CUDA bf16 autocast, and compiled modules run eagerly (:func:`eager`):
+    how every evaluator runs a model."""
+    from ssl_toolkit.compile import eager
+
     device = torch.device(device)
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), eager():
             yield
     finally:
         model.train(was_training)

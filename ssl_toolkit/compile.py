@@ -1,0 +1,68 @@
+"""``torch.compile`` for training: the view policy's small kernels fused, the backbone optionally too.
+
+A view policy is a few hundred small elementwise kernels over the batch (crop sampling, four colour-jitter
+slots with a hue shift each, grayscale, normalisation); eagerly each is a launch and a round trip through
+memory. Compiled, Inductor fuses them into a handful of kernels. Measured on an H100 (resnet18, CIFAR
+stem, batch 512, bf16, channels_last; benchmarks/results/throughput-simclr-cuda*.json): SimCLR's views went
+from 11.8 ms to 0.6 ms per step and the full step from 0.67x to 0.97x of the backbone-only ceiling;
+compiling the backbone as well raised the full step from 16.8k to 29.6k images/s.
+
+Evaluators (kNN, probes, pictures) run the same modules eagerly under :func:`eager`: their batch shapes
+and eval-mode BatchNorm would otherwise each cost a recompile for a pass that runs once.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.utilities import rank_zero_info
+
+PARTS = ("views", "backbone")
+
+
+@contextmanager
+def eager() -> Iterator[None]:
+    """Run compiled modules eagerly inside this block (``torch.compiler.set_stance("force_eager")``)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+class Compile(pl.Callback):
+    """Compile parts of the method with ``torch.compile`` when training starts.
+
+    The modules are compiled in place (``nn.Module.compile``), so checkpoints and state-dict keys are unchanged
+    and a checkpoint loads into an uncompiled model. The first steps take the compile time (about 30-60 s for
+    resnet18 and a view policy on an H100); later steps run the fused kernels.
+
+    Args:
+        parts: ``views`` (the GPU view policy) and/or ``backbone``.
+        mode: ``torch.compile`` mode: ``None`` (default), ``max-autotune-no-cudagraphs`` (longer compile, tuned
+            kernels) or ``reduce-overhead`` (CUDA graphs).
+        backend: ``torch.compile`` backend; ``eager`` only traces (a quick check that a policy compiles).
+        cpu: Also compile when training on the CPU. Off by default: Inductor's CPU compile takes minutes, longer
+            than the short runs the CPU is used for.
+    """
+
+    def __init__(self, parts: list[str] = list(PARTS), mode: str | None = None, backend: str = "inductor",  # noqa: B006
+                 cpu: bool = False):
+        unknown = [p for p in parts if p not in PARTS]
+        if unknown or not parts:
+            raise ValueError(f"Compile parts must be a non-empty list of {', '.join(PARTS)}; got {parts}.")
+        self.parts, self.mode, self.backend, self.cpu = list(parts), mode, backend, cpu
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if pl_module.device.type == "cpu" and not self.cpu:
+            rank_zero_info("Compile: training on the CPU, running eagerly (pass cpu: true to compile anyway).")
+            return
+        for part in self.parts:
+            module = pl_module.view_policy if part == "views" else pl_module.backbone
+            if module is None:
+                raise ValueError(f"Compile: {type(pl_module).__name__} has no {part} to compile.")
+            module.compile(mode=self.mode, backend=self.backend)
+        rank_zero_info(f"Compile: {', '.join(self.parts)} compiled ({self.backend}); the first steps include the "
+                       "compile time.")
