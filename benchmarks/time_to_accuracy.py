@@ -31,7 +31,8 @@ from ssl_toolkit.cli import pretrain  # noqa: E402
 from ssl_toolkit.eval import KNNCallback  # noqa: E402
 
 
-def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: int, runs: str) -> dict:
+def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: int, runs: str,
+                         compile: bool = True) -> dict:
     with open(recipe) as f:
         cfg = yaml.safe_load(f)
     trainer = cfg["trainer"]
@@ -43,6 +44,8 @@ def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: 
     if not knn:
         raise SystemExit(f"{recipe} has no KNNCallback; time to accuracy needs one.")
     knn[0].setdefault("init_args", {})["every_n_epochs"] = knn_every
+    if not compile:
+        trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("Compile")]
     batch = cfg["data"].get("init_args", {}).get("batch_size", 512)
     cfg["data"] = {"class_path": "ssl_toolkit.data.NpzDataModule",
                    "init_args": {"path": data, "batch_size": batch, "resident": True}}
@@ -70,6 +73,7 @@ def main() -> None:
     p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
     p.add_argument("--epochs", type=int, help="default: the recipe's max_epochs")
     p.add_argument("--knn-every", type=int, default=10)
+    p.add_argument("--no-compile", action="store_true", help="drop the recipe's Compile callback (eager)")
     p.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "ssl-toolkit-bench"))
     p.add_argument("--out", help="JSON path (default: benchmarks/results/time-to-accuracy-<method>-<device>.json)")
     p.add_argument("--tag", default="", help="suffix of the default JSON name")
@@ -79,7 +83,7 @@ def main() -> None:
         raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
-    cfg = recipe_for_benchmark(a.recipe, a.data, a.epochs, a.knn_every, a.runs)
+    cfg = recipe_for_benchmark(a.recipe, a.data, a.epochs, a.knn_every, a.runs, not a.no_compile)
     method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
 
     eval_seconds: list[float] = []
@@ -112,7 +116,7 @@ def main() -> None:
     train_seconds = wall - sum(eval_seconds)
     record = {**env, "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
               "epochs": trainer.current_epoch, "steps": trainer.global_step,
-              "overrides": {"data": a.data, "knn_every": a.knn_every, "extra": extra},
+              "overrides": {"data": a.data, "knn_every": a.knn_every, "compile": not a.no_compile, "extra": extra},
               "wall_clock_s": round(wall, 1), "eval_s": round(sum(eval_seconds), 1),
               "evaluations": len(eval_seconds), "train_s": round(train_seconds, 1),
               "train_images_per_s": round(images / train_seconds, 1),

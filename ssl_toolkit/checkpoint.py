@@ -127,3 +127,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             with contextlib.suppress(OSError):
                 os.remove(tmp)
             raise
+
+
+def save_final_checkpoint(trainer) -> None:
+    """Write ``last.ckpt`` with the final state when the run ended between two scheduled saves.
+
+    Recipes save every few epochs (a save of resnet18 with its optimizer is ~90 MB; every epoch it cost a tenth
+    of a CIFAR-10 run on an H100); this makes ``last.ckpt`` of a finished run its end state all the same. Call
+    it on every rank after ``fit``; an interrupted run keeps its last scheduled checkpoint.
+    """
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None or not ckpt.save_last or ckpt.dirpath is None or trainer.interrupted:
+        return
+    if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and ckpt.last_model_path:
+        return  # the scheduled save already holds the end state
+    path = os.path.join(ckpt.dirpath, ckpt.CHECKPOINT_NAME_LAST + ckpt.FILE_EXTENSION)
+    trainer.save_checkpoint(path)
+    ckpt.last_model_path = path

@@ -47,6 +47,8 @@ def pretrain(args: list[str]):
     from jsonargparse import ArgumentError
     from pytorch_lightning.cli import LightningCLI
 
+    from ssl_toolkit.checkpoint import save_final_checkpoint
+
     from ssl_toolkit.data import InMemoryDataModule
     from ssl_toolkit.methods import BaseSSLModule
 
@@ -64,6 +66,7 @@ def pretrain(args: list[str]):
         raise ConfigError(concise_config_error(str(e))) from None
     start = time.perf_counter()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback
     if cli.trainer.is_global_zero:
         print(f"pretraining took {time.perf_counter() - start:.1f} s")

@@ -216,3 +216,20 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(metho
     assert trainer.global_step == 18
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k  # weights, EMA key encoder, MoCo queue and pointer: bit-identical
+
+
+def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    from ssl_toolkit.checkpoint import load_checkpoint, save_final_checkpoint
+
+    m = tiny()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=2)
+    trainer = pl.Trainer(max_epochs=3, limit_train_batches=2, logger=False, callbacks=[ckpt], enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(m, DigitsDataModule(image_size=16, batch_size=32))
+    assert load_checkpoint(str(tmp_path / "last.ckpt"))["global_step"] == 4  # the scheduled save: epoch 2 of 3
+    save_final_checkpoint(trainer)
+    final = load_checkpoint(str(tmp_path / "last.ckpt"))
+    assert final["global_step"] == 6 and ckpt.last_model_path == str(tmp_path / "last.ckpt")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in final["state_dict"].items())

@@ -56,9 +56,10 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float, gather: bool
     if temperature <= 0:
         raise ValueError(f"NT-Xent temperature must be > 0; got {temperature}. SimCLR uses 0.5 on CIFAR-10.")
     b = z1.shape[0]
-    z_local = F.normalize(torch.cat([z1, z2]), dim=1)  # (2B, D)
+    z_local = torch.cat([z1, z2])  # (2B, D)
     if z_local.dtype in (torch.float16, torch.bfloat16):
-        z_local = z_local.float()  # similarities and softmax in fp32 under autocast
+        z_local = z_local.float()  # under autocast: normalised, compared and softmaxed in fp32
+    z_local = F.normalize(z_local, dim=1)
     if gather and distributed.is_distributed():
         z1_all = distributed.gather_with_grad(z_local[:b])  # (N, D)
         z2_all = distributed.gather_with_grad(z_local[b:])  # (N, D)
