@@ -63,8 +63,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         num_workers: DataLoader workers; 0 is right for in-memory data (batches are one index op).
         resident: Copy the whole uint8 set to the accelerator once and sample indices there;
             use it when the set fits in device memory (CIFAR-10 is 150 MB).
-        pin_memory: Pin host batches (with ``resident``, the index batches), so the copy to the GPU is
-            asynchronous: a copy from pageable memory waits for the GPU to finish the previous step.
+        pin_memory: Pin host batches for faster copies (ignored when ``resident``).
     """
 
     name = "dataset"
@@ -109,7 +108,7 @@ class InMemoryDataModule(pl.LightningDataModule):
                              f"({len(s.y_train)} images); lower data.batch_size.")
         return DataLoader(_Batches(self.train_batch, len(s.y_train), indices_only=self.resident), batch_size=self.batch_size,
                           shuffle=True, drop_last=True, num_workers=self.num_workers, collate_fn=_stacked,
-                          pin_memory=self.pin_memory and torch.cuda.is_available(),
+                          pin_memory=self.pin_memory and not self.resident and torch.cuda.is_available(),
                           persistent_workers=self.num_workers > 0)
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
