@@ -57,6 +57,7 @@ def main() -> None:
                                          + 0.7 * torch.randn(a.test, a.dim, generator=g), dim=1)
     xb, xq = train.numpy(), test.numpy()
     results = {}
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"knn-{'cuda' if cuda else 'cpu'}.json")
 
     def record(name: str, seconds: float, idx) -> None:
         idx = idx.cpu().numpy() if torch.is_tensor(idx) else idx
@@ -64,10 +65,20 @@ def main() -> None:
                          "recall_vs_exact": round(neighbour_recall(idx, ref), 4)}
         print(f"{name:28s} {1000 * seconds:10.1f} ms  {a.test / seconds:12.0f} queries/s  "
               f"overlap with exact {results[name]['recall_vs_exact']:.4f}")
+        with open(out, "w") as f:  # after every row, so a run cut short keeps what it measured
+            json.dump({**env, "config": {"train": a.train, "test": a.test, "dim": a.dim, "k": a.k,
+                                         "nlist": a.nlist, "nprobe": a.nprobe, "repeats": a.repeats},
+                       "results": results}, f, indent=2)
 
     sec, (_, ref) = timed(lambda: search_torch(train, test, a.k), a.repeats)
     ref = ref.numpy()
     record("torch fp32 (cpu)", sec, ref)
+    if cuda:  # first: the GPU rows are the ones a short GPU slot is for
+        tr, te = train.cuda(), test.cuda()
+        for dtype in (torch.float32, torch.bfloat16):
+            trd, ted = tr.to(dtype), te.to(dtype)
+            sec, (_, idx) = timed(lambda: search_torch(trd, ted, a.k, chunk=a.test), a.repeats)
+            record(f"torch {str(dtype).split('.')[-1]} (cuda)", sec, idx)
     if faiss is not None:
         threads = faiss.omp_get_max_threads()
         for n in sorted({2, os.cpu_count() or 2}):
@@ -91,17 +102,6 @@ def main() -> None:
             gpu.add(xb)
             sec, (_, idx) = timed(lambda: gpu.search(xq, a.k), a.repeats)
             record("faiss flat (gpu)", sec, idx)
-    if cuda:
-        tr, te = train.cuda(), test.cuda()
-        for dtype in (torch.float32, torch.bfloat16):
-            trd, ted = tr.to(dtype), te.to(dtype)
-            sec, (_, idx) = timed(lambda: search_torch(trd, ted, a.k, chunk=a.test), a.repeats)
-            record(f"torch {str(dtype).split('.')[-1]} (cuda)", sec, idx)
-    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"knn-{'cuda' if cuda else 'cpu'}.json")
-    with open(out, "w") as f:
-        json.dump({**env, "config": {"train": a.train, "test": a.test, "dim": a.dim, "k": a.k,
-                                     "nlist": a.nlist, "nprobe": a.nprobe, "repeats": a.repeats},
-                   "results": results}, f, indent=2)
     print(f"wrote {out}")
 
 

@@ -10,8 +10,9 @@ schedules are built for that many), the kNN callback every ``--knn-every`` epoch
 is a log, not a terminal) and the run folder. Wall-clock counts from before the data are loaded to after
 the last kNN evaluation, both included; Python's start and imports are not. Writes
 ``benchmarks/results/time-to-accuracy-<method>-<device>.json``: that time, the training and evaluation
-seconds, the kNN curve (epoch, seconds since the start, top-1 at each k, read from the run's TensorBoard
-log), the random-init baseline, peak GPU memory, the commit, device and library versions.
+seconds, the kNN curve (epoch, seconds since the start, top-1 at each k; rewritten after every evaluation,
+so a run cut short keeps it, with ``finished: false``), the random-init baseline, peak GPU memory, the
+commit, device and library versions.
 """
 
 import argparse
@@ -52,21 +53,6 @@ def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: 
     return cfg
 
 
-def knn_curve(log_dir: str, steps_per_epoch: int, start_wall: float) -> list[dict]:
-    """kNN top-1 at each evaluation, from the run's TensorBoard events."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(log_dir, size_guidance={"scalars": 0})
-    acc.Reload()
-    tags = [t for t in acc.Tags()["scalars"] if t.startswith("val/knn_top1_k")]
-    rows: dict[int, dict] = {}
-    for tag in tags:
-        for e in acc.Scalars(tag):
-            row = rows.setdefault(e.step, {"epoch": round(e.step / steps_per_epoch), "seconds": round(e.wall_time - start_wall, 1)})
-            row[f"top1_k{tag.rsplit('_k', 1)[1]}"] = round(e.value, 2)
-    return [rows[s] for s in sorted(rows)]
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/simclr/cifar10.yaml")
@@ -86,15 +72,31 @@ def main() -> None:
     cfg = recipe_for_benchmark(a.recipe, a.data, a.epochs, a.knn_every, a.runs, not a.no_compile)
     method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
 
+    tag = f"-{a.tag}" if a.tag else ""
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"time-to-accuracy-{method}-{device.type}{tag}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    record = {**env, "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
+              "overrides": {"data": a.data, "knn_every": a.knn_every, "compile": not a.no_compile, "extra": extra},
+              "finished": False, "curve": []}
+
+    def write() -> None:
+        with open(out, "w") as fh:
+            json.dump(record, fh, indent=2)
+
     eval_seconds: list[float] = []
     evaluate = KNNCallback.evaluate
+    start = time.perf_counter()
 
-    def timed_evaluate(self, trainer, pl_module):  # the evaluations' share of the wall-clock
+    def timed_evaluate(self, trainer, pl_module):  # the evaluations' share of the wall-clock, and the curve
         sync(pl_module.device)
         t = time.perf_counter()
         result = evaluate(self, trainer, pl_module)
         sync(pl_module.device)
         eval_seconds.append(time.perf_counter() - t)
+        epoch = trainer.current_epoch + 1 if trainer.global_step else 0
+        record["curve"].append({"epoch": epoch, "seconds": round(time.perf_counter() - start, 1),
+                                **{f"top1_k{k}": round(v, 2) for k, v in result.items()}})
+        write()  # a run cut short keeps its curve
         return result
 
     KNNCallback.evaluate = timed_evaluate
@@ -102,32 +104,23 @@ def main() -> None:
         yaml.safe_dump(cfg, f)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    start_wall, start = time.time(), time.perf_counter()
+    start = time.perf_counter()
     trainer = pretrain(["--config", f.name, *extra])
     sync(device)
     wall = time.perf_counter() - start
     os.unlink(f.name)
 
-    steps_per_epoch = max(1, trainer.global_step // max(1, trainer.current_epoch))
-    curve = knn_curve(trainer.logger.log_dir, steps_per_epoch, start_wall)
     knn_json = os.path.join(trainer.logger.log_dir, "knn.json")
     knn = json.load(open(knn_json)) if os.path.isfile(knn_json) else {}
     images = trainer.global_step * trainer.datamodule.batch_size
     train_seconds = wall - sum(eval_seconds)
-    record = {**env, "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
-              "epochs": trainer.current_epoch, "steps": trainer.global_step,
-              "overrides": {"data": a.data, "knn_every": a.knn_every, "compile": not a.no_compile, "extra": extra},
-              "wall_clock_s": round(wall, 1), "eval_s": round(sum(eval_seconds), 1),
-              "evaluations": len(eval_seconds), "train_s": round(train_seconds, 1),
-              "train_images_per_s": round(images / train_seconds, 1),
-              "eval_share": round(sum(eval_seconds) / wall, 4),
-              "knn": knn, "curve": curve,
-              "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None}
-    tag = f"-{a.tag}" if a.tag else ""
-    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"time-to-accuracy-{method}-{device.type}{tag}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(record, fh, indent=2)
+    record.update({"finished": True, "epochs": trainer.current_epoch, "steps": trainer.global_step,
+                   "wall_clock_s": round(wall, 1), "eval_s": round(sum(eval_seconds), 1),
+                   "evaluations": len(eval_seconds), "train_s": round(train_seconds, 1),
+                   "train_images_per_s": round(images / train_seconds, 1),
+                   "eval_share": round(sum(eval_seconds) / wall, 4), "knn": knn,
+                   "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None})
+    write()
     final = knn.get("trained", {})
     print(f"{method}: {record['epochs']} epochs in {wall:.1f} s (evaluations {sum(eval_seconds):.1f} s, "
           f"{len(eval_seconds)}x); kNN top-1 {final}; peak memory {record['peak_memory_mb']} MB; wrote {out}")
