@@ -131,3 +131,36 @@ def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
                         written.append(str(path)) or save(self, ckpt, path, storage_options))
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1"]) == 0
     assert written and all(p.endswith(".ckpt") for p in written) and (tmp_path / written[-1]).exists()
+
+
+@pytest.mark.parametrize("script", ["simclr-cifar10.sbatch", "simclr-cifar10-torchrun.sh"])
+def test_multi_gpu_scripts_give_valid_pretrain_flags(script, tmp_path, monkeypatch, capsys):
+    """Run the script with its launcher (srun / torchrun) replaced by a stub that prints its arguments, then
+    give the pretrain part to the CLI with --print_config: every flag must parse against the recipe."""
+    import subprocess
+
+    stub = 'srun() { printf "%s\\0" "$@"; }; torchrun() { printf "%s\\0" "$@"; }; source "$0"'
+    out = subprocess.run(["bash", "-c", stub, str(ROOT / "recipes" / "multi-gpu" / script)], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    args = out.split("\0")[:-1]
+    args = args[args.index("pretrain") + 1:]
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", *args, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    config = capsys.readouterr().out
+    world = 16 if script.endswith(".sbatch") else 8  # 2 nodes x 8 GPUs / 1 node x 8 GPUs
+    assert "strategy: ddp" in config and "sync_batchnorm: true" in config
+    assert f"batch_size: {512 // world}" in config  # the recipe's global batch of 512, split over the processes
+
+
+def test_pretrain_runs_under_ddp_with_two_cpu_processes(tmp_path):
+    proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
+                   "--trainer.strategy", "ddp", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stderr + proc.stdout  # two processes joined one process group (gloo on CPU)
+    from ssl_toolkit.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(str(tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"))
+    assert ckpt["global_step"] == 3 and ckpt["epoch"] == 0

@@ -65,12 +65,14 @@ class PeriodicEvaluation(pl.Callback):
         pl_module.log_dict(self.metrics(result), prog_bar=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        # trainer.log_dir is a broadcast under DDP: every rank reads it before rank 0 alone goes on
+        log_dir = trainer.log_dir if trainer.logger is not None else None  # without a logger: no run folder
         if "trained" not in self.results or not trainer.is_global_zero:
             return
         print("\n".join(self.report(trainer)))
-        if trainer.logger is not None and trainer.log_dir:  # without a logger, log_dir is the working directory
-            os.makedirs(trainer.log_dir, exist_ok=True)
-            with open(os.path.join(trainer.log_dir, self.json_name), "w") as f:
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            with open(os.path.join(log_dir, self.json_name), "w") as f:
                 json.dump({"epochs": trainer.current_epoch, **self.config(),
                            **{name: {str(k): v for k, v in r.items()} for name, r in self.results.items()}}, f, indent=2)
 
