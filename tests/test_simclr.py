@@ -186,11 +186,11 @@ def test_collapse_monitor_warns_for_a_collapsed_run_and_stays_quiet_otherwise(ca
     assert not monitor.warned and trainer.callback_metrics["diagnostics/collapse"] == 0.0
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco"])
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
 def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(method, tmp_path):
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-    from ssl_toolkit.methods import MoCoV2
+    from ssl_toolkit.methods import DINO, MoCoV2
 
     class KilledAfterFirstEpoch(Callback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -201,8 +201,13 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(metho
         pl.seed_everything(0)
         args = dict(backbone=BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16),
                     optim=OptimConfig("sgd", lr=0.05, warmup_epochs=0.5))
-        model = (MoCoV2(**args, queue_size=512, proj_hidden_dim=16, proj_out_dim=8) if method == "moco"
-                 else SimCLR(**args, proj_hidden_dim=16, proj_out_dim=8))
+        if method == "dino":  # teacher EMA, center, teacher-temperature and last-layer-freeze schedules
+            model = DINO(args["backbone"], optim=OptimConfig("adamw", lr=1e-3, warmup_epochs=0.5),
+                         views=ViewConfig(crop_size=16), num_local_crops=2, local_crop_size=8, out_dim=32,
+                         hidden_dim=16, bottleneck_dim=8, warmup_teacher_temp_epochs=1.5)
+        else:
+            model = (MoCoV2(**args, queue_size=512, proj_hidden_dim=16, proj_out_dim=8) if method == "moco"
+                     else SimCLR(**args, proj_hidden_dim=16, proj_out_dim=8))
         trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
                              enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=folder, save_last=True),
                                                                     *callbacks])
@@ -215,7 +220,7 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(metho
     resumed, trainer = fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
     assert trainer.global_step == 18
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.equal(a, b), k  # weights, EMA key encoder, MoCo queue and pointer: bit-identical
+        assert torch.equal(a, b), k  # weights, EMA teacher/key encoder, MoCo queue and pointer, DINO center
 
 
 def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
