@@ -137,7 +137,7 @@ def measure_peer(train_step, views: ViewConfig, images, batch: int, workers: int
         crops = [v.to(device, non_blocking=True).contiguous(memory_format=fmt) for v in (v1, v2)]
         train_step(Views(crops=crops))
 
-    warmup = max(3, workers // batch + 2)  # workers start and fill their prefetch queues
+    warmup = workers + 2  # the workers' first batches arrive together: take that burst before timing
     sec = timed(step, steps, warmup, device)
     del it, loader
     return {"images_per_s": round(batch / sec, 1), "ms_per_step": round(1000 * sec, 3), "workers": workers}

@@ -48,7 +48,6 @@ def pretrain(args: list[str]):
     from pytorch_lightning.cli import LightningCLI
 
     from ssl_toolkit.checkpoint import save_final_checkpoint
-
     from ssl_toolkit.data import InMemoryDataModule
     from ssl_toolkit.methods import BaseSSLModule
 

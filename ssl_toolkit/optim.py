@@ -76,12 +76,10 @@ class LARS(torch.optim.Optimizer):
                 w_norm, d_norm = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(d))  # (P,)
                 trust = torch.where((w_norm > 0) & (d_norm > 0), g["eta"] * w_norm / d_norm, torch.ones_like(w_norm))
                 torch._foreach_mul_(d, list(trust.unbind()))
-            bufs = []
-            for p, dp in zip(params, d):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)  # heavy ball from zero: the first step is d
-                bufs.append(state["momentum_buffer"])
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)  # heavy ball from zero: the first step is d
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
             torch._foreach_mul_(bufs, g["momentum"])
             torch._foreach_add_(bufs, d)
             torch._foreach_add_(params, bufs, alpha=-g["lr"])

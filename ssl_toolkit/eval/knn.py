@@ -113,11 +113,12 @@ def knn_search(train_feats: torch.Tensor, test_feats: torch.Tensor, k: int, back
     if train_feats.ndim != 2 or test_feats.ndim != 2 or train_feats.shape[1] != test_feats.shape[1]:
         raise ValueError(f"kNN needs (N, D) and (M, D) features of one dimension; got {tuple(train_feats.shape)} "
                          f"and {tuple(test_feats.shape)}.")
+    kind = index_args.get("index", "flat")
     if backend == "auto":
-        backend = auto_backend(train_feats.is_cuda, index_args.get("index", "flat"))
+        backend = auto_backend(train_feats.is_cuda, kind)
     if backend not in ("faiss", "torch"):
         raise ValueError(f"kNN backend must be 'auto', 'faiss' or 'torch'; got {backend!r}.")
-    if backend == "torch" and index_args.get("index", "flat") != "flat":
+    if backend == "torch" and kind != "flat":
         raise ValueError("An IVF index needs the faiss backend; the torch reference is exact.")
     train = F.normalize(train_feats.float(), dim=1)
     test = F.normalize(test_feats.float(), dim=1)

@@ -106,13 +106,12 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
         op = order[:, slot]  # (N,) the op each image runs in this slot
         if any(active[:3]):
             f = torch.where(op < 3, factors.gather(1, op.clamp(max=2)[:, None]).squeeze(1), 1.0).view(-1, 1, 1, 1)
+            g = 0.0  # brightness blends with black
             if active[1] or active[2]:
                 gray = kornia.color.rgb_to_grayscale(x)  # (N, 1, H, W)
                 g = torch.where((op == 2).view(-1, 1, 1, 1), gray, gray.mean(dim=(2, 3), keepdim=True))
                 g = torch.where((op == 0).view(-1, 1, 1, 1), 0.0, g)
-                y = (f * x + (1 - f) * g).clamp_(0.0, 1.0)
-            else:
-                y = (f * x).clamp_(0.0, 1.0)
+            y = (f * x + (1 - f) * g).clamp_(0.0, 1.0)
         else:
             y = x
         if active[3]:
