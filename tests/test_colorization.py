@@ -185,10 +185,11 @@ def test_colorization_beats_random_init_on_cifar(cifar_small):
     m = Colorization(BackboneConfig("tiny_cnn", width=16), head_width=64,
                      optim=OptimConfig("adamw", lr=3e-3, weight_decay=1e-4, warmup_epochs=1),
                      views=ViewConfig(crop_size=32, scale=(0.6, 1.0), jitter_p=0.0, gray_p=0.0))
-    init, trained = knn_before_and_after(m, epochs=5, data=NpzDataModule(str(cifar_small), batch_size=128))
-    # Measured on 2 CPU cores (seed 0), kNN on lightness: 22.00% at random init -> 29.20% after 5 epochs (14 s);
-    # 30.00% after 10. For scale: the random tiny_cnn on RGB images gives 30.0% (colour is a strong cue on CIFAR).
-    assert trained - init >= 5.0, (init, trained)
+    init, trained = knn_before_and_after(m, epochs=10, data=NpzDataModule(str(cifar_small), batch_size=128))
+    # Measured on 2 CPU cores, kNN on lightness, 10 epochs (19 s): seeds 0-3 22.0 -> 29.6, 24.6 -> 31.8,
+    # 22.6 -> 31.4, 26.0 -> 31.2 (+5.2 to +8.8 points); after 5 epochs the gain ranged +2.0 to +8.0.
+    # For scale: the random tiny_cnn on RGB images gives 30.0% (colour is a strong cue on CIFAR).
+    assert trained - init >= 4.0, (init, trained)
 
 
 def test_pictures_in_tensorboard_and_as_png_and_knn_from_the_checkpoint(tmp_path, capsys):

@@ -102,6 +102,6 @@ def test_cpc_beats_random_init_on_digits():
     m = CPCV2(BackboneConfig("tiny_cnn", width=16, norm="layer"), views=views, patch=8, stride=4, steps=1,
               context_dim=64, context_layers=2, optim=OptimConfig("adamw", lr=2e-3, weight_decay=1e-4, warmup_epochs=2))
     init, trained = knn_before_and_after(m, epochs=20, image_size=16)
-    # Measured on 2 CPU cores (seed 0), 16 px digits, 3x3 grid of 8 px patches: 90.37% -> 95.00% after 20 epochs
-    # (+4.6 points, 16 s); 95.56% after 40.
-    assert trained - init >= 3.5 and trained >= 94.0, (init, trained)
+    # Measured on 2 CPU cores, 16 px digits, 3x3 grid of 8 px patches, 20 epochs (16 s): seeds 0-3 90.37 -> 94.63,
+    # 88.89 -> 95.37, 91.67 -> 94.26, 87.22 -> 91.67 (+2.6 to +6.5 points). 95.56% after 40 epochs (seed 0, earlier).
+    assert trained - init >= 2.0 and trained >= 91.0, (init, trained)

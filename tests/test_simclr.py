@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -186,16 +188,29 @@ def test_collapse_monitor_warns_for_a_collapsed_run_and_stays_quiet_otherwise(ca
     assert not monitor.warned and trainer.callback_metrics["diagnostics/collapse"] == 0.0
 
 
+KILLS = {  # where the process dies -> (checkpoint schedule, step of the checkpoint it resumes from)
+    "after an epoch": ("every epoch", 9),
+    "mid-epoch": ("every 3 steps", 12),  # epoch 1, batch 3 of 9
+    "after an epoch's last batch": ("every 3 steps", 9),  # saved in on_train_batch_end, before the epoch ends
+}
+
+
+@pytest.mark.parametrize("kill", list(KILLS))
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino"])
-def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(method, tmp_path):
+def test_resuming_from_the_last_checkpoint_gives_the_uninterrupted_weights(method, kill, tmp_path):
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
     from ssl_toolkit.methods import DINO, MoCoV2
 
-    class KilledAfterFirstEpoch(Callback):
-        def on_train_epoch_end(self, trainer, pl_module):
-            if trainer.current_epoch == 0:
-                trainer.should_stop = True  # the process dies right after the epoch's checkpoint
+    schedule, resume_step = KILLS[kill]
+
+    class Killed(Exception):
+        pass
+
+    class KillAfterCheckpoint(Callback):  # the process dies after the checkpoint, during the next step
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == resume_step:
+                raise Killed
 
     def fit(folder, callbacks=(), ckpt_path=None):
         pl.seed_everything(0)
@@ -208,16 +223,21 @@ def test_resuming_from_an_epoch_checkpoint_gives_the_uninterrupted_weights(metho
         else:
             model = (MoCoV2(**args, queue_size=512, proj_hidden_dim=16, proj_out_dim=8) if method == "moco"
                      else SimCLR(**args, proj_hidden_dim=16, proj_out_dim=8))
+        every = {"every_n_epochs": 1} if schedule == "every epoch" else {"every_n_train_steps": 3}
         trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, callbacks=[ModelCheckpoint(dirpath=folder, save_last=True),
-                                                                    *callbacks])
+                             enable_model_summary=False,
+                             callbacks=[ModelCheckpoint(dirpath=folder, save_last=True, **every), *callbacks])
         trainer.fit(model, DigitsDataModule(image_size=16, batch_size=128), ckpt_path=ckpt_path)
         return model, trainer
 
     straight, _ = fit(tmp_path / "a")
-    _, killed = fit(tmp_path / "b", [KilledAfterFirstEpoch()])
-    assert killed.current_epoch == 1 and killed.global_step == 9  # one epoch of 9 steps done
-    resumed, trainer = fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    with pytest.raises(Killed):
+        fit(tmp_path / "b", [KillAfterCheckpoint()])
+    last = str(tmp_path / "b" / "last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == resume_step  # 9 steps per epoch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dataloader is not resumable.*")  # Lightning's warning
+        resumed, trainer = fit(tmp_path / "c", ckpt_path=last)
     assert trainer.global_step == 18
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k  # weights, EMA teacher/key encoder, MoCo queue and pointer, DINO center

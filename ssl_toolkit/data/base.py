@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 
 @dataclass
@@ -55,12 +55,77 @@ def _stacked(batch):
     return batch  # ``__getitems__`` already returns stacked tensors
 
 
+@dataclass
+class EpochOrder:
+    """Where training is in the current epoch: its shuffle seed and how many of its batches were trained on.
+
+    Shared by the DataModule, which counts the batches it hands to the model and saves this in checkpoints, and
+    the batch sampler, which draws the seed and, on a resume, skips the batches already trained on.
+    """
+
+    seed: int | None = None
+    taken: int = 0
+    resume: tuple[int | None, int] | None = None  # (seed, batches to skip) for the next pass over the data
+
+    def state_dict(self, epoch_batches: int | float) -> dict:
+        return {"seed": self.seed, "taken": self.taken, "epoch_done": self.taken >= epoch_batches}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the saved epoch where it stopped; after a finished epoch the next one starts afresh."""
+        self.resume = None if state["epoch_done"] else (state["seed"], state["taken"])
+
+
+class ResumableBatchSampler(BatchSampler):
+    """Shuffled batches of an epoch that a run can resume in the middle of, in the same order.
+
+    Each epoch's shuffle seed is drawn from torch's global generator when the epoch starts (so
+    ``seed_everything`` fixes the order, as with a plain shuffled DataLoader) and kept in ``order``. A resumed
+    run reuses the saved seed and skips the batches already trained on. Under DDP Lightning replaces the sampler
+    with a DistributedSampler, whose order is fixed by the epoch; the skipping works the same.
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, order: EpochOrder | None = None):
+        super().__init__(sampler, batch_size, drop_last)
+        self.order = order if order is not None else EpochOrder()
+
+    def __iter__(self):
+        o = self.order
+        generator = getattr(self.sampler, "generator", None)
+        if o.resume is not None:
+            (seed, skip), o.resume = o.resume, None
+        else:
+            seed, skip = (int(torch.empty((), dtype=torch.int64).random_().item()) if generator is not None else None), 0
+        o.seed, o.taken = seed, skip
+        if generator is not None and seed is not None:
+            generator.manual_seed(seed)
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:  # index lists only: skipping costs no image decoding or copying
+                yield batch
+
+
+class ResumableDataLoader(DataLoader):
+    """Marks the training loader as resumable mid-epoch for Lightning (which otherwise warns on such a resume).
+
+    The position itself is saved and restored by the DataModule (:class:`EpochOrder`): Lightning restores a
+    DataModule before it first iterates the loader, whereas it skips restoring a loader's own state when
+    ``configure_optimizers`` read ``trainer.estimated_stepping_batches`` (Lightning issue #20550), as ours does.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 class InMemoryDataModule(pl.LightningDataModule):
     """Base for the toolkit's datasets; a subclass implements :meth:`load`.
 
     Args:
         batch_size: Images per step per device (SimCLR CIFAR-10: 512).
-        num_workers: DataLoader workers; 0 is right for in-memory data (batches are one index op).
+        num_workers: DataLoader workers; 0 is right for in-memory data (batches are one index op). A mid-epoch
+            resume is exact with 0; workers start before a resumed epoch is set up (Lightning builds the first
+            iterator early) and draw from their own random streams.
         resident: Copy the whole uint8 set to the accelerator once and sample indices there;
             use it when the set fits in device memory (CIFAR-10 is 150 MB).
         pin_memory: Pin host batches for faster copies (ignored when ``resident``).
@@ -77,6 +142,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resident, self.pin_memory = resident, pin_memory
         self.splits: Splits | None = None
+        self.order = EpochOrder()  # the training position, saved in checkpoints for an exact mid-epoch resume
         self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
 
     def load(self) -> Splits:
@@ -106,10 +172,15 @@ class InMemoryDataModule(pl.LightningDataModule):
         if len(s.y_train) < self.batch_size:
             raise ValueError(f"{self.name}: batch_size {self.batch_size} is larger than the training set "
                              f"({len(s.y_train)} images); lower data.batch_size.")
-        return DataLoader(_Batches(self.train_batch, len(s.y_train), indices_only=self.resident), batch_size=self.batch_size,
-                          shuffle=True, drop_last=True, num_workers=self.num_workers, collate_fn=_stacked,
-                          pin_memory=self.pin_memory and not self.resident and torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0)
+        data = _Batches(self.train_batch, len(s.y_train), indices_only=self.resident)
+        # The loader draws its workers' base seed from this generator too, not from the global one: a resumed
+        # run builds its first iterator after the random states are restored, an uninterrupted one before.
+        generator = torch.Generator()
+        batches = ResumableBatchSampler(RandomSampler(data, generator=generator), self.batch_size, drop_last=True,
+                                        order=self.order)
+        return ResumableDataLoader(data, batch_sampler=batches, num_workers=self.num_workers, collate_fn=_stacked,
+                                   pin_memory=self.pin_memory and not self.resident and torch.cuda.is_available(),
+                                   persistent_workers=self.num_workers > 0, generator=generator)
 
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.splits
@@ -136,7 +207,17 @@ class InMemoryDataModule(pl.LightningDataModule):
         x, y = self._on_device("train", device)
         return x[idx], y[idx]
 
+    def state_dict(self) -> dict:
+        epoch_batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
+        return {"epoch_order": self.order.state_dict(epoch_batches)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "epoch_order" in state:  # checkpoints from before exact mid-epoch resume have none
+            self.order.load_state_dict(state["epoch_order"])
+
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if self.trainer is not None and self.trainer.training:
+            self.order.taken += 1  # counted here, not in the sampler, which DataLoader workers run ahead of
         if self.resident and len(batch) == 1:  # an index batch: gather the images already on the device
             return self.train_batch(batch[0].to(device, non_blocking=True), device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)

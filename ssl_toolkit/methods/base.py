@@ -218,12 +218,17 @@ class BaseSSLModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam),
                                                    "interval": "step"}}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if not self.ema_pairs():
-            return
-        m = self.scheduled(self.momentum_schedule, self.global_step - 1)  # the step just taken
-        self.update_targets(m)
-        self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update of the targets with the same step's momentum.
+
+        Here rather than in ``on_train_batch_end``, which Lightning calls after the callbacks' (a checkpoint
+        written there would miss the step's EMA update), and which also runs on accumulating batches.
+        """
+        super().optimizer_step(*args, **kwargs)
+        if self.ema_pairs():
+            m = self.scheduled(self.momentum_schedule)  # the step just taken (global_step counts it afterwards)
+            self.update_targets(m)
+            self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write weights a non-finite loss has touched

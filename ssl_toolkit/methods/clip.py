@@ -135,8 +135,8 @@ class CLIP(BaseSSLModule):
         out = clip_loss(image, text, self.logit_scale.exp(), self.gather)
         return {**out, "logit_scale": self.logit_scale.detach().exp()}
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        super().on_train_batch_end(outputs, batch, batch_idx)
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.logit_scale.clamp_(0.0, self.max_log_scale)  # CLIP: the scale never exceeds 100
 
