@@ -11,6 +11,31 @@ from ssl_toolkit.queue import FeatureQueue
 WORLD, B = 2, 4  # 2 ranks with 4 images each against 1 process with 8
 
 
+def _on_two_ranks(worker, *args) -> list:
+    """Run ``worker(rank, init_file, *args, results)`` in WORLD forked gloo processes; each puts
+    ``(rank, ...)`` on ``results``. Returns the rest of each rank's tuple, in rank order; a worker's exception is
+    raised here (rather than leaving the test waiting for its result)."""
+    import queue
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    results = mp.get_context("fork").Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        workers = mp.start_processes(worker, args=(f"{tmp}/init", *args, results), nprocs=WORLD, start_method="fork",
+                                     join=False)
+        got = {}
+        while len(got) < WORLD:  # read before joining: a worker with a large result waits until it is read
+            try:
+                r = results.get(timeout=1)
+                got[r[0]] = r[1:]
+            except queue.Empty:
+                workers.join(timeout=0)  # raises a failed worker's exception
+        while not workers.join():
+            pass
+    return [got[r] for r in range(WORLD)]
+
+
 def _worker(rank, init_file, z1, z2, keys, teacher, results):
     import torch.distributed as dist
 
@@ -36,15 +61,10 @@ def _worker(rank, init_file, z1, z2, keys, teacher, results):
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
-    import torch.multiprocessing as mp
-
+def test_two_ranks_equal_one_process_with_the_whole_batch():
     torch.manual_seed(1)
     z1, z2, keys, teacher = torch.randn(8, 6), torch.randn(8, 6), torch.randn(8, 6), torch.randn(8, 5).softmax(1)
-    results = mp.get_context("fork").SimpleQueue()
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), z1, z2, keys, teacher, results), nprocs=WORLD,
-                       start_method="fork")
-    got = {r[0]: r[1:] for r in (results.get() for _ in range(WORLD))}
+    got = _on_two_ranks(_worker, z1, z2, keys, teacher)
 
     full1, full2 = z1.clone().requires_grad_(), z2.clone().requires_grad_()
     full = nt_xent(full1, full2, temperature=0.5)["ntxent_loss"]
@@ -65,3 +85,162 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(tmp_path):
         assert torch.equal(torch.from_numpy(feats), queue.features) and ptr == int(queue.ptr) == 4
         assert unshuffled
         assert torch.allclose(torch.from_numpy(c), center, atol=1e-7)
+
+
+def test_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path):
+    """Two CPU processes under Lightning DDP: the DistributedSampler's epoch order resumes at the saved batch."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    from ssl_toolkit.backbones import BackboneConfig
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.methods import MoCoV2, OptimConfig
+    from ssl_toolkit.views import ViewConfig
+
+    class OneThread(Callback):  # forked workers must not use the parent's thread pool
+        def setup(self, trainer, pl_module, stage):
+            torch.set_num_threads(1)
+
+    class Kill(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 6:  # epoch 0 has 9 steps; the last checkpoint is step 6's
+                raise RuntimeError("killed")
+
+    def fit(folder, kill=False, ckpt_path=None):
+        pl.seed_everything(0)
+        model = MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), queue_size=256,
+                       optim=OptimConfig("sgd", lr=0.05, warmup_epochs=0.5), proj_hidden_dim=16, proj_out_dim=8)
+        callbacks = [OneThread(), ModelCheckpoint(dirpath=folder, save_last=True, every_n_train_steps=2)]
+        trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=WORLD, strategy="ddp_fork", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=callbacks + ([Kill()] if kill else []))
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64), ckpt_path=ckpt_path)
+        return model  # the spawn strategies load rank 0's final weights back into this process's model
+
+    pl.seed_everything(0)
+    init = MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), queue_size=256,
+                  proj_hidden_dim=16, proj_out_dim=8).state_dict()
+    straight = fit(tmp_path / "a").state_dict()
+    with pytest.raises(Exception, match="killed"):
+        fit(tmp_path / "b", kill=True)
+    assert torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["global_step"] == 6
+    resumed = fit(tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt")).state_dict()
+    assert not torch.equal(straight["backbone.0.weight"], init["backbone.0.weight"])  # trained weights came back
+    for k, v in straight.items():
+        assert torch.equal(v, resumed[k]), k  # weights, key encoder, the queue filled by both ranks, its pointer
+
+
+MODEL_B = 6  # images per rank in the model-level test
+
+
+def _model(name: str):
+    """The method with tiny settings, identical in every process; its batch norms use fixed statistics.
+
+    Batch norm couples the samples of one rank; the DDP remedy, SyncBN (``trainer.sync_batchnorm``), runs on GPUs
+    only in torch, so here every BN layer is in eval mode (an affine map per sample) and the rest trains.
+    """
+    from dataclasses import replace
+
+    from ssl_toolkit.backbones import BackboneConfig, TextConfig
+    from ssl_toolkit.methods import CLIP, DINO, MoCoV2, SimCLR
+    from ssl_toolkit.methods.clip import CLIP_VIEWS
+    from ssl_toolkit.views import ViewConfig
+
+    torch.manual_seed(0)
+    backbone, views = BackboneConfig("tiny_cnn", width=4), ViewConfig(crop_size=16)
+    model = {
+        "simclr": lambda: SimCLR(backbone, views=views, proj_hidden_dim=16, proj_out_dim=8),
+        "moco": lambda: MoCoV2(backbone, views=views, queue_size=24, proj_hidden_dim=16, proj_out_dim=8),
+        "dino": lambda: DINO(backbone, views=views, num_local_crops=2, local_crop_size=8, out_dim=32, hidden_dim=16,
+                             bottleneck_dim=8, head_batch_norm=True),
+        "clip": lambda: CLIP(backbone, embed_dim=8, views=replace(CLIP_VIEWS, crop_size=16),
+                             text=TextConfig(vocab_size=64, context_length=8, width=16, layers=1, heads=2)),
+    }[name]()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+def _rows(views, rank: int):
+    """Rank ``rank``'s share of a batch's views: the same rows of every crop (and caption)."""
+    from dataclasses import replace
+
+    rows = slice(rank * MODEL_B, (rank + 1) * MODEL_B)
+    return replace(views, crops=[c[rows] for c in views.crops],
+                   tokens=views.tokens[rows] if views.tokens is not None else None)
+
+
+def _train_step(model, views) -> tuple:
+    """One step's loss, the parameter gradients and the state a step changes (queue, pointer, center)."""
+    loss = model.sum_losses(model.step(views))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    state = {k: v.clone() for k, v in model.state_dict().items() if k.split(".")[-1] in ("features", "ptr", "center")}
+    return loss.item(), grads, state
+
+
+def _model_worker(rank, init_file, name, views, results):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    loss, grads, state = _train_step(_model(name), _rows(views, rank))
+    results.put((rank, loss, {k: v.numpy() for k, v in grads.items()}, {k: v.numpy() for k, v in state.items()}))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco", "dino", "clip"])
+def test_a_method_step_on_two_ranks_equals_one_process_with_the_whole_batch(name):
+    """World 2 x batch B against one process with batch 2B, same data and views: the loss averaged over the
+    ranks and the gradients averaged over the ranks (what DDP applies) equal the single process's."""
+    model = _model(name)
+    torch.manual_seed(1)
+    views = model.view_policy(torch.randint(0, 256, (WORLD * MODEL_B, 3, 16, 16), dtype=torch.uint8))
+    if name == "clip":
+        views.tokens = torch.randint(0, 64, (WORLD * MODEL_B, 8))  # (2B, L) one caption per image
+    got = _on_two_ranks(_model_worker, name, views)
+    loss, grads, state = _train_step(model, views)
+
+    # Stated tolerance: float32 sums in another order. 1e-5 relative on the loss; on each gradient tensor and on the
+    # queue / center, 1e-3 of the tensor's largest entry plus 1e-7: entries near 0 are sums that cancel (a bias
+    # before a normalisation), so their own size is no scale. Measured worst: 3e-4 of the largest entry (SimCLR's
+    # last projector bias). A gradient off by the world size, or negatives from one rank only, miss by > 10%.
+    def close(a, b):
+        return (a - b).abs().max() <= 1e-3 * b.abs().max() + 1e-7
+
+    assert np.mean([g[0] for g in got]) == pytest.approx(loss, rel=1e-5)
+    assert set(got[0][1]) == set(grads) and len(grads) > 4
+    for k, full in grads.items():
+        ddp = torch.as_tensor(np.mean([g[1][k] for g in got], axis=0))  # DDP's all-reduce mean
+        assert close(ddp, full), (k, (ddp - full).abs().max().item(), full.abs().max().item())
+    for k, full in state.items():  # every rank holds the whole batch's queue / center
+        for g in got:
+            assert close(torch.from_numpy(g[2][k]), full), k
+
+
+def test_every_collective_goes_through_the_distributed_helper():
+    """No module but ``ssl_toolkit.distributed`` imports ``torch.distributed`` or calls a collective itself."""
+    import ast
+    from pathlib import Path
+
+    collectives = {"all_gather", "all_reduce", "broadcast", "barrier", "reduce_scatter", "all_to_all",
+                   "reduce_boolean_decision", "all_gather_object", "broadcast_object_list"}
+    package = Path(distributed.__file__).parent
+    offenders, files = [], 0
+    for path in package.rglob("*.py"):
+        if path == Path(distributed.__file__):
+            continue
+        files += 1
+        for node in ast.walk(ast.parse(path.read_text())):
+            where = f"{path.relative_to(package.parent)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                offenders += [where for a in node.names if a.name.startswith("torch.distributed")]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                offenders += [where for a in node.names if f"{node.module}.{a.name}".startswith("torch.distributed")]
+            elif isinstance(node, ast.Attribute) and node.attr == "distributed" and getattr(node.value, "id", "") == "torch":
+                offenders.append(where)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in collectives
+                  and getattr(node.func.value, "id", "") != "distributed"):
+                offenders.append(where)
+    assert files > 30 and not offenders, offenders
