@@ -258,3 +258,20 @@ def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_p
     final = load_checkpoint(str(tmp_path / "last.ckpt"))
     assert final["global_step"] == 6 and ckpt.last_model_path == str(tmp_path / "last.ckpt")
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in final["state_dict"].items())
+
+
+def test_metrics_are_logged_only_on_the_steps_lightning_writes_and_an_epochs_last_batch(tmp_path, monkeypatch):
+    from pytorch_lightning.loggers import CSVLogger
+
+    m = tiny()
+    logged_at = []
+    log_dict = m.log_dict
+    monkeypatch.setattr(m, "log_dict", lambda *a, **k: (logged_at.append(m.global_step), log_dict(*a, **k)))
+    trainer = pl.Trainer(max_epochs=1, limit_train_batches=7, log_every_n_steps=3, accelerator="cpu",
+                         logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    trainer.fit(m, DigitsDataModule(image_size=16, batch_size=32))
+    assert logged_at == [2, 5, 6]  # steps 3 and 6 of 7 (written), and the last batch (for epoch-end callbacks)
+    rows = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text().splitlines()
+    steps = [int(r.split(",")[rows[0].split(",").index("step")]) for r in rows[1:] if "," in r]
+    assert steps == [2, 5] and "train/ntxent_loss" in rows[0] and "train/loss" in trainer.callback_metrics

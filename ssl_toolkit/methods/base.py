@@ -171,9 +171,22 @@ class BaseSSLModule(pl.LightningModule):
         loss = self.sum_losses(out)
         self.check_finite()  # the previous step's loss: read one step late, so the check does not stall the device
         self._unchecked = (self.global_step, torch.isfinite(loss.detach()), {k: v.detach() for k, v in out.items()})
-        self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
-        self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+        if self.logs_this_step():
+            self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
+            self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def logs_this_step(self) -> bool:
+        """Whether this step's metrics reach anyone, so the other steps skip ``self.log``.
+
+        Lightning writes step metrics every ``trainer.log_every_n_steps``, and epoch-end callbacks (the collapse
+        monitor) read the last batch's. Each ``self.log`` call costs Python time: logging every step took 1.9 ms
+        of a 10.4 ms Lightning step whose model costs next to nothing (measured on the CPU).
+        """
+        t = self._trainer
+        if t is None or t.fast_dev_run or t.should_stop or t.is_last_batch:
+            return True
+        return t.log_every_n_steps > 0 and (self.global_step + 1) % t.log_every_n_steps == 0
 
     def check_finite(self) -> None:
         """Raise :class:`NonFiniteLossError` if the last unchecked training loss was NaN or infinite.
@@ -228,7 +241,8 @@ class BaseSSLModule(pl.LightningModule):
         if self.ema_pairs():
             m = self.scheduled(self.momentum_schedule)  # the step just taken (global_step counts it afterwards)
             self.update_targets(m)
-            self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
+            if self.logs_this_step():
+                self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         self.check_finite()  # never write weights a non-finite loss has touched
