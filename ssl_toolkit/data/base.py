@@ -6,6 +6,7 @@ are one fancy-index per step (no per-sample Python, no augmentation in workers);
 the batch's indices, because 2-16 CPU workers cannot feed a GPU at CIFAR scale.
 """
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -98,9 +99,7 @@ class ResumableBatchSampler(BatchSampler):
         o.seed, o.taken = seed, skip
         if generator is not None and seed is not None:
             generator.manual_seed(seed)
-        for i, batch in enumerate(super().__iter__()):
-            if i >= skip:  # index lists only: skipping costs no image decoding or copying
-                yield batch
+        yield from itertools.islice(super().__iter__(), skip, None)  # skipped: index lists only, no image work
 
 
 class ResumableDataLoader(DataLoader):
