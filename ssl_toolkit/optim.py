@@ -31,12 +31,16 @@ def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: i
     return torch.cat([warm.double(), cos]).float()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay (and LARS adaptation) only on parameters with ``ndim >= 2``."""
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: bool = False) -> list[dict]:
+    """Two groups: parameters with ``ndim >= 2`` (weights), and biases and normalisation parameters.
+
+    The second group never gets LARS adaptation, and gets weight decay only with ``decay_norm_and_bias``
+    (lightly's and many CIFAR benchmarks decay every parameter; SimCLR and DINO exclude them).
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0, "lars_exclude": True}]
+            {"params": no_decay, "weight_decay": weight_decay if decay_norm_and_bias else 0.0, "lars_exclude": True}]
 
 
 class LARS(torch.optim.Optimizer):

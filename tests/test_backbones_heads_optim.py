@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_toolkit.backbones import Encoder, build_backbone
+from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
 from ssl_toolkit.heads import mlp, projection_head
 from ssl_toolkit.optim import LARS, cosine_schedule, param_groups
 
@@ -53,6 +53,23 @@ def test_weight_decay_only_on_matrices():
     groups = param_groups(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), weight_decay=0.1)
     assert [p.ndim for p in groups[0]["params"]] == [2]
     assert sorted(p.ndim for p in groups[1]["params"]) == [1, 1, 1] and groups[1]["weight_decay"] == 0
+    every = param_groups(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), weight_decay=0.1, decay_norm_and_bias=True)
+    assert [g["weight_decay"] for g in every] == [0.1, 0.1] and every[1]["lars_exclude"]
+
+
+def test_optim_config_can_decay_norm_and_bias_as_lightly_does():
+    from types import SimpleNamespace
+
+    from ssl_toolkit.methods import SimCLR
+    from ssl_toolkit.methods.base import OptimConfig
+
+    def groups(**optim):
+        m = SimCLR(BackboneConfig("tiny_cnn", width=4), optim=OptimConfig("lars", lr=0.1, weight_decay=1e-4, **optim))
+        m._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=2)  # what configure_optimizers reads
+        return [(g["weight_decay"], g["lars_exclude"]) for g in m.configure_optimizers()["optimizer"].param_groups]
+
+    assert groups() == [(1e-4, False), (0.0, True)]
+    assert groups(decay_norm_and_bias=True) == [(1e-4, False), (1e-4, True)]
 
 
 def test_lars_step_matches_formula():

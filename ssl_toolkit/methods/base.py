@@ -29,11 +29,13 @@ class OptimConfig:
         name: ``sgd``, ``lars`` (large batches, SimCLR's choice) or ``adamw``.
         lr: Peak learning rate after warmup (SimCLR with LARS: 0.3 x batch / 256; SGD on CIFAR at
             batch 512: 0.06 x 512 / 256 = 0.12 is a common choice). Lower it if the loss diverges.
-        weight_decay: Applied only to weights with ndim >= 2 (SimCLR: 1e-6 with LARS; 5e-4 with SGD on CIFAR).
+        weight_decay: L2 penalty of the weights, ndim >= 2 (SimCLR: 1e-6 with LARS; 5e-4 with SGD on CIFAR).
         momentum: SGD/LARS momentum.
         betas: AdamW betas.
         warmup_epochs: Linear warmup length (10 in SimCLR); fractional values are allowed.
         min_lr: Learning rate at the end of the cosine decay.
+        decay_norm_and_bias: Also decay biases and normalisation parameters (ndim < 2), as lightly's CIFAR-10
+            benchmarks do; off by default, as in SimCLR and DINO. LARS never adapts them either way.
     """
 
     name: str = "sgd"
@@ -43,6 +45,7 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 10.0
     min_lr: float = 0.0
+    decay_norm_and_bias: bool = False
 
     def __post_init__(self):
         if self.name not in ("sgd", "lars", "adamw"):
@@ -216,7 +219,7 @@ class BaseSSLModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.optim_config
-        groups = param_groups(self, c.weight_decay)
+        groups = param_groups(self, c.weight_decay, c.decay_norm_and_bias)
         if c.name == "lars":
             opt = LARS(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
         elif c.name == "sgd":
