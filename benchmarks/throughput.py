@@ -149,6 +149,8 @@ def build(method: str, a, device: torch.device):
     extra = {"text": CLIP_TEXT, "embed_dim": 256} if method == "clip" else {}
     if method == "colorization":  # no DataModule to count colours in; the weight lookup costs the same either way
         extra = {"rebalance_mix": 1.0}
+    if method == "moco":  # the CIFAR-10 recipe's shuffle-BN on one device
+        extra = {"bn_splits": 8}
     crop = a.size - a.size % 3 if method == "jigsaw" else a.size  # a jigsaw crop divides into 3x3 cells
     model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=crop),
                 channels_last=not a.no_channels_last, **extra).to(device)

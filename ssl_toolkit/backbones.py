@@ -54,6 +54,70 @@ def _norm_layer(norm: str):
     raise ValueError(f"Unknown backbone.norm {norm!r}; use 'batch' or 'layer'.")
 
 
+class SplitBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training statistics come from ``num_splits`` sub-batches, as if each were on its own
+    GPU; sub-batch ``j`` holds images ``j, j + s, j + 2s, ...``. Running statistics are the mean of the
+    sub-batches' updates, and evaluation is plain ``BatchNorm2d`` (same parameters, buffers and state-dict keys).
+
+    MoCo's shuffle-BN on one GPU (the MoCo CIFAR-10 demo's ``SplitBatchNorm``, lightly's ``num_splits``):
+    with the key batch shuffled, a query and its key are normalised with statistics of different images.
+
+    Example:
+        >>> bn = SplitBatchNorm2d(4, num_splits=2)
+        >>> x = torch.randn(6, 4, 3, 3)
+        >>> torch.allclose(bn(x)[0::2], nn.BatchNorm2d(4)(x[0::2]), atol=1e-6)
+        True
+    """
+
+    def __init__(self, num_features: int, num_splits: int, **kwargs):
+        super().__init__(num_features, **kwargs)
+        if num_splits < 1:
+            raise ValueError(f"num_splits must be >= 1; got {num_splits}.")
+        self.num_splits = num_splits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.num_splits
+        if not self.training or s == 1:
+            return super().forward(x)
+        n, c, h, w = x.shape
+        if n % s:
+            raise ValueError(f"A batch of {n} does not split into {s} equal batch-norm sub-batches; make the batch "
+                             f"(data.batch_size) a multiple of bn_splits={s}.")
+        track = self.track_running_stats
+        mean, var = (self.running_mean.repeat(s), self.running_var.repeat(s)) if track else (None, None)
+        weight = self.weight.repeat(s) if self.affine else None
+        bias = self.bias.repeat(s) if self.affine else None
+        y = F.batch_norm(x.reshape(n // s, s * c, h, w), mean, var, weight, bias, True, self.momentum, self.eps)
+        if track:
+            self.running_mean.copy_(mean.view(s, c).mean(0))
+            self.running_var.copy_(var.view(s, c).mean(0))
+            self.num_batches_tracked.add_(1)
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        return y.reshape(n, c, h, w).contiguous(memory_format=fmt)
+
+
+def split_batch_norm(module: nn.Module, num_splits: int) -> nn.Module:
+    """Replace every ``BatchNorm2d`` in ``module`` by a :class:`SplitBatchNorm2d` holding the same parameters and
+    buffers (in place; returns ``module``). ``num_splits=1`` leaves it as it is."""
+    if num_splits == 1:
+        return module
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            if child.momentum is None:
+                raise ValueError(f"{name}: split batch norm needs a BatchNorm2d with a momentum (got None).")
+            split = SplitBatchNorm2d(child.num_features, num_splits, eps=child.eps, momentum=child.momentum,
+                                     affine=child.affine, track_running_stats=child.track_running_stats)
+            if child.affine:  # the same tensors (as torch's convert_sync_batchnorm does): device and dtype kept
+                split.weight, split.bias = child.weight, child.bias
+            if child.track_running_stats:
+                split.running_mean, split.running_var = child.running_mean, child.running_var
+                split.num_batches_tracked = child.num_batches_tracked
+            setattr(module, name, split.train(child.training))
+        else:
+            split_batch_norm(child, num_splits)
+    return module
+
+
 class ViT(nn.Module):
     """torchvision's ``VisionTransformer`` returning the class token, for any input size divisible by the patch.
 

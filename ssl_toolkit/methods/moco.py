@@ -7,9 +7,11 @@ key encoder and K negatives from a FIFO queue of past keys.
 
 Batch-norm leakage: the key encoder runs in train mode on a batch that is shuffled across
 ranks before its forward pass and unshuffled after (shuffle-BN, MoCo Sec. 3.3), so a query and
-its key never share batch statistics. In one process shuffling cannot separate them; there the
-paper's leakage cue is weak at CIFAR batch sizes, and ``trainer.sync_batchnorm`` gives SyncBN
-for multi-GPU runs that prefer it.
+its key never share batch statistics. One process computes statistics over its whole batch
+whatever the order; there ``bn_splits`` gives both encoders batch norm over sub-batches, as if on
+that many GPUs, and shuffles the keys within the process (the MoCo CIFAR-10 demo's SplitBatchNorm,
+8 splits; lightly's CIFAR-10 benchmark does the same). ``trainer.sync_batchnorm`` gives SyncBN for
+multi-GPU runs that prefer it.
 """
 
 import copy
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit import distributed
-from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.backbones import BackboneConfig, split_batch_norm
 from ssl_toolkit.heads import projection_head
 from ssl_toolkit.losses import info_nce
 from ssl_toolkit.methods.base import BaseSSLModule, OptimConfig
@@ -47,13 +49,18 @@ class MoCoV2(BaseSSLModule):
             as in the paper, 1.0 anneals like BYOL/DINO.
         symmetric: Also use the second view as query (loss averaged, both keys queued): more signal per
             step; the paper's MoCo v2 is asymmetric.
+        bn_splits: Batch-norm sub-batches per process (1: the whole local batch). Above 1 the backbones' batch
+            norm computes training statistics over that many sub-batches and the key batch is shuffled first,
+            so a query and its key see different statistics on one GPU (8 in the CIFAR-10 recipe). The batch
+            must divide by it; evaluation is unchanged.
         channels_last: NHWC memory layout for the convolutions.
     """
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(lr=0.06),
                  views: ViewConfig = MOCO_V2_VIEWS, temperature: float = 0.2, queue_size: int = 4096,
                  proj_hidden_dim: int = 2048, proj_out_dim: int = 128, momentum: float = 0.99,
-                 final_momentum: float | None = None, symmetric: bool = False, channels_last: bool = False):
+                 final_momentum: float | None = None, symmetric: bool = False, bn_splits: int = 1,
+                 channels_last: bool = False):
         super().__init__(backbone, optim, views, channels_last)
         final_momentum = momentum if final_momentum is None else final_momentum
         if not (0.0 <= momentum <= 1.0 and 0.0 <= final_momentum <= 1.0):
@@ -61,15 +68,18 @@ class MoCoV2(BaseSSLModule):
                              f"final_momentum={final_momentum}. Use 0.99 on CIFAR, 0.999 on ImageNet.")
         if temperature <= 0:
             raise ValueError(f"MoCo temperature must be > 0; got {temperature}. MoCo v2 uses 0.2.")
+        if bn_splits < 1:
+            raise ValueError(f"MoCo bn_splits must be >= 1; got {bn_splits}. Use 8 on one GPU, 1 to turn it off.")
         self.save_config(temperature=temperature, queue_size=queue_size, proj_hidden_dim=proj_hidden_dim,
                          proj_out_dim=proj_out_dim, momentum=momentum, final_momentum=final_momentum,
-                         symmetric=symmetric)
+                         symmetric=symmetric, bn_splits=bn_splits)
+        split_batch_norm(self.backbone, bn_splits)  # before the copy: the key encoder splits the same way
         self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_out_dim, batch_norm=False)
         self.key_backbone = copy.deepcopy(self.backbone).requires_grad_(False)
         self.key_projector = copy.deepcopy(self.projector).requires_grad_(False)
         self.queue = FeatureQueue(queue_size, proj_out_dim)
         self.view_policy = ContrastiveViews(views, num_views=2)
-        self.temperature, self.symmetric = temperature, symmetric
+        self.temperature, self.symmetric, self.bn_splits = temperature, symmetric, bn_splits
         self.ema_momentum = (momentum, final_momentum)
 
     def ema_pairs(self):
@@ -81,6 +91,9 @@ class MoCoV2(BaseSSLModule):
         if dm is None or not hasattr(dm, "batch_size"):
             return
         per_step = dm.batch_size * self._trainer.world_size * (2 if self.symmetric else 1)  # keys queued per step
+        if dm.batch_size % self.bn_splits:
+            raise ValueError(f"MoCo's bn_splits {self.bn_splits} does not divide data.batch_size {dm.batch_size}; "
+                             f"set data.batch_size to a multiple of it (or model bn_splits to a divisor).")
         size = self.queue.features.shape[0]
         if size % per_step:
             fix = max(per_step, round(size / per_step) * per_step)
@@ -91,8 +104,13 @@ class MoCoV2(BaseSSLModule):
 
     @torch.no_grad()
     def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Unit-norm keys of the key encoder, with the batch shuffled across ranks for its batch norm."""
-        shuffled, undo = distributed.shuffle_across_ranks(x)
+        """Unit-norm keys of the key encoder, with the batch shuffled (across ranks, or within the process when
+        batch norm is split) for its batch norm."""
+        if self.bn_splits > 1 and not distributed.is_distributed():
+            perm = torch.randperm(len(x), device=x.device)
+            shuffled, undo = x[perm], perm.argsort()
+        else:
+            shuffled, undo = distributed.shuffle_across_ranks(x)
         k = self.key_projector(self.key_backbone(self.prepare_input(shuffled)))
         return F.normalize(distributed.unshuffle_across_ranks(k, undo).float(), dim=1)  # (B, D)
 
