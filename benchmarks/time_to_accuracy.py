@@ -3,6 +3,7 @@
   python benchmarks/time_to_accuracy.py --recipe recipes/simclr/cifar10.yaml --data data/cifar10/cifar10.npz
   python benchmarks/time_to_accuracy.py --recipe recipes/moco/cifar10.yaml --data ... --epochs 100
   python benchmarks/time_to_accuracy.py ... -- --trainer.limit_train_batches 2   # more pretrain flags after --
+  python benchmarks/time_to_accuracy.py --recipe recipes/rotation/cifar10.yaml --epochs 20 --probe   # + linear probe
 
 The recipe runs as written (model, views, optimizer, precision, checkpoints, callbacks) except: the data
 come from the local ``.npz`` (resident on the device, as the recipe's CIFARDataModule), ``--epochs`` (the
@@ -12,7 +13,8 @@ the last kNN evaluation, both included; Python's start and imports are not. Writ
 ``benchmarks/results/time-to-accuracy-<method>-<device>.json``: that time, the training and evaluation
 seconds, the kNN curve (epoch, seconds since the start, top-1 at each k; rewritten after every evaluation,
 so a run cut short keeps it, with ``finished: false``), the random-init baseline, peak GPU memory, the
-commit, device and library versions.
+commit, device and library versions. With ``--probe``, the final checkpoint also gets ``ssl-toolkit probe``
+(cached features, 100 epochs; its time is not part of the wall-clock) and the JSON its top-1.
 """
 
 import argparse
@@ -53,6 +55,21 @@ def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: 
     return cfg
 
 
+def linear_probe_of(ckpt: str, data: str) -> dict:
+    """``ssl-toolkit probe`` on ``ckpt`` with the local data: its top-1/top-5 and seconds."""
+    from ssl_toolkit.cli import main as cli
+
+    if not ckpt or not os.path.isfile(ckpt):
+        raise SystemExit("--probe needs the run's last checkpoint; the recipe's ModelCheckpoint has save_last: true.")
+    out = ckpt + ".probe.json"
+    start = time.perf_counter()
+    if cli(["probe", "--ckpt", ckpt, "--data", data, "--out", out]) != 0:
+        raise SystemExit(f"ssl-toolkit probe failed on {ckpt}")
+    result = json.load(open(out))
+    return {"top1": result["top1"], "top5": result["top5"], "protocol": result["protocol"],
+            "epochs": result["epochs"], "seconds": round(time.perf_counter() - start, 1)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/simclr/cifar10.yaml")
@@ -60,6 +77,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, help="default: the recipe's max_epochs")
     p.add_argument("--knn-every", type=int, default=10)
     p.add_argument("--no-compile", action="store_true", help="drop the recipe's Compile callback (eager)")
+    p.add_argument("--probe", action="store_true", help="then a linear probe on the final checkpoint")
     p.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "ssl-toolkit-bench"))
     p.add_argument("--out", help="JSON path (default: benchmarks/results/time-to-accuracy-<method>-<device>.json)")
     p.add_argument("--tag", default="", help="suffix of the default JSON name")
@@ -121,6 +139,9 @@ def main() -> None:
                    "eval_share": round(sum(eval_seconds) / wall, 4), "knn": knn,
                    "peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None})
     write()
+    if a.probe:
+        record["probe"] = linear_probe_of(trainer.checkpoint_callback.last_model_path, a.data)
+        write()
     final = knn.get("trained", {})
     print(f"{method}: {record['epochs']} epochs in {wall:.1f} s (evaluations {sum(eval_seconds):.1f} s, "
           f"{len(eval_seconds)}x); kNN top-1 {final}; peak memory {record['peak_memory_mb']} MB; wrote {out}")

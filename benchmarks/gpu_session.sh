@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# The GPU measurements, in stages that each fit one 10-minute call on a lent GPU machine (an H100 here).
+#
+#   BENCH_COMMIT=<commit> bash benchmarks/gpu_session.sh STAGE [STAGE ...]
+#
+# (the copy on the GPU machine has no .git: BENCH_COMMIT names the commit in the result files)
+# The machine's image has torch, torchvision, Lightning and tensorboard but not kornia or faiss, and nothing can
+# be downloaded there: the wheels travel in .whl/ and CIFAR-10 in .carry/cifar10/ (both git-ignored; see the
+# device notes in the README's "Speed on an H100"). Each stage writes benchmarks/results/*-cuda*.json and copies
+# them to $OUT when that is set (the device tool brings $OUT back). Minutes are measured or estimated on an H100
+# (setup ~20 s each call):
+#   speed     ~4 min  loop overhead on CUDA, the SimCLR peer rows with 2 and 16 workers (warmup = workers + 2),
+#                     MoCo eager with its recipe's 8 batch-norm splits, the kNN search's GPU rows
+#   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
+#   compiled2 ~6 min  the same for RotNet, Jigsaw, context encoder, colorization
+#   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
+#   parity    ~5 min  view_parity.py: resnet18, 30 epochs, toolkit views vs torchvision transforms (16 workers)
+#   decay     ~8 min  the SimCLR recipe with lightly's optimizer and weight decay on norms and biases too
+#   moco      ~9 min  MoCo v2 recipe, 200 epochs (DINO: replace moco by dino; ~2x the step)
+#   pretext   ~9 min  the four pretext recipes and SimCLR for 20 epochs each: kNN and linear probe
+#                     (issue 4's table)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+setup() {
+    if ! python3 -c "import kornia, faiss" 2>/dev/null; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+    export BENCH_COMMIT=${BENCH_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
+    [ -f data/cifar10/cifar10.npz ] || python3 .carry/cifar10/unpack.py data/cifar10 || exit 1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: not a GPU machine"
+}
+
+collect() {  # results back through the device tool
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null; fi
+}
+
+tta() {  # time to accuracy: recipe, tag, then pretrain flags
+    local recipe=$1 tag=$2; shift 2
+    timeout 570 python3 benchmarks/time_to_accuracy.py --recipe "$recipe" --epochs "${EPOCHS:-200}" --knn-every 10 \
+        --tag "$tag" -- "$@"
+}
+
+compiled() {  # one process per method, so a slow compile costs only its own row
+    for m in "$@"; do timeout 110 python3 benchmarks/throughput.py --method "$m" --compile views,model --tag compiled; done
+}
+
+stage() {
+    case $1 in
+    speed)
+        timeout 60 python3 benchmarks/loop_overhead.py --device cuda
+        timeout 90 python3 benchmarks/throughput.py --peer-workers 2 16 --data data/cifar10/cifar10.npz --tag peer
+        timeout 60 python3 benchmarks/throughput.py --method moco
+        timeout 60 python3 benchmarks/knn.py --repeats 3 ;;
+    compiled1) compiled simclr moco dino cpc clip ;;
+    compiled2) compiled rotation jigsaw inpainting colorization ;;
+    simclr) tta recipes/simclr/cifar10.yaml recipe ;;
+    parity) timeout 570 python3 benchmarks/view_parity.py --epochs 30 --seeds 0 ;;
+    decay) tta recipes/simclr/cifar10.yaml lightly-decay-all --model.init_args.optim.name sgd \
+        --model.init_args.optim.lr 0.24 --model.init_args.optim.weight_decay 5e-4 \
+        --model.init_args.optim.warmup_epochs 0 --model.init_args.optim.decay_norm_and_bias true \
+        --model.init_args.proj_hidden_dim 512 ;;
+    moco) tta recipes/moco/cifar10.yaml recipe ;;
+    dino) tta recipes/dino/cifar10.yaml recipe ;;
+    pretext)
+        for m in simclr rotation jigsaw inpainting colorization; do
+            timeout 110 python3 benchmarks/time_to_accuracy.py --recipe recipes/$m/cifar10.yaml \
+                --epochs 20 --knn-every 20 --probe --tag 20ep
+        done ;;
+    *) echo "unknown stage $1 (speed compiled1 compiled2 simclr parity decay moco dino pretext)" >&2; return 2 ;;
+    esac
+}
+
+setup
+for s in "$@"; do
+    stage "$s"
+    collect
+done
