@@ -39,7 +39,7 @@ collect() {  # results back through the device tool
 
 tta() {  # time to accuracy: recipe, tag, then pretrain flags
     local recipe=$1 tag=$2; shift 2
-    timeout 570 python3 benchmarks/time_to_accuracy.py --recipe "$recipe" --epochs "${EPOCHS:-200}" --knn-every 10 \
+    timeout 570 python3 benchmarks/time_to_accuracy.py --recipe "$recipe" --epochs 200 --knn-every 10 \
         --tag "$tag" -- "$@"
 }
 

@@ -123,14 +123,11 @@ def run_arm(arm: str, seed: int, a, device: torch.device, views: ViewConfig) -> 
 
 def summarize(runs: list[dict]) -> dict:
     """Per arm the mean kNN top-1; the toolkit-minus-torchvision difference per seed and its mean."""
-    out = {}
+    out, seeds = {}, sorted({r["seed"] for r in runs})
     for k in ("200", "20"):
-        per_arm = {arm: [r["knn_trained"][k] for r in runs if r["arm"] == arm] for arm in ARMS}
-        seeds = sorted({r["seed"] for r in runs})
-        diffs = [next(r["knn_trained"][k] for r in runs if r["arm"] == "toolkit" and r["seed"] == s)
-                 - next(r["knn_trained"][k] for r in runs if r["arm"] == "torchvision" and r["seed"] == s)
-                 for s in seeds]
-        out[f"k{k}"] = {**{f"{arm}_mean": round(statistics.mean(v), 2) for arm, v in per_arm.items()},
+        top1 = {(r["arm"], r["seed"]): r["knn_trained"][k] for r in runs}
+        diffs = [top1["toolkit", s] - top1["torchvision", s] for s in seeds]
+        out[f"k{k}"] = {**{f"{arm}_mean": round(statistics.mean(top1[arm, s] for s in seeds), 2) for arm in ARMS},
                         "toolkit_minus_torchvision": [round(d, 2) for d in diffs],
                         "mean_difference": round(statistics.mean(diffs), 2)}
     return out
