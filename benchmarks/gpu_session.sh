@@ -16,6 +16,10 @@
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
 #   parity    ~5 min  view_parity.py: resnet18, 30 epochs, toolkit views vs torchvision transforms (16 workers)
 #   decay     ~8 min  the SimCLR recipe with lightly's optimizer and weight decay on norms and biases too
+#   suspects  ~9 min  accuracy A/B of what still differs from lightly's SimCLR benchmark, four 30-epoch runs at
+#                     once (lightly's optimizer in all; their seconds are shared, not speeds): as before (bf16,
+#                     BN in the head, no decay on norms/biases); + decay on norms/biases; + the v1 head without
+#                     BN; all of lightly's (fp32, v1 head, decay on everything)
 #   moco      ~9 min  MoCo v2 recipe, 200 epochs (DINO: replace moco by dino; ~2x the step)
 #   pretext   ~9 min  the four pretext recipes and SimCLR for 20 epochs each: kNN and linear probe
 #                     (issue 4's table)
@@ -43,6 +47,17 @@ tta() {  # time to accuracy: recipe, tag, then pretrain flags
         --tag "$tag" -- "$@"
 }
 
+LIGHTLY_OPTIM=(--model.init_args.optim.name sgd --model.init_args.optim.lr 0.24
+    --model.init_args.optim.weight_decay 5e-4 --model.init_args.optim.warmup_epochs 0
+    --model.init_args.proj_hidden_dim 512)  # lightly's CIFAR-10 SimCLR: SGD 0.06 x 512/128, no warmup, 512 head
+
+suspect() {  # one arm of the suspects stage, in the background: tag, then pretrain flags
+    local tag=$1; shift
+    timeout 560 python3 benchmarks/time_to_accuracy.py --epochs 30 --knn-every 10 --runs "/tmp/runs-$tag" \
+        --tag "suspect-$tag" --note "one of the suspects stage's four runs sharing the GPU: seconds are not speeds" \
+        -- "${LIGHTLY_OPTIM[@]}" "$@" > "/tmp/suspect-$tag.log" 2>&1 &
+}
+
 compiled() {  # one process per method, so a slow compile costs only its own row
     for m in "$@"; do timeout 110 python3 benchmarks/throughput.py --method "$m" --compile views,model --tag compiled; done
 }
@@ -58,10 +73,16 @@ stage() {
     compiled2) compiled rotation jigsaw inpainting colorization ;;
     simclr) tta recipes/simclr/cifar10.yaml recipe ;;
     parity) timeout 570 python3 benchmarks/view_parity.py --epochs 30 --seeds 0 ;;
-    decay) tta recipes/simclr/cifar10.yaml lightly-decay-all --model.init_args.optim.name sgd \
-        --model.init_args.optim.lr 0.24 --model.init_args.optim.weight_decay 5e-4 \
-        --model.init_args.optim.warmup_epochs 0 --model.init_args.optim.decay_norm_and_bias true \
-        --model.init_args.proj_hidden_dim 512 ;;
+    decay) tta recipes/simclr/cifar10.yaml lightly-decay-all "${LIGHTLY_OPTIM[@]}" \
+        --model.init_args.optim.decay_norm_and_bias true ;;
+    suspects)
+        suspect base
+        suspect decay --model.init_args.optim.decay_norm_and_bias true
+        suspect v1head --model.init_args.proj_batch_norm false
+        suspect lightly --trainer.precision 32-true --model.init_args.optim.decay_norm_and_bias true \
+            --model.init_args.proj_batch_norm false
+        wait
+        tail -n 4 /tmp/suspect-*.log ;;
     moco) tta recipes/moco/cifar10.yaml recipe ;;
     dino) tta recipes/dino/cifar10.yaml recipe ;;
     pretext)
@@ -69,7 +90,7 @@ stage() {
             timeout 110 python3 benchmarks/time_to_accuracy.py --recipe recipes/$m/cifar10.yaml \
                 --epochs 20 --knn-every 20 --probe --tag 20ep
         done ;;
-    *) echo "unknown stage $1 (speed compiled1 compiled2 simclr parity decay moco dino pretext)" >&2; return 2 ;;
+    *) echo "unknown stage $1 (speed compiled1 compiled2 simclr parity decay suspects moco dino pretext)" >&2; return 2 ;;
     esac
 }
 

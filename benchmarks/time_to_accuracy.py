@@ -81,6 +81,7 @@ def main() -> None:
     p.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "ssl-toolkit-bench"))
     p.add_argument("--out", help="JSON path (default: benchmarks/results/time-to-accuracy-<method>-<device>.json)")
     p.add_argument("--tag", default="", help="suffix of the default JSON name")
+    p.add_argument("--note", default="", help="written into the JSON (e.g. that other runs shared the GPU)")
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
     if not os.path.isfile(a.data):
@@ -95,7 +96,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     record = {**env, "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
               "overrides": {"data": a.data, "knn_every": a.knn_every, "compile": not a.no_compile, "extra": extra},
-              "finished": False, "curve": []}
+              "finished": False, "curve": [], **({"note": a.note} if a.note else {})}
 
     def write() -> None:
         with open(out, "w") as fh:

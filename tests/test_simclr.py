@@ -76,6 +76,22 @@ def test_checkpoint_carries_config_and_rebuilds_the_encoder(tmp_path):
     assert isinstance(datamodule_from_checkpoint(ckpt), DigitsDataModule)
 
 
+def test_v1_head_without_batch_norm_trains_and_comes_back_from_its_checkpoint(tmp_path):
+    from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
+
+    m = tiny(proj_batch_norm=False)
+    assert [type(x).__name__ for x in m.projector] == ["Linear", "ReLU", "Linear"]
+    assert m.projector[0].bias is not None and m.projector[2].bias is not None  # W2 relu(W1 h + b1) + b2
+    assert [type(x).__name__ for x in tiny().projector] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    trainer = pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(m, DigitsDataModule(image_size=16, batch_size=64))
+    trainer.save_checkpoint(tmp_path / "v1.ckpt")
+    back = method_from_checkpoint(load_checkpoint(str(tmp_path / "v1.ckpt")), SimCLR)
+    assert [type(x).__name__ for x in back.projector] == ["Linear", "ReLU", "Linear"]
+    assert torch.equal(back.projector[2].bias, m.projector[2].bias)
+
+
 def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
     from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint
 

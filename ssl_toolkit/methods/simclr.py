@@ -24,6 +24,8 @@ class SimCLR(BaseSSLModule):
         temperature: NT-Xent temperature (0.5 for CIFAR-10 in the paper, App. B.9).
         proj_hidden_dim: Hidden width of g (2048 in SimCLR v2 and most CIFAR ports).
         proj_out_dim: Output width of g (128 in the paper).
+        proj_batch_norm: Batch norm in g's hidden layer, as in SimCLR v2 and most CIFAR ports; ``False`` gives
+            the v1 paper's ``W2 relu(W1 h)`` with biases (lightly's CIFAR-10 benchmark head).
         channels_last: NHWC memory layout for the convolutions.
 
     Example:
@@ -35,10 +37,11 @@ class SimCLR(BaseSSLModule):
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(),
                  views: ViewConfig = ViewConfig(), temperature: float = 0.5, proj_hidden_dim: int = 2048,
-                 proj_out_dim: int = 128, channels_last: bool = False):
+                 proj_out_dim: int = 128, channels_last: bool = False, proj_batch_norm: bool = True):
         super().__init__(backbone, optim, views, channels_last)
-        self.save_config(temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim)
-        self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_out_dim)
+        self.save_config(temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim,
+                         proj_batch_norm=proj_batch_norm)
+        self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_out_dim, batch_norm=proj_batch_norm)
         self.criterion = NTXentLoss(temperature)
         self.view_policy = ContrastiveViews(views, num_views=2)
 
