@@ -14,7 +14,7 @@ from ssl_toolkit.backbones import BackboneConfig, TextConfig, TextTransformer
 from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint, method_from_checkpoint
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import CaptionDataModule, CaptionTokenizer, DigitsDataModule, NpzDataModule
-from ssl_toolkit.eval import RetrievalCallback, recall_at_k, retrieval_recall, zero_shot
+from ssl_toolkit.eval import RetrievalCallback, recall_at_k, zero_shot
 from ssl_toolkit.losses import clip_loss
 from ssl_toolkit.methods import CLIP, OptimConfig, SimCLR
 from ssl_toolkit.methods.clip import CLIP_VIEWS
