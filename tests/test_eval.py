@@ -243,6 +243,48 @@ def test_augmented_probe_learns_with_the_backbone_frozen():
         augmented_linear_probe(encoder, DigitsDataModule(image_size=16), scale=(0.0, 1.0))
 
 
+def _tiny_run(device):
+    """A tiny SimCLR on ``device`` and a stand-in trainer that only has the datamodule (all on_fit_start reads)."""
+    from types import SimpleNamespace
+
+    from ssl_toolkit.backbones import BackboneConfig
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.methods import SimCLR
+    from ssl_toolkit.views import ViewConfig
+
+    model = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                   proj_out_dim=8).to(device)
+    return model, SimpleNamespace(datamodule=DigitsDataModule(image_size=16))
+
+
+def test_evaluators_never_reseed_a_gpu_generator(monkeypatch):
+    # The GPU view policy draws from the GPU's generator during training. torch.manual_seed reseeds it on every
+    # GPU, and fork_rng(devices=[]) does not restore it: every seed_everything value would make the same views
+    # after OnlineProbe's setup, and a resumed run would not continue its own stream.
+    from ssl_toolkit.eval import OnlineProbe
+    from ssl_toolkit.eval.linear_probe import augmented_linear_probe
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: reseeded.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: reseeded.append(seed))
+    model, trainer = _tiny_run("cpu")
+    cpu = torch.get_rng_state()
+    OnlineProbe().on_fit_start(trainer, model)
+    augmented_linear_probe(model.encoder(), trainer.datamodule, epochs=1, batch_size=256)
+    assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_online_probe_setup_leaves_the_gpu_stream_where_it_was():
+    from ssl_toolkit.eval import OnlineProbe
+
+    model, trainer = _tiny_run("cuda")
+    torch.cuda.manual_seed(1)
+    before = torch.cuda.get_rng_state()
+    OnlineProbe().on_fit_start(trainer, model)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+
+
 def test_faiss_and_torch_agree_on_real_data_and_fp16_halves_memory_not_accuracy():
     from ssl_toolkit.data import DigitsDataModule
 

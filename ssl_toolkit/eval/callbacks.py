@@ -8,7 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from ssl_toolkit.distributed import all_reduce_mean
-from ssl_toolkit.eval.features import evaluating, extract_features
+from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
 from ssl_toolkit.eval.knn import knn_accuracy
 from ssl_toolkit.eval.linear_probe import bn_linear, topk_accuracy
 
@@ -172,8 +172,7 @@ class OnlineProbe(PeriodicEvaluation):
         images, _ = next(dm.iter_split("test", 2, pl_module.device))
         with torch.no_grad(), evaluating(self.encoder, pl_module.device):
             dim = self.encoder(images).shape[1]
-        with torch.random.fork_rng(devices=[]):  # the probe's init must not shift the run's random stream
-            torch.manual_seed(0)
+        with own_rng(0, pl_module.device):  # the probe's init must not shift the run's random streams
             self.probe = bn_linear(dim, dm.num_classes).to(pl_module.device)
         self.optimizer = torch.optim.SGD(self.probe.parameters(), lr=self.lr, momentum=0.9,
                                          weight_decay=self.weight_decay)

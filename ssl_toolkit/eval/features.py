@@ -25,6 +25,25 @@ def evaluating(model: nn.Module, device: torch.device | str) -> Iterator[None]:
         model.train(was_training)
 
 
+@contextmanager
+def own_rng(seed: int, device: torch.device | str) -> Iterator[None]:
+    """Inside the block, random draws on the CPU and on ``device`` come from generators seeded with ``seed``; after
+    it, the caller's streams continue where they were.
+
+    ``torch.manual_seed`` would also reseed every GPU's generator, which ``fork_rng(devices=[])`` does not restore:
+    an evaluator that used it during training would reset the stream the GPU view policy draws from (every
+    ``seed_everything`` value would then make the same views, and a resumed run would not continue its own).
+    """
+    device = torch.device(device)
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.default_generator.manual_seed(seed)
+        for index in gpus:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, datamodule: InMemoryDataModule, split: str,
                      device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:

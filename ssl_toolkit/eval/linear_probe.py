@@ -182,7 +182,7 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     as they are (no augmentation). The backbone runs every epoch, so this costs ``epochs`` passes of it; the
     fast protocol (:func:`linear_probe_sweep`) runs it once.
     """
-    from ssl_toolkit.eval.features import evaluating, extract_features
+    from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
     from ssl_toolkit.views import functional as VF
 
     if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1:
@@ -194,8 +194,7 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     encoder = encoder.to(device)
     with torch.no_grad(), evaluating(encoder, device):
         dim = encoder(x_all[:2].to(device)).shape[1]
-    with torch.random.fork_rng(devices=[]):  # the probe's init and crops do not move the caller's random stream
-        torch.manual_seed(seed)
+    with own_rng(seed, device):  # the probe's init and crops do not move the caller's random streams
         clf = bn_linear(dim, datamodule.num_classes).to(device)
         opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(y_all) / batch_size))
