@@ -10,7 +10,8 @@
 # them to $OUT when that is set (the device tool brings $OUT back). Minutes are measured or estimated on an H100
 # (setup ~20 s each call):
 #   speed     ~4 min  loop overhead on CUDA, the SimCLR peer rows with 2 and 16 workers (warmup = workers + 2),
-#                     MoCo eager with its recipe's 8 batch-norm splits, the kNN search's GPU rows
+#                     MoCo eager with its recipe's 8 batch-norm splits, SGD's multi-tensor step against the fused
+#                     one (--no-fused), the kNN search's GPU rows
 #   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
 #   compiled2 ~6 min  the same for RotNet, Jigsaw, context encoder, colorization
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
@@ -68,6 +69,7 @@ stage() {
         timeout 60 python3 benchmarks/loop_overhead.py --device cuda
         timeout 90 python3 benchmarks/throughput.py --peer-workers 2 16 --data data/cifar10/cifar10.npz --tag peer
         timeout 60 python3 benchmarks/throughput.py --method moco
+        timeout 60 python3 benchmarks/throughput.py --no-fused --tag unfused  # A/B against the default run's rows
         timeout 60 python3 benchmarks/knn.py --repeats 3 ;;
     compiled1) compiled simclr moco dino cpc clip ;;
     compiled2) compiled rotation jigsaw inpainting colorization ;;

@@ -32,8 +32,9 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig, TextConfig
-from ssl_toolkit.methods import CLIP, CPCV2, DINO, Colorization, Inpainting, Jigsaw, MoCoV2, Rotation, SimCLR
-from ssl_toolkit.optim import LARS, param_groups
+from ssl_toolkit.methods import (CLIP, CPCV2, DINO, Colorization, Inpainting, Jigsaw, MoCoV2, OptimConfig,
+                                 Rotation, SimCLR)
+from ssl_toolkit.optim import make_optimizer
 from ssl_toolkit.views import ViewConfig
 
 METHODS = {"simclr": SimCLR, "moco": MoCoV2, "dino": DINO, "cpc": CPCV2, "clip": CLIP, "rotation": Rotation,
@@ -155,10 +156,9 @@ def build(method: str, a, device: torch.device):
     model = cls(BackboneConfig(a.backbone, cifar_stem=not a.no_cifar_stem), views=replace(views, crop_size=crop),
                 channels_last=not a.no_channels_last, **extra).to(device)
     model.setup("fit")
-    if a.optim == "lars":
-        opt = LARS(param_groups(model, 1e-6), lr=0.3, momentum=0.9, weight_decay=1e-6)
-    else:
-        opt = torch.optim.SGD(param_groups(model, 5e-4), lr=0.06, momentum=0.9)
+    optim = OptimConfig("lars", lr=0.3, weight_decay=1e-6) if a.optim == "lars" else \
+        OptimConfig("sgd", lr=0.06, weight_decay=5e-4)
+    opt = make_optimizer(model, optim, fused=False if a.no_fused else None)  # as configure_optimizers builds it
     if "views" in a.compile:  # in place, as the Compile callback does
         model.view_policy.compile()
     if "model" in a.compile:
@@ -219,7 +219,8 @@ def measure(method: str, a, device: torch.device, peer_data=None) -> dict:
     print(f"{method:12s} full / ceiling = {ratio:.3f}", flush=True)
     return {"config": {"method": method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
                        "batch": a.batch, "size": a.size, "precision": a.precision,
-                       "channels_last": not a.no_channels_last, "optimizer": a.optim, "compile": a.compile,
+                       "channels_last": not a.no_channels_last, "optimizer": a.optim,
+                       "fused": a.optim == "sgd" and not a.no_fused, "compile": a.compile,
                        "steps": a.steps, "warmup": a.warmup,
                        "views_per_image": sum(len(c) for c in premade.crops) // a.batch},
             "results": results, "full_over_ceiling": round(ratio, 3)}
@@ -236,6 +237,7 @@ def main() -> None:
     p.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--optim", default="sgd", choices=["sgd", "lars"])
+    p.add_argument("--no-fused", action="store_true", help="SGD's multi-tensor (foreach) step instead of the fused one")
     p.add_argument("--compile", default="", help="torch.compile parts: views, model or views,model")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)

@@ -43,6 +43,32 @@ def param_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias: boo
             {"params": no_decay, "weight_decay": weight_decay if decay_norm_and_bias else 0.0, "lars_exclude": True}]
 
 
+FUSED_DEVICES = ("cuda", "cpu")  # where torch's fused SGD/AdamW kernels run
+
+
+def make_optimizer(model: nn.Module, config, fused: bool | None = None) -> torch.optim.Optimizer:
+    """The optimizer an ``OptimConfig`` names (``name``, ``lr``, ``momentum``, ``betas``, ``weight_decay``,
+    ``decay_norm_and_bias``) over :func:`param_groups` of ``model``, whose parameters are already on their device.
+
+    SGD and AdamW use torch's fused kernels (one launch for every parameter's update, instead of a few multi-tensor
+    launches per group) when every parameter is on a device that has them; ``fused=False`` keeps the multi-tensor
+    (foreach) implementation. LARS is this module's own multi-tensor step.
+    """
+    groups = param_groups(model, config.weight_decay, config.decay_norm_and_bias)
+    if config.name == "lars":
+        return LARS(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    if fused is None:
+        fused = bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+    extra = {"fused": True} if fused else {}
+    if config.name == "sgd":
+        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay,
+                               **extra)
+    if config.name == "adamw":
+        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, **extra)
+    raise ValueError(f"optim.name must be one of sgd, lars, adamw; got {config.name!r}.")
+
+
 class LARS(torch.optim.Optimizer):
     """SGD with momentum and a layer-wise trust ratio (You et al. 2017, https://arxiv.org/abs/1708.03888).
 

@@ -72,6 +72,33 @@ def test_optim_config_can_decay_norm_and_bias_as_lightly_does():
     assert groups(decay_norm_and_bias=True) == [(1e-4, False), (1e-4, True)]
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_fused_optimizer_takes_the_same_steps_as_the_multi_tensor_one(name):
+    from ssl_toolkit.methods.base import OptimConfig
+    from ssl_toolkit.optim import make_optimizer
+
+    config = OptimConfig(name, lr=0.05, weight_decay=1e-3)
+
+    def train(fused):
+        torch.manual_seed(0)
+        # no bias before the BN: its true gradient is 0, and Adam would amplify the two kernels' rounding of it
+        net = nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+        opt = make_optimizer(net, config, fused=fused)
+        for _ in range(5):
+            loss = net(torch.randn(16, 6)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return opt, [p.detach() for p in net.parameters()]
+
+    fused_opt, fused_params = train(None)  # the default on the CPU: fused
+    loop_opt, loop_params = train(False)
+    assert fused_opt.defaults["fused"] and not loop_opt.defaults["fused"]
+    assert [g["weight_decay"] for g in fused_opt.param_groups] == [1e-3, 0.0]  # the same two groups
+    for a, b in zip(fused_params, loop_params):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_lars_step_matches_formula():
     w = nn.Parameter(torch.tensor([[3.0, 4.0]]))
     b = nn.Parameter(torch.tensor([1.0]))

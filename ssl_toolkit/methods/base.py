@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
-from ssl_toolkit.optim import LARS, cosine_schedule, ema_update, param_groups
+from ssl_toolkit.optim import cosine_schedule, ema_update, make_optimizer
 from ssl_toolkit.views import ViewConfig, Views
 
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
@@ -219,13 +219,7 @@ class BaseSSLModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.optim_config
-        groups = param_groups(self, c.weight_decay, c.decay_norm_and_bias)
-        if c.name == "lars":
-            opt = LARS(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        elif c.name == "sgd":
-            opt = torch.optim.SGD(groups, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
-        else:
-            opt = torch.optim.AdamW(groups, lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        opt = make_optimizer(self, c)  # fused SGD/AdamW kernels where the parameters' device has them
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
