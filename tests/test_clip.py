@@ -337,8 +337,12 @@ def test_lit_locks_a_toolkit_ssl_tower_and_still_learns_retrieval(flickr, simclr
     assert all(torch.equal(after[k], v) for k, v in ssl.items())  # weights and batch-norm statistics untouched
     assert not torch.equal(model.image_proj.weight, proj_before)  # the projection learns
     init, trained = cb.results["init"], cb.results["trained"]
-    # Measured (SimCLR 6 epochs, LiT 20 epochs): R@10 image->text 5.0% -> 13.0%, text->image 4.5% -> 16.3%.
-    assert trained["i2t_r10"] - init["i2t_r10"] >= 4.0 and trained["t2i_r10"] - init["t2i_r10"] >= 6.0, cb.results
+    # R@10 gains, image->text / text->image (SimCLR 6 epochs, LiT 20 epochs; seeds 0, 1, 2 of both runs), with
+    # fused AdamW: +2.5/+8.0, +9.5/+11.0, +15.0/+11.6; with the multi-tensor AdamW: +6.0/+8.4, +6.5/+10.6,
+    # +17.0/+12.3. One direction alone swings with the seed (200 validation images); their mean gained
+    # 5.2-14.7 points in all six runs, where a tower that learned nothing gains 0.
+    gain = (trained["i2t_r10"] - init["i2t_r10"] + trained["t2i_r10"] - init["t2i_r10"]) / 2
+    assert gain >= 4.0 and min(trained["i2t_r10"] - init["i2t_r10"], trained["t2i_r10"] - init["t2i_r10"]) > 0, cb.results
 
 
 def test_lit_refuses_non_toolkit_and_patch_checkpoints(tmp_path):
