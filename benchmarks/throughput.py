@@ -220,7 +220,7 @@ def measure(method: str, a, device: torch.device, peer_data=None) -> dict:
     return {"config": {"method": method, "backbone": a.backbone, "cifar_stem": not a.no_cifar_stem,
                        "batch": a.batch, "size": a.size, "precision": a.precision,
                        "channels_last": not a.no_channels_last, "optimizer": a.optim,
-                       "fused": a.optim == "sgd" and not a.no_fused, "compile": a.compile,
+                       "fused": bool(opt.defaults.get("fused")), "compile": a.compile,
                        "steps": a.steps, "warmup": a.warmup,
                        "views_per_image": sum(len(c) for c in premade.crops) // a.batch},
             "results": results, "full_over_ceiling": round(ratio, 3)}
