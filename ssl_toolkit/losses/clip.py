@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit import distributed
+from ssl_toolkit.losses.ntxent import similarities
 
 
 def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
@@ -46,12 +47,13 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     else:
         img_all, txt_all, offset = img, txt, 0
     scale = logit_scale.float()
-    logits_i2t = scale * img @ txt_all.T  # (B, N) local images against every caption
-    logits_t2i = scale * txt @ img_all.T  # (B, N) local captions against every image
+    sim = similarities(img, txt_all)  # (B, N) cosines of local images against every caption, fp32 under autocast
+    logits_i2t = scale * sim
+    logits_t2i = scale * similarities(txt, img_all)  # (B, N) local captions against every image
     target = torch.arange(b, device=img.device) + offset  # global column of each local pair
     loss = 0.5 * (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target))
     with torch.no_grad():
-        sim = img @ txt_all.T  # (B, N) cosines
+        sim = sim.detach()
         pos = sim[torch.arange(b), target]
         n = sim.shape[1]
         neg = (sim.sum(1) - pos) / max(n - 1, 1)

@@ -31,7 +31,10 @@ def cpc_info_nce(predictions: list[torch.Tensor], z: torch.Tensor) -> dict[str, 
     losses, accs = [], []
     for k, pred in enumerate(predictions, start=1):
         q = pred.permute(0, 2, 3, 1).reshape(-1, d)  # (B*(G-k)*G, D) queries
-        logits = q.float() @ bank.float().T  # (Nq, B*G*G)
+        # (Nq, B*G*G). Under autocast this product runs in bf16 / fp16 on purpose, unlike the small ones of the
+        # other contrastive losses (losses.ntxent.similarities): at the recipe's batch 512 it is 53,760 x 25,088 x 512,
+        # ~4 TFLOP a step with its backward, which fp32 would make the slowest part of the step.
+        logits = q.float() @ bank.float().T
         target = flat[:, k:, :].reshape(-1)  # index of the true patch k rows below
         losses.append(F.cross_entropy(logits, target))
         accs.append((logits.argmax(1) == target).float().mean().detach())

@@ -7,7 +7,7 @@ https://arxiv.org/abs/1807.03748 for the InfoNCE objective.
 import torch
 import torch.nn.functional as F
 
-from ssl_toolkit.losses.ntxent import embedding_std
+from ssl_toolkit.losses.ntxent import embedding_std, similarities
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
@@ -34,7 +34,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, negatives: torch.Tensor, temperat
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1)
     pos = (q * k).sum(1, keepdim=True)  # (B, 1)
-    neg = q @ negatives.float().T  # (B, K)
+    neg = similarities(q, negatives)  # (B, K), fp32 under autocast too
     logits = torch.cat([pos, neg], dim=1) / temperature  # (B, 1+K), positive at index 0
     loss = F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
     return {"infonce_loss": loss, "pos_sim": pos.detach().mean(), "neg_sim": neg.detach().mean(),
