@@ -11,7 +11,8 @@
 # (setup ~20 s each call):
 #   speed     ~4 min  loop overhead on CUDA, the SimCLR peer rows with 2 and 16 workers (warmup = workers + 2),
 #                     MoCo eager with its recipe's 8 batch-norm splits, SGD's multi-tensor step against the fused
-#                     one (--no-fused), the kNN search's GPU rows
+#                     one (--no-fused), the kNN search's GPU rows, the contrastive losses' fp32 similarities
+#                     against bf16 ones (time and gradient error)
 #   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
 #   compiled2 ~6 min  the same for RotNet, Jigsaw, context encoder, colorization
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
@@ -70,7 +71,8 @@ stage() {
         timeout 90 python3 benchmarks/throughput.py --peer-workers 2 16 --data data/cifar10/cifar10.npz --tag peer
         timeout 60 python3 benchmarks/throughput.py --method moco
         timeout 60 python3 benchmarks/throughput.py --no-fused --tag unfused  # A/B against the default run's rows
-        timeout 60 python3 benchmarks/knn.py --repeats 3 ;;
+        timeout 60 python3 benchmarks/knn.py --repeats 3
+        timeout 60 python3 benchmarks/loss_precision.py --device cuda ;;
     compiled1) compiled simclr moco dino cpc clip ;;
     compiled2) compiled rotation jigsaw inpainting colorization ;;
     simclr) tta recipes/simclr/cifar10.yaml recipe ;;
