@@ -61,16 +61,20 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def shuffle_across_ranks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def shuffle_across_ranks(x: torch.Tensor, in_process: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Shuffle a batch across all ranks (MoCo's shuffle-BN); returns the shuffled local batch and the undo index.
 
     Every rank receives ``B`` rows drawn from the global batch, so batch-norm statistics of the
     key encoder cannot pair a query with its key through the local batch. Rank 0 draws the
-    permutation and broadcasts it. In a single process the batch is returned as is: one
-    process computes its statistics over the whole batch whatever the order.
+    permutation and broadcasts it. In a single process the batch is returned as is (one process
+    computes its statistics over the whole batch whatever the order), unless ``in_process``: then it
+    is permuted locally, for batch norm split into sub-batches (``backbones.SplitBatchNorm2d``).
     """
     if not is_distributed():
-        return x, torch.arange(len(x), device=x.device)
+        if not in_process:
+            return x, torch.arange(len(x), device=x.device)
+        perm = torch.randperm(len(x), device=x.device)
+        return x[perm], perm.argsort()
     b = x.shape[0]
     x_all = gather(x)  # (W*B, ...)
     perm = torch.randperm(len(x_all), device=x.device)

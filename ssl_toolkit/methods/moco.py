@@ -106,11 +106,7 @@ class MoCoV2(BaseSSLModule):
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """Unit-norm keys of the key encoder, with the batch shuffled (across ranks, or within the process when
         batch norm is split) for its batch norm."""
-        if self.bn_splits > 1 and not distributed.is_distributed():
-            perm = torch.randperm(len(x), device=x.device)
-            shuffled, undo = x[perm], perm.argsort()
-        else:
-            shuffled, undo = distributed.shuffle_across_ranks(x)
+        shuffled, undo = distributed.shuffle_across_ranks(x, in_process=self.bn_splits > 1)
         k = self.key_projector(self.key_backbone(self.prepare_input(shuffled)))
         return F.normalize(distributed.unshuffle_across_ranks(k, undo).float(), dim=1)  # (B, D)
 
