@@ -53,7 +53,6 @@ def clip_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torc
     target = torch.arange(b, device=img.device) + offset  # global column of each local pair
     loss = 0.5 * (F.cross_entropy(logits_i2t, target) + F.cross_entropy(logits_t2i, target))
     with torch.no_grad():
-        sim = sim.detach()
         pos = sim[torch.arange(b), target]
         n = sim.shape[1]
         neg = (sim.sum(1) - pos) / max(n - 1, 1)
