@@ -145,6 +145,24 @@ def test_non_finite_loss_stops_the_run_without_overwriting_a_good_checkpoint(tmp
     assert not any(f.startswith("epoch=0-step=6") for f in os.listdir(tmp_path))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_reading_the_last_steps_finite_flag_does_not_wait_for_work_queued_after_it():
+    from ssl_toolkit.methods.base import HostFlag
+
+    loss = torch.tensor(float("inf"), device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any stream or device sync raises
+    try:
+        flag = HostFlag(torch.isfinite(loss))
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU work queued behind the flag: the next step
+        finite = bool(flag)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert not finite and still_busy  # read while the later work still ran (bool(tensor) would wait for it)
+
+
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
     from ssl_toolkit.checkpoint import AtomicCheckpointIO, load_checkpoint
 

@@ -86,6 +86,35 @@ class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite; the message names the step, the terms and the last checkpoint."""
 
 
+class HostFlag:
+    """A one-element bool tensor on its way to the host, read later without waiting for the work queued since.
+
+    Reading a CUDA tensor (``bool(t)``, ``t.item()``) queues a copy at the end of the stream and waits for the whole
+    stream, so reading the previous step's flag after this step's forward was queued waited for that forward too.
+    Here the copy into pinned host memory is queued right behind the kernels that made the flag, with an event;
+    reading waits for that event only. On other devices the tensor is read directly.
+
+    Example:
+        >>> bool(HostFlag(torch.isfinite(torch.tensor(float("nan")))))
+        False
+    """
+
+    def __init__(self, flag: torch.Tensor):
+        self.event = None
+        if flag.is_cuda:
+            self.value = torch.empty((), dtype=torch.bool, pin_memory=True)  # cached by torch's pinned allocator
+            self.value.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.value = flag
+
+    def __bool__(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.value)
+
+
 class BaseSSLModule(pl.LightningModule):
     """Base class of every method: a subclass builds its modules and implements :meth:`step`.
 
@@ -105,7 +134,7 @@ class BaseSSLModule(pl.LightningModule):
         self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
         self.momentum_schedule: torch.Tensor | None = None  # one momentum per global step, built with the optimizer
         self.batch_images: torch.Tensor | None = None  # the current training batch before the view policy
-        self._unchecked: tuple[int, torch.Tensor, dict[str, torch.Tensor]] | None = None  # (step, finite?, terms)
+        self._unchecked: tuple[int, HostFlag, dict[str, torch.Tensor]] | None = None  # (step, finite?, terms)
 
     def save_config(self, **method_args) -> None:
         """Store the whole configuration as plain values (checkpoints load with ``weights_only=True``)."""
@@ -172,8 +201,9 @@ class BaseSSLModule(pl.LightningModule):
         views, _ = batch
         out = self.step(views)
         loss = self.sum_losses(out)
-        self.check_finite()  # the previous step's loss: read one step late, so the check does not stall the device
-        self._unchecked = (self.global_step, torch.isfinite(loss.detach()), {k: v.detach() for k, v in out.items()})
+        self.check_finite()  # the previous step's loss, read one step late: waits for that step's loss, not this one's
+        finite = HostFlag(torch.isfinite(loss.detach()))
+        self._unchecked = (self.global_step, finite, {k: v.detach() for k, v in out.items()})
         if self.logs_this_step():
             self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
             self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
