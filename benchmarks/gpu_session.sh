@@ -13,6 +13,8 @@
 #                     MoCo eager with its recipe's 8 batch-norm splits, SGD's multi-tensor step against the fused
 #                     one (--no-fused), the kNN search's GPU rows, the contrastive losses' fp32 similarities
 #                     against bf16 ones (time and gradient error)
+#   audit     ~5 min  step_audit.py: the SimCLR recipe's Lightning step (compiled, eager, and with the old blocking
+#                     read of the non-finite flag) and MoCo's: ms per step, device busy fraction, every host sync
 #   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
 #   compiled2 ~6 min  the same for RotNet, Jigsaw, context encoder, colorization
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
@@ -73,6 +75,11 @@ stage() {
         timeout 60 python3 benchmarks/throughput.py --no-fused --tag unfused  # A/B against the default run's rows
         timeout 60 python3 benchmarks/knn.py --repeats 3
         timeout 60 python3 benchmarks/loss_precision.py --device cuda ;;
+    audit)
+        timeout 150 python3 benchmarks/step_audit.py
+        timeout 150 python3 benchmarks/step_audit.py --blocking-check --tag blocking-check
+        timeout 60 python3 benchmarks/step_audit.py --no-compile --tag eager
+        timeout 150 python3 benchmarks/step_audit.py --recipe recipes/moco/cifar10.yaml ;;
     compiled1) compiled simclr moco dino cpc clip ;;
     compiled2) compiled rotation jigsaw inpainting colorization ;;
     simclr) tta recipes/simclr/cifar10.yaml recipe ;;
@@ -94,7 +101,7 @@ stage() {
             timeout 110 python3 benchmarks/time_to_accuracy.py --recipe recipes/$m/cifar10.yaml \
                 --epochs 20 --knn-every 20 --probe --tag 20ep
         done ;;
-    *) echo "unknown stage $1 (speed compiled1 compiled2 simclr parity decay suspects moco dino pretext)" >&2; return 2 ;;
+    *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects moco dino pretext)" >&2; return 2 ;;
     esac
 }
 

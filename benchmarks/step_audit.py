@@ -1,0 +1,217 @@
+"""Where a recipe's Lightning step spends its time on a GPU: device busy time, host waits, and each host sync's source.
+
+The raw compiled SimCLR step takes 17.3 ms on an H100 (throughput.py) and the same step in Lightning 21.2 ms
+(time_to_accuracy.py). A step is device-bound when the GPU is busy for nearly all of it; a gap is the host
+failing to keep the GPU's queue full, either because it waits for the GPU (a host sync: ``.item()``, ``bool()``
+of a tensor, a synchronous copy) or because it has more Python and launches to do than the GPU has work. This
+runs a recipe as time_to_accuracy.py does (the local ``.npz`` resident on the device, compile as in the recipe;
+no kNN evaluations) for ``--skip`` steps (compile, cudnn autotuning), then two windows of ``--steps`` steps:
+
+  1. timing only: wall-clock per step, synchronised at the window's ends only (the speed);
+  2. diagnosis: ``torch.profiler`` (device busy time per step = the union of kernel, copy and memset intervals;
+     host time in each CUDA runtime call per step, e.g. ``cudaStreamSynchronize``, ``cudaLaunchKernel``) and
+     ``torch.cuda.set_sync_debug_mode("warn")``, whose warnings are counted by the Python lines that caused them.
+
+  python benchmarks/step_audit.py                                        # the SimCLR recipe
+  python benchmarks/step_audit.py --recipe recipes/moco/cifar10.yaml
+  python benchmarks/step_audit.py -- --trainer.precision 32-true       # more pretrain flags after --
+
+Writes ``benchmarks/results/step-audit-<method>-<device>[-<tag>].json``. On a CPU there is no device queue to
+keep full: the windows' timings and the profiler's host-side rows are still written, the device fields are null.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from collections import Counter
+
+import pytorch_lightning as pl
+import torch
+import yaml
+
+sys.path.insert(0, os.path.dirname(__file__))
+from throughput import environment, sync  # noqa: E402
+from time_to_accuracy import recipe_for_benchmark  # noqa: E402
+
+from ssl_toolkit.cli import pretrain  # noqa: E402
+from ssl_toolkit.methods import base  # noqa: E402
+
+HERE = os.path.abspath(__file__)
+
+
+def union_us(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by ``(start, end)`` intervals, overlaps counted once.
+
+    Example:
+        >>> union_us([(0, 4), (2, 6), (10, 11)])
+        7
+    """
+    total, end = 0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total
+
+
+def short(path: str) -> str:
+    """A frame's file relative to the checkout or to site-packages."""
+    path = os.path.abspath(path)
+    if "site-packages" + os.sep in path:
+        return path.rsplit("site-packages" + os.sep, 1)[1]
+    root = os.path.dirname(os.path.dirname(HERE))
+    return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
+
+
+class BlockingFlag:
+    """The non-finite flag as read before :class:`ssl_toolkit.methods.base.HostFlag`: ``bool()`` of the device
+    tensor, which waits for everything queued on the stream (``--blocking-check``)."""
+
+    def __init__(self, flag: torch.Tensor):
+        self.value = flag
+
+    def __bool__(self) -> bool:
+        return bool(self.value)
+
+
+class StepAudit(pl.Callback):
+    """Times window 1, profiles window 2 and writes ``out`` (see the module docstring); then stops the run."""
+
+    def __init__(self, out: str, skip: int = 30, steps: int = 20):
+        self.out, self.skip, self.steps = out, skip, steps
+        self.starts: list[float] = []
+        self.sites: Counter = Counter()
+        self.prof = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step, device = trainer.global_step, pl_module.device
+        first, second, end = self.skip, self.skip + self.steps, self.skip + 2 * self.steps
+        if step in (first, second):
+            sync(device)  # only at the windows' ends: a sync each step would add the stall this looks for
+        if first <= step <= second:
+            self.starts.append(time.perf_counter())
+        if step == second:
+            self.start_diagnosis(device)
+        elif step == end:
+            sync(device)
+            self.window2_s = time.perf_counter() - self.window2_start
+            self.stop_diagnosis(device)
+            self.write(trainer, pl_module)
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.prof is not None:  # the run ended inside window 2: leave the profiler and warnings as they were
+            self.stop_diagnosis(pl_module.device)
+
+    def start_diagnosis(self, device: torch.device) -> None:
+        self.saved_filters, self.saved_show = warnings.filters[:], warnings.showwarning
+        warnings.filterwarnings("always", message=r".*synchroniz.*")
+        warnings.showwarning = self.record_sync
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.prof = torch.profiler.profile(activities=activities)
+        self.prof.start()
+        self.window2_start = time.perf_counter()
+
+    def stop_diagnosis(self, device: torch.device) -> None:
+        self.prof.stop()
+        self.events, self.prof = self.prof.events(), None
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        warnings.filters[:], warnings.showwarning = self.saved_filters, self.saved_show
+
+    def record_sync(self, message, category, filename, lineno, file=None, line=None) -> None:
+        frames = [f for f in traceback.extract_stack()[:-1] if os.path.abspath(f.filename) != HERE]
+        own = [f for f in frames if "ssl_toolkit" in f.filename or "pytorch_lightning" in f.filename]
+        chain = (own or frames)[-3:]  # the innermost toolkit/Lightning lines that led to the sync
+        self.sites[" <- ".join(f"{short(f.filename)}:{f.lineno} ({f.name})" for f in reversed(chain))] += 1
+
+    def write(self, trainer, pl_module) -> None:
+        n = self.steps
+        host_ms = [(b - a) * 1e3 for a, b in zip(self.starts, self.starts[1:])]  # the host's pace, not synced
+        events = self.events
+        device_events = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        busy_us = union_us([(e.time_range.start, e.time_range.end) for e in device_events]) if device_events else None
+        runtime = Counter()
+        runtime_us = Counter()
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CPU and e.name.startswith("cuda"):
+                runtime[e.name] += 1
+                runtime_us[e.name] += e.cpu_time_total
+        wall_ms = self.window2_s * 1e3 / n
+        record = {
+            "steps_per_window": n, "skipped_steps": self.skip,
+            "window1_ms_per_step": round((self.starts[-1] - self.starts[0]) * 1e3 / n, 2),
+            "window1_host_ms_each_step": [round(t, 2) for t in host_ms],
+            "window2_ms_per_step_profiled": round(wall_ms, 2),
+            "device_busy_ms_per_step": round(busy_us / 1e3 / n, 2) if busy_us is not None else None,
+            "device_busy_fraction": round(busy_us / 1e3 / n / wall_ms, 3) if busy_us is not None else None,
+            "device_ops_per_step": round(len(device_events) / n, 1) if device_events else None,
+            "cuda_runtime_per_step": {k: {"calls": round(runtime[k] / n, 2), "host_ms": round(runtime_us[k] / 1e3 / n, 3)}
+                                      for k, _ in runtime_us.most_common()},
+            "host_syncs_per_step": {k: round(v / n, 2) for k, v in self.sites.most_common()},
+            "precision": str(trainer.precision), "batch_size": trainer.datamodule.batch_size,
+        }
+        with open(self.out, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", default="recipes/simclr/cifar10.yaml")
+    p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+    p.add_argument("--skip", type=int, default=30, help="steps before the windows (compile, cudnn autotuning)")
+    p.add_argument("--steps", type=int, default=20, help="steps in each window")
+    p.add_argument("--no-compile", action="store_true", help="drop the recipe's Compile callback (eager)")
+    p.add_argument("--blocking-check", action="store_true",
+                   help="read each step's non-finite flag as before HostFlag (bool() of the device tensor): the A/B")
+    p.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "ssl-toolkit-audit"))
+    p.add_argument("--out", help="JSON path (default: benchmarks/results/step-audit-<method>-<device>[-<tag>].json)")
+    p.add_argument("--tag", default="")
+    a, extra = p.parse_known_args()
+    extra = [x for x in extra if x != "--"]
+    if not os.path.isfile(a.data):
+        raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = recipe_for_benchmark(a.recipe, a.data, None, 1, a.runs, not a.no_compile)
+    trainer = cfg["trainer"]
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("KNNCallback")]
+    method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
+    tag = f"-{a.tag}" if a.tag else ""
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", f"step-audit-{method}-{device.type}{tag}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    window = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
+    trainer["callbacks"].append({"class_path": "step_audit.StepAudit",
+                                 "init_args": {"out": window, "skip": a.skip, "steps": a.steps}})
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    if a.blocking_check:
+        base.HostFlag = BlockingFlag
+    warnings.filterwarnings("ignore")
+    pretrain(["--config", f.name, *extra])
+    os.unlink(f.name)
+    if not os.path.getsize(window):
+        raise SystemExit(f"the run ended before step {a.skip + 2 * a.steps}, the end of the second window")
+    with open(window) as fh:
+        audit = json.load(fh)
+    os.unlink(window)
+    record = {**environment(device), "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
+              "overrides": {"data": a.data, "compile": not a.no_compile, "blocking_check": a.blocking_check,
+                            "extra": extra}, **audit}
+    with open(out, "w") as fh:
+        json.dump(record, fh, indent=2)
+    print(json.dumps({k: record[k] for k in ("window1_ms_per_step", "window2_ms_per_step_profiled",
+                                             "device_busy_ms_per_step", "device_busy_fraction",
+                                             "host_syncs_per_step")}, indent=1)[:3000], f"\n-> {out}")
+
+
+if __name__ == "__main__":
+    main()
