@@ -139,8 +139,9 @@ class OnlineProbe(PeriodicEvaluation):
     images as the evaluators see them, and the probe, a ``BatchNorm1d`` without affine parameters and a linear
     layer, takes one SGD step with its own optimizer. Its test top-1 is logged as ``val/online_probe_top1``
     every ``every_n_epochs`` epochs (results in ``online_probe.json``); the training loss and accuracy as
-    ``train/online_probe_loss`` and ``train/online_probe_acc``. In DDP the probe's gradients are averaged over
-    ranks, so every rank holds the same probe. The probe and its optimizer are saved with the checkpoint.
+    ``train/online_probe_loss`` and ``train/online_probe_acc`` on the steps Lightning writes
+    (``log_every_n_steps``). In DDP the probe's gradients are averaged over ranks, so every rank holds the same
+    probe. The probe and its optimizer are saved with the checkpoint.
 
     Costs one extra forward of the backbone per step (no backward). For published numbers use the offline
     ``ssl-toolkit probe`` on the final checkpoint.
@@ -194,9 +195,10 @@ class OnlineProbe(PeriodicEvaluation):
             if p.grad is not None:
                 p.grad.copy_(all_reduce_mean(p.grad))
         self.optimizer.step()
-        pl_module.log_dict({"train/online_probe_loss": loss.detach(),
-                            "train/online_probe_acc": (logits.argmax(1) == labels).float().mean()},
-                           on_step=True, on_epoch=False)
+        if pl_module.logs_this_step():  # as the method's own metrics: each log call is Python time
+            pl_module.log_dict({"train/online_probe_loss": loss.detach(),
+                                "train/online_probe_acc": (logits.argmax(1) == labels).float().mean()},
+                               on_step=True, on_epoch=False)
 
     def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[str, float]:
         test = extract_features(self.encoder, trainer.datamodule, "test", pl_module.device, self.batch_size)
