@@ -9,7 +9,8 @@ The recipe runs as written (model, views, optimizer, precision, checkpoints, cal
 come from the local ``.npz`` (resident on the device, as the recipe's CIFARDataModule), ``--epochs`` (the
 schedules are built for that many), the kNN callback every ``--knn-every`` epochs, no progress bar (this
 is a log, not a terminal) and the run folder. Wall-clock counts from before the data are loaded to after
-the last kNN evaluation, both included; Python's start and imports are not. Writes
+the last kNN evaluation, both included; Python's start and imports are not. ``torch.compile`` starts from an
+empty on-disk cache, so its time is a first run's (``--warm-compile-cache`` keeps the usual cache). Writes
 ``benchmarks/results/time-to-accuracy-<method>-<device>.json``: that time, the training and evaluation
 seconds, the kNN curve (epoch, seconds since the start, top-1 at each k; rewritten after every evaluation,
 so a run cut short keeps it, with ``finished: false``), the random-init baseline, peak GPU memory, the
@@ -82,12 +83,19 @@ def main() -> None:
     p.add_argument("--out", help="JSON path (default: benchmarks/results/time-to-accuracy-<method>-<device>.json)")
     p.add_argument("--tag", default="", help="suffix of the default JSON name")
     p.add_argument("--note", default="", help="written into the JSON (e.g. that other runs shared the GPU)")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="keep torch.compile's on-disk cache (default: a fresh one, so the compile is a first run's)")
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
     if not os.path.isfile(a.data):
         raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
+    if not a.warm_compile_cache:  # a cache left by an earlier run of the same recipe would cut the compile time
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    compile_cache = {"dir": cache_dir(), "warm_at_start": os.path.isdir(cache_dir()) and any(os.scandir(cache_dir()))}
     cfg = recipe_for_benchmark(a.recipe, a.data, a.epochs, a.knn_every, a.runs, not a.no_compile)
     method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
 
@@ -96,7 +104,7 @@ def main() -> None:
     os.makedirs(os.path.dirname(out), exist_ok=True)
     record = {**env, "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
               "overrides": {"data": a.data, "knn_every": a.knn_every, "compile": not a.no_compile, "extra": extra},
-              "finished": False, "curve": [], **({"note": a.note} if a.note else {})}
+              "compile_cache": compile_cache, "finished": False, "curve": [], **({"note": a.note} if a.note else {})}
 
     def write() -> None:
         with open(out, "w") as fh:
