@@ -13,8 +13,9 @@
 #                     MoCo eager with its recipe's 8 batch-norm splits, SGD's multi-tensor step against the fused
 #                     one (--no-fused), the kNN search's GPU rows, the contrastive losses' fp32 similarities
 #                     against bf16 ones (time and gradient error)
-#   audit     ~5 min  step_audit.py: the SimCLR recipe's Lightning step (compiled, eager, and with the old blocking
-#                     read of the non-finite flag) and MoCo's: ms per step, device busy fraction, every host sync
+#   audit     ~7 min  step_audit.py: the SimCLR recipe's Lightning step (compiled, eager, with the old blocking
+#                     read of the non-finite flag, with CUDA graphs) and MoCo's: ms per step, device busy fraction,
+#                     every host sync
 #   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
 #   compiled2 ~6 min  the same for RotNet, Jigsaw, context encoder, colorization
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
@@ -79,7 +80,8 @@ stage() {
         timeout 150 python3 benchmarks/step_audit.py
         timeout 150 python3 benchmarks/step_audit.py --blocking-check --tag blocking-check
         timeout 60 python3 benchmarks/step_audit.py --no-compile --tag eager
-        timeout 150 python3 benchmarks/step_audit.py --recipe recipes/moco/cifar10.yaml ;;
+        timeout 150 python3 benchmarks/step_audit.py --recipe recipes/moco/cifar10.yaml
+        timeout 150 python3 benchmarks/step_audit.py --compile-mode reduce-overhead --tag cudagraphs ;;
     compiled1) compiled simclr moco dino cpc clip ;;
     compiled2) compiled rotation jigsaw inpainting colorization ;;
     simclr) tta recipes/simclr/cifar10.yaml recipe ;;

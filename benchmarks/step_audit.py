@@ -174,6 +174,7 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=30, help="steps before the windows (compile, cudnn autotuning)")
     p.add_argument("--steps", type=int, default=20, help="steps in each window")
     p.add_argument("--no-compile", action="store_true", help="drop the recipe's Compile callback (eager)")
+    p.add_argument("--compile-mode", help="the Compile callback's torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     p.add_argument("--blocking-check", action="store_true",
                    help="read each step's non-finite flag as before HostFlag (bool() of the device tensor): the A/B")
     p.add_argument("--runs", default=os.path.join(tempfile.gettempdir(), "ssl-toolkit-audit"))
@@ -187,6 +188,11 @@ def main() -> None:
     cfg = recipe_for_benchmark(a.recipe, a.data, None, 1, a.runs, not a.no_compile)
     trainer = cfg["trainer"]
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("KNNCallback")]
+    if a.compile_mode:
+        compiles = [c for c in trainer["callbacks"] if c["class_path"].endswith("Compile")]
+        if not compiles:
+            raise SystemExit(f"--compile-mode: {a.recipe} has no Compile callback (or --no-compile dropped it)")
+        compiles[0].setdefault("init_args", {})["mode"] = a.compile_mode
     method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
     tag = f"-{a.tag}" if a.tag else ""
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"step-audit-{method}-{device.type}{tag}.json")
@@ -207,7 +213,8 @@ def main() -> None:
         audit = json.load(fh)
     os.unlink(window)
     record = {**environment(device), "command": " ".join(sys.argv), "recipe": a.recipe, "method": method,
-              "overrides": {"data": a.data, "compile": not a.no_compile, "blocking_check": a.blocking_check,
+              "overrides": {"data": a.data, "compile": not a.no_compile, "compile_mode": a.compile_mode,
+                            "blocking_check": a.blocking_check,
                             "extra": extra}, **audit}
     with open(out, "w") as fh:
         json.dump(record, fh, indent=2)
