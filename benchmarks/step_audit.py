@@ -32,13 +32,11 @@ from collections import Counter
 
 import pytorch_lightning as pl
 import torch
-import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
 from throughput import environment, sync  # noqa: E402
-from time_to_accuracy import recipe_for_benchmark  # noqa: E402
+from time_to_accuracy import pretrain_config, recipe_for_benchmark  # noqa: E402
 
-from ssl_toolkit.cli import pretrain  # noqa: E402
 from ssl_toolkit.methods import base  # noqa: E402
 
 HERE = os.path.abspath(__file__)
@@ -200,13 +198,10 @@ def main() -> None:
     window = tempfile.NamedTemporaryFile(suffix=".json", delete=False).name
     trainer["callbacks"].append({"class_path": "step_audit.StepAudit",
                                  "init_args": {"out": window, "skip": a.skip, "steps": a.steps}})
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(cfg, f)
     if a.blocking_check:
         base.HostFlag = BlockingFlag
     warnings.filterwarnings("ignore")
-    pretrain(["--config", f.name, *extra])
-    os.unlink(f.name)
+    pretrain_config(cfg, extra)
     if not os.path.getsize(window):
         raise SystemExit(f"the run ended before step {a.skip + 2 * a.steps}, the end of the second window")
     with open(window) as fh:

@@ -35,6 +35,16 @@ from ssl_toolkit.cli import pretrain  # noqa: E402
 from ssl_toolkit.eval import KNNCallback  # noqa: E402
 
 
+def pretrain_config(cfg: dict, extra: list[str]):
+    """``ssl-toolkit pretrain`` on a config dict (through a temporary YAML file) and more flags; returns the trainer."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(cfg, f)
+    try:
+        return pretrain(["--config", f.name, *extra])
+    finally:
+        os.unlink(f.name)
+
+
 def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: int, runs: str,
                          compile: bool = True) -> dict:
     with open(recipe) as f:
@@ -127,15 +137,12 @@ def main() -> None:
         return result
 
     KNNCallback.evaluate = timed_evaluate
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
-        yaml.safe_dump(cfg, f)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    trainer = pretrain(["--config", f.name, *extra])
+    trainer = pretrain_config(cfg, extra)
     sync(device)
     wall = time.perf_counter() - start
-    os.unlink(f.name)
 
     knn_json = os.path.join(trainer.logger.log_dir, "knn.json")
     knn = json.load(open(knn_json)) if os.path.isfile(knn_json) else {}
