@@ -105,7 +105,8 @@ def main() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    compile_cache = {"dir": cache_dir(), "warm_at_start": os.path.isdir(cache_dir()) and any(os.scandir(cache_dir()))}
+    cache = cache_dir()
+    compile_cache = {"dir": cache, "warm_at_start": os.path.isdir(cache) and any(os.scandir(cache))}
     cfg = recipe_for_benchmark(a.recipe, a.data, a.epochs, a.knn_every, a.runs, not a.no_compile)
     method = cfg["model"]["class_path"].rsplit(".", 1)[1].lower()
 
