@@ -42,8 +42,9 @@ setup() {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi: not a GPU machine"
 }
 
-collect() {  # results back through the device tool
+collect() {  # results back through the device tool, and their tables in the call's output
     if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null; fi
+    python3 benchmarks/report.py --device cuda --newer /tmp/stage-start
 }
 
 tta() {  # time to accuracy: recipe, tag, then pretrain flags
@@ -109,6 +110,7 @@ stage() {
 
 setup
 for s in "$@"; do
+    touch /tmp/stage-start
     stage "$s"
     collect
 done

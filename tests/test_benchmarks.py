@@ -1,0 +1,50 @@
+"""benchmarks/report.py: the committed results, and the record shapes the benchmark scripts write."""
+
+import glob
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "benchmarks", "report.py"))
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def test_every_committed_result_of_a_reported_kind_gets_a_row_with_its_numbers():
+    results = os.path.join(ROOT, "benchmarks", "results")
+    text = report.report(report.load(results, None))
+    kinds = ("throughput-", "time-to-accuracy-", "step-audit-")
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(results, "*.json"))]
+    assert [n for n in names if n.startswith(kinds) and f"`{n}`" not in text] == []
+    simclr = json.load(open(os.path.join(results, "throughput-simclr-cuda.json")))
+    row = next(line for line in text.splitlines() if "`throughput-simclr-cuda.json`" in line)
+    full = simclr["results"]["full"]["images_per_s"]
+    assert f"| {full:,.0f} | {simclr['full_over_ceiling']:.2f} |" in row
+    gpu_only = report.report(report.load(results, "cuda"))
+    assert "-cpu.json" not in gpu_only and "`throughput-simclr-cuda.json`" in gpu_only
+
+
+def test_runs_cut_short_report_their_last_evaluation_and_finished_runs_their_final_one(tmp_path):
+    env = {"commit": "0123456789abcdef", "uncommitted_changes": False, "device": "NVIDIA H100 80GB HBM3"}
+    cut = {**env, "method": "simclr", "command": "time_to_accuracy.py", "finished": False,
+           "overrides": {"compile": True}, "compile_cache": {"dir": "/tmp/x", "warm_at_start": False},
+           "curve": [{"epoch": 0, "seconds": 3.0, "top1_k200": 37.1, "top1_k20": 40.0},
+                     {"epoch": 170, "seconds": 410.2, "top1_k200": 80.5, "top1_k20": 81.9}]}
+    done = {**cut, "finished": True, "epochs": 200, "wall_clock_s": 471.9, "eval_share": 0.012,
+            "peak_memory_mb": 2764.8, "compile_cache": {"dir": "/tmp/y", "warm_at_start": True},
+            "knn": {"trained": {"200": 84.25, "20": 85.0}}}
+    audit = {**env, "method": "simclr", "window1_ms_per_step": 19.46, "device_busy_ms_per_step": 18.9,
+             "device_busy_fraction": 0.971, "host_syncs_per_step": {"a.py:3 (f) <- b.py:9": 0.05}}
+    for name, r in {"time-to-accuracy-simclr-cuda-cut.json": cut, "time-to-accuracy-simclr-cuda.json": done,
+                    "step-audit-simclr-cuda.json": audit, "time-to-accuracy-simclr-cpu.json": done}.items():
+        (tmp_path / name).write_text(json.dumps(r))
+    text = report.report(report.load(str(tmp_path), "cuda"))
+    rows = {line.split("`")[1]: line for line in text.splitlines() if "`" in line}
+    assert set(rows) == {"time-to-accuracy-simclr-cuda-cut.json", "time-to-accuracy-simclr-cuda.json",
+                         "step-audit-simclr-cuda.json"}
+    assert "| cut | NVIDIA H100 80GB HBM3 | 170 (cut short) | 80.50 | 81.90 | 410.2 |" in rows["time-to-accuracy-simclr-cuda-cut.json"]
+    assert "| cold |" in rows["time-to-accuracy-simclr-cuda-cut.json"]
+    assert "| 200 | 84.25 | 85.00 | 471.9 | 1.2 | 2.7 | warm |" in rows["time-to-accuracy-simclr-cuda.json"]
+    assert "| 19.46 | 18.90 | 0.971 | 0.05 | a.py:3 (f) (0.05) | `step-audit-simclr-cuda.json` @ 0123456 |" in \
+        rows["step-audit-simclr-cuda.json"]
