@@ -5,9 +5,10 @@
 
 Tables: throughput (images/s of (a) the backbone-only ceiling, (b) the views alone, (c) the full step, the ratio
 (c)/(a), peak memory), the peer pipeline against the toolkit's step, time to accuracy (kNN top-1, wall-clock,
-evaluation share, peak memory, whether the compile started cold) and the step audits (ms per step, the GPU's busy
-fraction, host syncs per step). Each row names its file and the commit it was measured at, so a README table pasted
-from here says where every number comes from. ``gpu_session.sh`` prints the tables of each stage's new GPU results after it.
+training ms per step after the compile, evaluation share, peak memory, whether the compile started cold) and the step audits (ms per step, the GPU's busy
+fraction, host syncs per step). Each row names its file and the commit it was measured at (``<commit>+``: the tree
+had uncommitted changes, which the record's note should name), so a README table pasted from here says where every
+number comes from. ``gpu_session.sh`` prints the tables of each stage's new GPU results after the stage.
 """
 
 import argparse
@@ -111,8 +112,9 @@ def time_to_accuracy_rows(records: dict[str, dict]) -> list[list[str]]:
         compiled = r.get("overrides", {}).get("compile", "--no-compile" not in r.get("command", ""))
         start = "eager" if not compiled else "unknown" if cache is None else "warm" if cache["warm_at_start"] else "cold"
         rows.append([r["method"], variant(name, "time-to-accuracy", r["method"]), r["device"],
-                     ("" if epochs is None else str(epochs)) + ("" if finished else " (cut short)"),
+                     " ".join(x for x in ("" if epochs is None else str(epochs), "" if finished else "(cut short)") if x),
                      fmt(knn.get(200), 2), fmt(knn.get(20), 2), fmt(seconds, 1),
+                     fmt(r.get("steady_ms_per_step", r.get("median_ms_per_step_50_step_windows")), 2),
                      fmt(r.get("eval_share") and 100 * r["eval_share"], 1), gib(r.get("peak_memory_mb")), start,
                      source(name, r)])
     return rows
@@ -145,7 +147,7 @@ def report(records: dict[str, dict]) -> str:
     rows = time_to_accuracy_rows(records)
     if rows:
         parts.append("### Time to accuracy (kNN top-1 %, T = 0.1)\n\n" + table(
-            ["method", "variant", "device", "epochs", "k=200", "k=20", "seconds", "eval %", "peak GiB", "compile",
+            ["method", "variant", "device", "epochs", "k=200", "k=20", "seconds", "ms/step", "eval %", "peak GiB", "compile",
              "source"], rows))
     rows = audit_rows(records)
     if rows:

@@ -12,8 +12,9 @@ is a log, not a terminal) and the run folder. Wall-clock counts from before the 
 the last kNN evaluation, both included; Python's start and imports are not. ``torch.compile`` starts from an
 empty on-disk cache, so its time is a first run's (``--warm-compile-cache`` keeps the usual cache). Writes
 ``benchmarks/results/time-to-accuracy-<method>-<device>.json``: that time, the training and evaluation
-seconds, the kNN curve (epoch, seconds since the start, top-1 at each k; rewritten after every evaluation,
-so a run cut short keeps it, with ``finished: false``), the random-init baseline, peak GPU memory, the
+seconds, the kNN curve (epoch, seconds since the start and the evaluation's own, top-1 at each k; rewritten after
+every evaluation, so a run cut short keeps it, with ``finished: false``), the steady training ms per step between the
+first and last evaluation after training started (after the compile), the random-init baseline, peak GPU memory, the
 commit, device and library versions. With ``--probe``, the final checkpoint also gets ``ssl-toolkit probe``
 (cached features, 100 epochs; its time is not part of the wall-clock) and the JSON its top-1.
 """
@@ -64,6 +65,24 @@ def recipe_for_benchmark(recipe: str, data: str, epochs: int | None, knn_every: 
     cfg["data"] = {"class_path": "ssl_toolkit.data.NpzDataModule",
                    "init_args": {"path": data, "batch_size": batch, "resident": True}}
     return cfg
+
+
+def steady_ms_per_step(curve: list[dict]) -> float | None:
+    """Training ms per step between the first evaluation after training started and the last one, evaluations left
+    out: the pace after the compile and cudnn's autotuning (checkpoint saves and logging included). Each curve point's
+    ``seconds`` is taken after its evaluation, so the evaluations after the first point are subtracted.
+
+    Example:
+        >>> steady_ms_per_step([{"step": 0, "seconds": 5.0, "eval_s": 1.0}, {"step": 100, "seconds": 60.0, "eval_s": 1.0},
+        ...                     {"step": 300, "seconds": 65.0, "eval_s": 1.0}])
+        20.0
+    """
+    trained = [c for c in curve if c.get("step")]
+    if len(trained) < 2:
+        return None
+    first, last = trained[0], trained[-1]
+    seconds = last["seconds"] - first["seconds"] - sum(c["eval_s"] for c in trained[1:])
+    return round(1e3 * seconds / (last["step"] - first["step"]), 2)
 
 
 def linear_probe_of(ckpt: str, data: str) -> dict:
@@ -132,8 +151,10 @@ def main() -> None:
         sync(pl_module.device)
         eval_seconds.append(time.perf_counter() - t)
         epoch = trainer.current_epoch + 1 if trainer.global_step else 0
-        record["curve"].append({"epoch": epoch, "seconds": round(time.perf_counter() - start, 1),
+        record["curve"].append({"epoch": epoch, "step": trainer.global_step,
+                                "seconds": round(time.perf_counter() - start, 1), "eval_s": round(eval_seconds[-1], 2),
                                 **{f"top1_k{k}": round(v, 2) for k, v in result.items()}})
+        record["steady_ms_per_step"] = steady_ms_per_step(record["curve"])
         write()  # a run cut short keeps its curve
         return result
 

@@ -1,5 +1,6 @@
 """benchmarks/report.py: the committed results, and the record shapes the benchmark scripts write."""
 
+import doctest
 import glob
 import importlib.util
 import json
@@ -31,7 +32,7 @@ def test_runs_cut_short_report_their_last_evaluation_and_finished_runs_their_fin
            "overrides": {"compile": True}, "compile_cache": {"dir": "/tmp/x", "warm_at_start": False},
            "curve": [{"epoch": 0, "seconds": 3.0, "top1_k200": 37.1, "top1_k20": 40.0},
                      {"epoch": 170, "seconds": 410.2, "top1_k200": 80.5, "top1_k20": 81.9}]}
-    done = {**cut, "finished": True, "epochs": 200, "wall_clock_s": 471.9, "eval_share": 0.012,
+    done = {**cut, "finished": True, "epochs": 200, "wall_clock_s": 471.9, "eval_share": 0.012, "steady_ms_per_step": 19.8,
             "peak_memory_mb": 2764.8, "compile_cache": {"dir": "/tmp/y", "warm_at_start": True},
             "knn": {"trained": {"200": 84.25, "20": 85.0}}}
     audit = {**env, "method": "simclr", "window1_ms_per_step": 19.46, "device_busy_ms_per_step": 18.9,
@@ -43,8 +44,19 @@ def test_runs_cut_short_report_their_last_evaluation_and_finished_runs_their_fin
     rows = {line.split("`")[1]: line for line in text.splitlines() if "`" in line}
     assert set(rows) == {"time-to-accuracy-simclr-cuda-cut.json", "time-to-accuracy-simclr-cuda.json",
                          "step-audit-simclr-cuda.json"}
-    assert "| cut | NVIDIA H100 80GB HBM3 | 170 (cut short) | 80.50 | 81.90 | 410.2 |" in rows["time-to-accuracy-simclr-cuda-cut.json"]
+    assert "| cut | NVIDIA H100 80GB HBM3 | 170 (cut short) | 80.50 | 81.90 | 410.2 |  |" in \
+        rows["time-to-accuracy-simclr-cuda-cut.json"]
     assert "| cold |" in rows["time-to-accuracy-simclr-cuda-cut.json"]
-    assert "| 200 | 84.25 | 85.00 | 471.9 | 1.2 | 2.7 | warm |" in rows["time-to-accuracy-simclr-cuda.json"]
+    assert "| 200 | 84.25 | 85.00 | 471.9 | 19.80 | 1.2 | 2.7 | warm |" in rows["time-to-accuracy-simclr-cuda.json"]
     assert "| 19.46 | 18.90 | 0.971 | 0.05 | a.py:3 (f) (0.05) | `step-audit-simclr-cuda.json` @ 0123456 |" in \
         rows["step-audit-simclr-cuda.json"]
+
+
+def test_time_to_accuracy_examples():
+    """time_to_accuracy.py's doctests (benchmarks/ is outside the doctest paths): the steady ms per step."""
+    spec = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(ROOT, "benchmarks", "time_to_accuracy.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result = doctest.testmod(module)
+    assert result.attempted >= 1 and result.failed == 0
+    assert module.steady_ms_per_step([{"step": 0, "seconds": 5.0, "eval_s": 1.0}]) is None
