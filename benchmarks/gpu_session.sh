@@ -21,10 +21,11 @@
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
 #   parity    ~5 min  view_parity.py: resnet18, 30 epochs, toolkit views vs torchvision transforms (16 workers)
 #   decay     ~8 min  the SimCLR recipe with lightly's optimizer and weight decay on norms and biases too
-#   suspects  ~9 min  accuracy A/B of what still differs from lightly's SimCLR benchmark, four 30-epoch runs at
+#   suspects  ~9 min  accuracy A/B of what still differs from lightly's SimCLR benchmark, five 30-epoch runs at
 #                     once (lightly's optimizer in all; their seconds are shared, not speeds): as before (bf16,
-#                     BN in the head, no decay on norms/biases); + decay on norms/biases; + the v1 head without
-#                     BN; all of lightly's (fp32, v1 head, decay on everything)
+#                     BN in the head, no decay on norms/biases, both views in one batch); + decay on norms/biases;
+#                     + the v1 head without BN; + each view its own batch (per-view batch-norm statistics); all of
+#                     lightly's (fp32, v1 head, decay on everything, per-view batches)
 #   moco      ~9 min  MoCo v2 recipe, 200 epochs (DINO: replace moco by dino; ~2x the step)
 #   pretext   ~9 min  the four pretext recipes and SimCLR for 20 epochs each: kNN and linear probe
 #                     (issue 4's table)
@@ -60,7 +61,7 @@ LIGHTLY_OPTIM=(--model.init_args.optim.name sgd --model.init_args.optim.lr 0.24
 suspect() {  # one arm of the suspects stage, in the background: tag, then pretrain flags
     local tag=$1; shift
     timeout 560 python3 benchmarks/time_to_accuracy.py --epochs 30 --knn-every 10 --runs "/tmp/runs-$tag" \
-        --tag "suspect-$tag" --note "one of the suspects stage's four runs sharing the GPU: seconds are not speeds" \
+        --tag "suspect-$tag" --note "one of the suspects stage's five runs sharing the GPU: seconds are not speeds" \
         -- "${LIGHTLY_OPTIM[@]}" "$@" > "/tmp/suspect-$tag.log" 2>&1 &
 }
 
@@ -93,8 +94,9 @@ stage() {
         suspect base
         suspect decay --model.init_args.optim.decay_norm_and_bias true
         suspect v1head --model.init_args.proj_batch_norm false
+        suspect perview --model.init_args.per_view_batch_norm true
         suspect lightly --trainer.precision 32-true --model.init_args.optim.decay_norm_and_bias true \
-            --model.init_args.proj_batch_norm false
+            --model.init_args.proj_batch_norm false --model.init_args.per_view_batch_norm true
         wait
         tail -n 4 /tmp/suspect-*.log ;;
     moco) tta recipes/moco/cifar10.yaml recipe ;;

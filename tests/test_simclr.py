@@ -92,6 +92,21 @@ def test_v1_head_without_batch_norm_trains_and_comes_back_from_its_checkpoint(tm
     assert torch.equal(back.projector[2].bias, m.projector[2].bias)
 
 
+def test_per_view_batch_norm_encodes_each_view_as_its_own_batch():
+    from ssl_toolkit.losses.ntxent import nt_xent
+
+    torch.manual_seed(0)
+    joint, split = tiny(), tiny(per_view_batch_norm=True)
+    split.load_state_dict(joint.state_dict())
+    views = joint.view_policy(torch.randint(0, 256, (16, 3, 16, 16), dtype=torch.uint8))
+    a, b = views.crops
+    expected = nt_xent(joint.project(a), joint.project(b), 0.5)["ntxent_loss"]  # each view normalised on its own
+    together = joint.step(views)["ntxent_loss"]  # one 2B batch
+    assert torch.allclose(split.step(views)["ntxent_loss"], expected, atol=1e-6)
+    assert not torch.allclose(together, expected, atol=1e-3)  # batch statistics of both views differ
+    assert split.hparams["per_view_batch_norm"] and not joint.hparams["per_view_batch_norm"]
+
+
 def test_bad_checkpoints_are_refused_with_a_reason(tmp_path):
     from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint
 

@@ -27,6 +27,10 @@ class SimCLR(BaseSSLModule):
         proj_batch_norm: Batch norm in g's hidden layer, as in SimCLR v2 and most CIFAR ports; ``False`` gives
             the v1 paper's ``W2 relu(W1 h)`` with biases (lightly's CIFAR-10 benchmark head).
         channels_last: NHWC memory layout for the convolutions.
+        per_view_batch_norm: Encode each view as its own batch, so batch norm normalises each view with that
+            view's statistics, as lightly's CIFAR-10 benchmark (``forward(x0)``, ``forward(x1)``) and many PyTorch
+            ports do. Off by default: all views in one ``2B`` batch, like SimCLR's global batch norm, where the
+            statistics cannot tell the two views of a batch apart. Costs some speed (two smaller passes).
 
     Example:
         >>> m = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16))
@@ -37,15 +41,23 @@ class SimCLR(BaseSSLModule):
 
     def __init__(self, backbone: BackboneConfig = BackboneConfig(), optim: OptimConfig = OptimConfig(),
                  views: ViewConfig = ViewConfig(), temperature: float = 0.5, proj_hidden_dim: int = 2048,
-                 proj_out_dim: int = 128, channels_last: bool = False, proj_batch_norm: bool = True):
+                 proj_out_dim: int = 128, channels_last: bool = False, proj_batch_norm: bool = True,
+                 per_view_batch_norm: bool = False):
         super().__init__(backbone, optim, views, channels_last)
         self.save_config(temperature=temperature, proj_hidden_dim=proj_hidden_dim, proj_out_dim=proj_out_dim,
-                         proj_batch_norm=proj_batch_norm)
+                         proj_batch_norm=proj_batch_norm, per_view_batch_norm=per_view_batch_norm)
+        self.per_view_batch_norm = per_view_batch_norm
         self.projector = projection_head(self.feature_dim, proj_hidden_dim, proj_out_dim, batch_norm=proj_batch_norm)
         self.criterion = NTXentLoss(temperature)
         self.view_policy = ContrastiveViews(views, num_views=2)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """z = g(f(x)) of a batch of crops: ``(N, out_dim)`` projections."""
+        return self.projector(self.backbone(self.prepare_input(x)))  # (N, out_dim)
+
     def step(self, views: Views) -> dict[str, torch.Tensor]:
-        x = self.prepare_input(torch.cat(views.crops))  # (2B, 3, h, w)
-        z1, z2 = self.projector(self.backbone(x)).chunk(2)  # (B, out_dim) each
+        if self.per_view_batch_norm:
+            z1, z2 = (self.project(crops) for crops in views.crops)  # (B, out_dim) each, batch statistics per view
+        else:
+            z1, z2 = self.project(torch.cat(views.crops)).chunk(2)  # one (2B, 3, h, w) batch -> (B, out_dim) each
         return self.criterion(z1, z2)
