@@ -7,9 +7,17 @@ import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location("report", os.path.join(ROOT, "benchmarks", "report.py"))
-report = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(report)
+
+
+def benchmark_script(name: str):
+    """A script of benchmarks/ (not a package) imported as a module."""
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report = benchmark_script("report")
 
 
 def test_every_committed_result_of_a_reported_kind_gets_a_row_with_its_numbers():
@@ -54,9 +62,7 @@ def test_runs_cut_short_report_their_last_evaluation_and_finished_runs_their_fin
 
 def test_time_to_accuracy_examples():
     """time_to_accuracy.py's doctests (benchmarks/ is outside the doctest paths): the steady ms per step."""
-    spec = importlib.util.spec_from_file_location("time_to_accuracy", os.path.join(ROOT, "benchmarks", "time_to_accuracy.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_script("time_to_accuracy")
     result = doctest.testmod(module)
     assert result.attempted >= 1 and result.failed == 0
     assert module.steady_ms_per_step([{"step": 0, "seconds": 5.0, "eval_s": 1.0}]) is None
