@@ -26,6 +26,13 @@
 #                     BN in the head, no decay on norms/biases, both views in one batch); + decay on norms/biases;
 #                     + the v1 head without BN; + each view its own batch (per-view batch-norm statistics); all of
 #                     lightly's (fp32, v1 head, decay on everything, per-view batches)
+#   reference ~8 min  lightly_reference.py: lightly's own SimCLR benchmark model (its package: CIFAR ResNet, v1 head,
+#                     NT-Xent, SimCLRTransform in 12 workers, SGD, fp32), 30 epochs on our CIFAR-10 copy; the same with
+#                     the toolkit's GPU views; and with the toolkit's views and backbone (torchvision init, stem ReLU).
+#                     Three runs at once (shared GPU: seconds are not speeds); an arm still running at 500 s saves
+#                     data/reference-<tag>.pt and the stage run again goes on from there
+#   reference200      the reference for all 200 epochs (~25 min at ~7 s an epoch): stops after 510 s and saves
+#                     data/reference200.pt; run the stage again, in calls back to back, until its JSON says finished
 #   moco      ~9 min  MoCo v2 recipe, 200 epochs (DINO: replace moco by dino; ~2x the step)
 #   pretext   ~9 min  the four pretext recipes and SimCLR for 20 epochs each: kNN and linear probe
 #                     (issue 4's table)
@@ -65,6 +72,13 @@ suspect() {  # one arm of the suspects stage, in the background: tag, then pretr
         -- "${LIGHTLY_OPTIM[@]}" "$@" > "/tmp/suspect-$tag.log" 2>&1 &
 }
 
+reference() {  # one lightly_reference.py arm in the background: tag, then its flags
+    local tag=$1; shift
+    timeout 560 python3 benchmarks/lightly_reference.py --epochs 30 --knn-every 10 --tag "$tag" \
+        --max-seconds 500 --state "data/reference-$tag.pt" --note "one of the reference stage's three runs sharing the GPU: seconds are not speeds" "$@" \
+        > "/tmp/reference-$tag.log" 2>&1 &
+}
+
 compiled() {  # one process per method, so a slow compile costs only its own row
     for m in "$@"; do timeout 110 python3 benchmarks/throughput.py --method "$m" --compile views,model --tag compiled; done
 }
@@ -99,6 +113,14 @@ stage() {
             --model.init_args.proj_batch_norm false --model.init_args.per_view_batch_norm true
         wait
         tail -n 4 /tmp/suspect-*.log ;;
+    reference)
+        reference 30ep --workers 12
+        reference 30ep-toolkit-views --views toolkit
+        reference 30ep-toolkit-views-backbone --views toolkit --backbone toolkit
+        wait
+        tail -n 3 /tmp/reference-*.log ;;
+    reference200) timeout 580 python3 benchmarks/lightly_reference.py --epochs 200 --knn-every 10 --max-seconds 510 \
+        --state data/reference200.pt --tag 200ep ;;
     moco) tta recipes/moco/cifar10.yaml recipe ;;
     dino) tta recipes/dino/cifar10.yaml recipe ;;
     pretext)
@@ -106,7 +128,7 @@ stage() {
             timeout 110 python3 benchmarks/time_to_accuracy.py --recipe recipes/$m/cifar10.yaml \
                 --epochs 20 --knn-every 20 --probe --tag 20ep
         done ;;
-    *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects moco dino pretext)" >&2; return 2 ;;
+    *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext)" >&2; return 2 ;;
     esac
 }
 

@@ -5,7 +5,8 @@
 
 Tables: throughput (images/s of (a) the backbone-only ceiling, (b) the views alone, (c) the full step, the ratio
 (c)/(a), peak memory), the peer pipeline against the toolkit's step, time to accuracy (kNN top-1, wall-clock,
-training ms per step after the compile, evaluation share, peak memory, whether the compile started cold) and the step audits (ms per step, the GPU's busy
+training ms per step after the compile, evaluation share, peak memory, whether the compile started cold), lightly's
+own benchmark model trained on our data (``lightly_reference.py``) and the step audits (ms per step, the GPU's busy
 fraction, host syncs per step). Each row names its file and the commit it was measured at (``<commit>+``: the tree
 had uncommitted changes, which the record's note should name), so a README table pasted from here says where every
 number comes from. ``gpu_session.sh`` prints the tables of each stage's new GPU results after the stage.
@@ -134,6 +135,23 @@ def audit_rows(records: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def reference_rows(records: dict[str, dict]) -> list[list[str]]:
+    """lightly_reference.py runs: which pieces were lightly's, and the kNN top-1 of lightly's and the toolkit's kNN."""
+    rows = []
+    for name, r in records.items():
+        if not name.startswith("lightly-reference-"):
+            continue
+        c, curve = r["config"], r.get("curve") or [{}]
+        last = curve[-1]
+        epochs = f"{last.get('epoch', 0)} of {c['epochs']}" if not r.get("finished") else str(c["epochs"])
+        rows.append([variant(name, "lightly", "reference"), r["device"], c["backbone"], c["views"], c["precision"],
+                     epochs, fmt((r.get("knn_init") or {}).get("lightly_top1_k200"), 2),
+                     fmt(last.get("lightly_top1_k200"), 2), fmt(last.get("top1_k200"), 2), fmt(last.get("top1_k20"), 2),
+                     fmt(last.get("seconds"), 1), fmt(r.get("ms_per_step"), 2), gib(r.get("peak_memory_mb")),
+                     source(name, r)])
+    return rows
+
+
 def report(records: dict[str, dict]) -> str:
     parts = []
     rows, peers = throughput_rows(records)
@@ -149,6 +167,11 @@ def report(records: dict[str, dict]) -> str:
         parts.append("### Time to accuracy (kNN top-1 %, T = 0.1)\n\n" + table(
             ["method", "variant", "device", "epochs", "k=200", "k=20", "seconds", "ms/step", "eval %", "peak GiB", "compile",
              "source"], rows))
+    rows = reference_rows(records)
+    if rows:
+        parts.append("### lightly's SimCLR benchmark model on our CIFAR-10 (kNN top-1 %, T = 0.1)\n\n" + table(
+            ["variant", "device", "backbone", "views", "precision", "epochs", "random init k=200", "k=200 (lightly's kNN)",
+             "k=200", "k=20", "seconds", "ms/step", "peak GiB", "source"], rows))
     rows = audit_rows(records)
     if rows:
         parts.append("### Step audit\n\n" + table(

@@ -23,7 +23,7 @@ report = benchmark_script("report")
 def test_every_committed_result_of_a_reported_kind_gets_a_row_with_its_numbers():
     results = os.path.join(ROOT, "benchmarks", "results")
     text = report.report(report.load(results, None))
-    kinds = ("throughput-", "time-to-accuracy-", "step-audit-")
+    kinds = ("throughput-", "time-to-accuracy-", "step-audit-", "lightly-reference-")
     names = [os.path.basename(p) for p in glob.glob(os.path.join(results, "*.json"))]
     assert [n for n in names if n.startswith(kinds) and f"`{n}`" not in text] == []
     simclr = json.load(open(os.path.join(results, "throughput-simclr-cuda.json")))
@@ -58,6 +58,25 @@ def test_runs_cut_short_report_their_last_evaluation_and_finished_runs_their_fin
     assert "| 200 | 84.25 | 85.00 | 471.9 | 19.80 | 1.2 | 2.7 | warm |" in rows["time-to-accuracy-simclr-cuda.json"]
     assert "| 19.46 | 18.90 | 0.971 | 0.05 | a.py:3 (f) (0.05) | `step-audit-simclr-cuda.json` @ 0123456 |" in \
         rows["step-audit-simclr-cuda.json"]
+
+
+def test_reference_runs_name_their_pieces_and_both_knn_results(tmp_path):
+    env = {"commit": "0123456789abcdef", "uncommitted_changes": True, "device": "NVIDIA H100 80GB HBM3"}
+    config = {"backbone": "lightly", "views": "lightly", "precision": "fp32", "epochs": 200}
+    cut = {**env, "config": config, "finished": False, "knn_init": {"lightly_top1_k200": 31.2},
+           "ms_per_step": 71.234, "peak_memory_mb": 5017.6,
+           "curve": [{"epoch": 70, "seconds": 505.0, "lightly_top1_k200": 70.11, "top1_k200": 70.11, "top1_k20": 72.5}]}
+    done = {**cut, "config": {**config, "views": "toolkit", "epochs": 30}, "finished": True,
+            "curve": [{"epoch": 30, "seconds": 250.5, "lightly_top1_k200": 60.0, "top1_k200": 60.01, "top1_k20": 61.0}]}
+    for name, r in {"lightly-reference-cuda-200ep.json": cut, "lightly-reference-cuda.json": done}.items():
+        (tmp_path / name).write_text(json.dumps(r))
+    text = report.report(report.load(str(tmp_path), "cuda"))
+    rows = {line.split("`")[1]: line for line in text.splitlines() if "`" in line}
+    assert rows["lightly-reference-cuda-200ep.json"].startswith(
+        "| 200ep | NVIDIA H100 80GB HBM3 | lightly | lightly | fp32 | 70 of 200 | 31.20 | 70.11 | 70.11 | 72.50 | 505.0 "
+        "| 71.23 | 4.9 | `lightly-reference-cuda-200ep.json` @ 0123456+ |")
+    assert "|  | NVIDIA H100 80GB HBM3 | lightly | toolkit | fp32 | 30 | 31.20 | 60.00 | 60.01 | 61.00 |" in \
+        rows["lightly-reference-cuda.json"]
 
 
 def test_time_to_accuracy_examples():
