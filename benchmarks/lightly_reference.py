@@ -35,7 +35,8 @@ the resident uint8 images, same augmentations and ImageNet normalisation), ``--p
 ``--state``; the next call with the same ``--state`` goes on from there (the data order and augmentations are
 freshly drawn, so a resumed run is statistically, not bitwise, the one run). Writes
 ``benchmarks/results/lightly-reference-<device>[-<tag>].json`` after every evaluation: the curve (epoch, step,
-seconds, top-1 by lightly's kNN and the toolkit's), the random-init baseline, ms per training step, peak GPU memory,
+seconds, top-1 by lightly's kNN and the toolkit's), the best top-1 of lightly's kNN so far (lightly's table
+reports each run's best epoch), the random-init baseline, ms per training step, peak GPU memory,
 ``finished``, the commit, device and library versions (lightly's too).
 """
 
@@ -245,6 +246,7 @@ def main() -> None:
             point = {"epoch": done, "step": step, "seconds": round(clock(), 1),
                      "eval_s": round(time.perf_counter() - eval_start, 2), "loss": round(loss.item(), 4), **knn}
             record["curve"].append(point)
+            record["best_lightly_top1_k200"] = max(c["lightly_top1_k200"] for c in record["curve"])  # lightly's table
             record.update(train_seconds=round(train_seconds, 1), ms_per_step=round(1e3 * train_seconds / step, 2),
                           peak_memory_mb=round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
                           if device.type == "cuda" else None)

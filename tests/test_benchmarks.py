@@ -64,18 +64,21 @@ def test_reference_runs_name_their_pieces_and_both_knn_results(tmp_path):
     env = {"commit": "0123456789abcdef", "uncommitted_changes": True, "device": "NVIDIA H100 80GB HBM3"}
     config = {"backbone": "lightly", "views": "lightly", "precision": "fp32", "epochs": 200}
     cut = {**env, "config": config, "finished": False, "knn_init": {"lightly_top1_k200": 31.2},
+           "best_lightly_top1_k200": 70.5,
            "ms_per_step": 71.234, "peak_memory_mb": 5017.6,
            "curve": [{"epoch": 70, "seconds": 505.0, "lightly_top1_k200": 70.11, "top1_k200": 70.11, "top1_k20": 72.5}]}
     done = {**cut, "config": {**config, "views": "toolkit", "epochs": 30}, "finished": True,
+            "best_lightly_top1_k200": 60.0,
             "curve": [{"epoch": 30, "seconds": 250.5, "lightly_top1_k200": 60.0, "top1_k200": 60.01, "top1_k20": 61.0}]}
     for name, r in {"lightly-reference-cuda-200ep.json": cut, "lightly-reference-cuda.json": done}.items():
         (tmp_path / name).write_text(json.dumps(r))
     text = report.report(report.load(str(tmp_path), "cuda"))
     rows = {line.split("`")[1]: line for line in text.splitlines() if "`" in line}
     assert rows["lightly-reference-cuda-200ep.json"].startswith(
-        "| 200ep | NVIDIA H100 80GB HBM3 | lightly | lightly | fp32 | 70 of 200 | 31.20 | 70.11 | 70.11 | 72.50 | 505.0 "
+        "| 200ep | NVIDIA H100 80GB HBM3 | lightly | lightly | fp32 | 70 of 200 | 31.20 | 70.11 | 70.50 | 70.11 | 72.50 "
+        "| 505.0 "
         "| 71.23 | 4.9 | `lightly-reference-cuda-200ep.json` @ 0123456+ |")
-    assert "|  | NVIDIA H100 80GB HBM3 | lightly | toolkit | fp32 | 30 | 31.20 | 60.00 | 60.01 | 61.00 |" in \
+    assert "|  | NVIDIA H100 80GB HBM3 | lightly | toolkit | fp32 | 30 | 31.20 | 60.00 | 60.00 | 60.01 | 61.00 |" in \
         rows["lightly-reference-cuda.json"]
 
 
