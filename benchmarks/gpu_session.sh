@@ -17,7 +17,8 @@
 #                     read of the non-finite flag, with CUDA graphs) and MoCo's: ms per step, device busy fraction,
 #                     every host sync
 #   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
-#   compiled2 ~6 min  the same for RotNet, Jigsaw, context encoder, colorization
+#   compiled2 ~9 min  the same for RotNet, Jigsaw, context encoder, colorization; MoCo and DINO with their EMA
+#                     copies (key encoder, teacher) left eager, the A/B of compiling them
 #   simclr    ~8 min  the SimCLR recipe as written (LARS), 200 epochs, kNN every 10: time to accuracy
 #   parity    ~5 min  view_parity.py: resnet18, 30 epochs, toolkit views vs torchvision transforms (16 workers)
 #   decay     ~8 min  the SimCLR recipe with lightly's optimizer and weight decay on norms and biases too
@@ -99,7 +100,10 @@ stage() {
         timeout 150 python3 benchmarks/step_audit.py --recipe recipes/moco/cifar10.yaml
         timeout 150 python3 benchmarks/step_audit.py --compile-mode reduce-overhead --tag cudagraphs ;;
     compiled1) compiled simclr moco dino cpc clip ;;
-    compiled2) compiled rotation jigsaw inpainting colorization ;;
+    compiled2) compiled rotation jigsaw inpainting colorization
+        for m in moco dino; do  # A/B: EMA copies left eager, as before compile_parts
+            timeout 110 python3 benchmarks/throughput.py --method "$m" --compile views,online --tag compiled-online
+        done ;;
     simclr) tta recipes/simclr/cifar10.yaml recipe ;;
     parity) timeout 570 python3 benchmarks/view_parity.py --epochs 30 --seeds 0 ;;
     decay) tta recipes/simclr/cifar10.yaml lightly-decay-all "${LIGHTLY_OPTIM[@]}" \

@@ -32,6 +32,7 @@ from datetime import datetime, timezone
 import torch
 
 from ssl_toolkit.backbones import BackboneConfig, TextConfig
+from ssl_toolkit.compile import compile_parts
 from ssl_toolkit.methods import (CLIP, CPCV2, DINO, Colorization, Inpainting, Jigsaw, MoCoV2, OptimConfig,
                                  Rotation, SimCLR)
 from ssl_toolkit.optim import make_optimizer
@@ -159,10 +160,10 @@ def build(method: str, a, device: torch.device):
     optim = OptimConfig("lars", lr=0.3, weight_decay=1e-6) if a.optim == "lars" else \
         OptimConfig("sgd", lr=0.06, weight_decay=5e-4)
     opt = make_optimizer(model, optim, fused=False if a.no_fused else None)  # as configure_optimizers builds it
-    if "views" in a.compile:  # in place, as the Compile callback does
-        model.view_policy.compile()
-    if "model" in a.compile:
+    parts = [p for p in a.compile.split(",") if p]
+    if "online" in parts:  # A/B only: the backbone alone, its EMA copies eager (what Compile did before compile_parts)
         model.backbone.compile()
+    compile_parts(model, [{"model": "backbone"}.get(p, p) for p in parts if p != "online"])  # as Compile does
     return model, opt, replace(views, crop_size=crop)
 
 
@@ -238,7 +239,8 @@ def main() -> None:
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--optim", default="sgd", choices=["sgd", "lars"])
     p.add_argument("--no-fused", action="store_true", help="SGD's multi-tensor (foreach) step instead of the fused one")
-    p.add_argument("--compile", default="", help="torch.compile parts: views, model or views,model")
+    p.add_argument("--compile", default="", help="torch.compile parts: views, model (the backbone and its EMA copies) or views,model; "
+                                                    "online: the backbone without its EMA copies (A/B)")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--peer-workers", type=int, nargs="*", default=[], help="also feed the step from torchvision "

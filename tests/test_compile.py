@@ -27,9 +27,13 @@ def test_every_view_policy_traces_as_one_graph_without_host_syncs(cls):
     assert report.graph_count == 1
 
 
-def _train(callbacks, steps=3):
+def _simclr():
+    return SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=32, proj_out_dim=16)
+
+
+def _train(callbacks, steps=3, model=_simclr):
     torch.manual_seed(0)
-    m = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=32, proj_out_dim=16)
+    m = model()
     trainer = pl.Trainer(max_epochs=1, limit_train_batches=steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", callbacks=callbacks)
     trainer.fit(m, DigitsDataModule(image_size=16, batch_size=32))
@@ -44,6 +48,21 @@ def test_compiled_training_equals_eager_and_keeps_checkpoint_keys():
     a, b = eager.state_dict(), compiled.state_dict()
     assert list(a) == list(b)  # compiled in place: a checkpoint loads into an uncompiled model
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_compiling_the_backbone_compiles_its_ema_copy_and_training_stays_exact():
+    """MoCo's key encoder (split batch norm, its buffers updated in place) through AOTAutograd, Inductor's front end:
+    the weights, running statistics and queue after 3 steps equal eager training's."""
+    def moco():
+        return MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), queue_size=64, bn_splits=4)
+
+    torch._dynamo.reset()
+    eager = _train([], model=moco)
+    compiled = _train([Compile(["views", "backbone"], backend="aot_eager", cpu=True)], model=moco)
+    assert compiled.key_backbone._compiled_call_impl is not None and compiled.backbone._compiled_call_impl is not None
+    a, b = eager.state_dict(), compiled.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["key_backbone.1.running_mean"], torch.zeros_like(a["key_backbone.1.running_mean"]))
 
 
 def test_compile_is_skipped_on_the_cpu_unless_asked_and_checks_its_parts():
