@@ -51,7 +51,7 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, os.path.dirname(__file__))
-from throughput import environment, sync  # noqa: E402  (same commit/device/versions record)
+from throughput import add_cifar_argument, environment, sync  # noqa: E402  (same commit/device/versions record)
 
 from ssl_toolkit.backbones import build_backbone  # noqa: E402
 from ssl_toolkit.data import NpzDataModule  # noqa: E402
@@ -141,7 +141,7 @@ def evaluate(net: nn.Module, splits, device: torch.device, autocast) -> dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+    add_cifar_argument(p)
     p.add_argument("--backbone", choices=["lightly", "toolkit"], default="lightly")
     p.add_argument("--views", choices=["lightly", "toolkit"], default="lightly")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -159,8 +159,6 @@ def main() -> None:
     p.add_argument("--note", default="")
     a = p.parse_args()
     lightly = lightly_or_exit()
-    if not os.path.isfile(a.data):
-        raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
     if a.max_seconds and not a.state:
         raise SystemExit("--max-seconds saves the run to resume it: give --state PATH too.")
     from lightly.loss import NTXentLoss

@@ -34,7 +34,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from throughput import environment, sync  # noqa: E402
+from throughput import add_cifar_argument, environment, sync  # noqa: E402
 from time_to_accuracy import pretrain_config, recipe_for_benchmark  # noqa: E402
 
 from ssl_toolkit.methods import base  # noqa: E402
@@ -168,7 +168,7 @@ class StepAudit(pl.Callback):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/simclr/cifar10.yaml")
-    p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+    add_cifar_argument(p)
     p.add_argument("--skip", type=int, default=30, help="steps before the windows (compile, cudnn autotuning)")
     p.add_argument("--steps", type=int, default=20, help="steps in each window")
     p.add_argument("--no-compile", action="store_true", help="drop the recipe's Compile callback (eager)")
@@ -180,8 +180,6 @@ def main() -> None:
     p.add_argument("--tag", default="")
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
-    if not os.path.isfile(a.data):
-        raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = recipe_for_benchmark(a.recipe, a.data, None, 1, a.runs, not a.no_compile)
     trainer = cfg["trainer"]

@@ -67,6 +67,18 @@ def timed(fn, steps: int, warmup: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def add_cifar_argument(p: argparse.ArgumentParser) -> None:
+    """``--data``: the CIFAR-10 .npz; a missing file stops the parse with the command that makes it."""
+    def existing(path: str) -> str:
+        if not os.path.isfile(path):
+            raise argparse.ArgumentTypeError(f"{path} not found; run: python ../shared/datasets/cifar10/unpack.py "
+                                             f"data/cifar10")
+        return path
+
+    p.add_argument("--data", default="data/cifar10/cifar10.npz", type=existing,
+                   help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+
+
 def environment(device: torch.device) -> dict:
     import kornia
     import pytorch_lightning

@@ -30,7 +30,7 @@ import torch
 import yaml
 
 sys.path.insert(0, os.path.dirname(__file__))
-from throughput import environment, sync  # noqa: E402  (same commit/device/versions record)
+from throughput import add_cifar_argument, environment, sync  # noqa: E402  (same commit/device/versions record)
 
 from ssl_toolkit.cli import pretrain  # noqa: E402
 from ssl_toolkit.eval import KNNCallback  # noqa: E402
@@ -103,7 +103,7 @@ def linear_probe_of(ckpt: str, data: str) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", default="recipes/simclr/cifar10.yaml")
-    p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+    add_cifar_argument(p)
     p.add_argument("--epochs", type=int, help="default: the recipe's max_epochs")
     p.add_argument("--knn-every", type=int, default=10)
     p.add_argument("--no-compile", action="store_true", help="drop the recipe's Compile callback (eager)")
@@ -116,8 +116,6 @@ def main() -> None:
                    help="keep torch.compile's on-disk cache (default: a fresh one, so the compile is a first run's)")
     a, extra = p.parse_known_args()
     extra = [x for x in extra if x != "--"]
-    if not os.path.isfile(a.data):
-        raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     env = environment(device)
     if not a.warm_compile_cache:  # a cache left by an earlier run of the same recipe would cut the compile time

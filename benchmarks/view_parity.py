@@ -29,7 +29,7 @@ import pytorch_lightning as pl
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from throughput import PeerViews, environment  # noqa: E402
+from throughput import PeerViews, add_cifar_argument, environment  # noqa: E402
 
 from ssl_toolkit.backbones import BackboneConfig  # noqa: E402
 from ssl_toolkit.data import NpzDataModule  # noqa: E402
@@ -135,7 +135,7 @@ def summarize(runs: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="data/cifar10/cifar10.npz", help="CIFAR-10 .npz from ../shared/datasets/cifar10/unpack.py")
+    add_cifar_argument(p)
     p.add_argument("--backbone", default="resnet18")
     p.add_argument("--width", type=int, default=32, help="tiny_cnn width")
     p.add_argument("--no-cifar-stem", action="store_true")
@@ -153,8 +153,6 @@ def main() -> None:
     p.add_argument("--out", help="JSON path (default: benchmarks/results/view-parity-<device>[-<tag>].json)")
     p.add_argument("--tag", default="")
     a = p.parse_args()
-    if not os.path.isfile(a.data):
-        raise SystemExit(f"{a.data} not found; run: python ../shared/datasets/cifar10/unpack.py data/cifar10")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     views = ViewConfig(crop_size=32)  # SimCLR's CIFAR-10 augmentations (the recipe's), no blur
     tag = f"-{a.tag}" if a.tag else ""
