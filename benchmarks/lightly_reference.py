@@ -132,11 +132,12 @@ def evaluate(net: nn.Module, splits, device: torch.device, autocast) -> dict[str
     bank, queries = features(net, splits.x_train, device, autocast), features(net, splits.x_test, device, autocast)
     y_bank, y_test = splits.y_train.to(device), splits.y_test.to(device)
     classes = len(splits.classes)
-    hits = sum((knn_predict(q, bank.T, y_bank, classes, knn_k=200, knn_t=0.1)[:, 0] == y).sum().item()
+    k = min(200, len(bank))  # a rehearsal's bank under 200 images: all of it (as knn_sweep), still named k200
+    hits = sum((knn_predict(q, bank.T, y_bank, classes, knn_k=k, knn_t=0.1)[:, 0] == y).sum().item()
                for q, y in zip(queries.split(512), y_test.split(512)))
-    ours = knn_sweep(bank, y_bank, queries, y_test, classes, ks=(200, 20), temperatures=(0.1,), backend="torch")[0.1]
+    ours = knn_sweep(bank, y_bank, queries, y_test, classes, ks=(k, 20), temperatures=(0.1,), backend="torch")[0.1]
     return {"lightly_top1_k200": round(100.0 * hits / len(y_test), 2),
-            "top1_k200": round(ours[200], 2), "top1_k20": round(ours[20], 2)}
+            "top1_k200": round(ours[k], 2), "top1_k20": round(ours[min(20, k)], 2)}
 
 
 def main() -> None:
