@@ -175,7 +175,9 @@ def build(method: str, a, device: torch.device):
     parts = [p for p in a.compile.split(",") if p]
     if "online" in parts:  # A/B only: the backbone alone, its EMA copies eager (what Compile did before compile_parts)
         model.backbone.compile()
-    compile_parts(model, [{"model": "backbone"}.get(p, p) for p in parts if p != "online"])  # as Compile does
+    parts = [{"model": "backbone"}.get(p, p) for p in parts if p != "online"]
+    if parts:
+        compile_parts(model, parts)  # as the Compile callback does
     return model, opt, replace(views, crop_size=crop)
 
 

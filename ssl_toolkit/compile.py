@@ -32,6 +32,12 @@ def eager() -> Iterator[None]:
         yield
 
 
+def check_parts(parts: list[str]) -> None:
+    """Raise unless ``parts`` is a non-empty list of :data:`PARTS`, saying which ones there are."""
+    if not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"Compile parts must be a non-empty list of {', '.join(PARTS)}; got {parts}.")
+
+
 def compile_parts(pl_module, parts: list[str], mode: str | None = None, backend: str = "inductor") -> list[str]:
     """Compile a method's ``views`` (view policy) and/or ``backbone`` in place; returns the attributes compiled.
 
@@ -46,10 +52,9 @@ def compile_parts(pl_module, parts: list[str], mode: str | None = None, backend:
         >>> compile_parts(MoCoV2(BackboneConfig("tiny_cnn", width=4)), ["views", "backbone"], backend="eager")
         ['view_policy', 'backbone', 'key_backbone']
     """
+    check_parts(parts)
     names = []
     for part in parts:
-        if part not in PARTS:
-            raise ValueError(f"Compile parts must be {', '.join(PARTS)}; got {part!r}.")
         if part == "views":
             modules = [("view_policy", pl_module.view_policy)]
         else:
@@ -82,9 +87,7 @@ class Compile(pl.Callback):
 
     def __init__(self, parts: list[str] = list(PARTS), mode: str | None = None, backend: str = "inductor",  # noqa: B006
                  cpu: bool = False):
-        unknown = [p for p in parts if p not in PARTS]
-        if unknown or not parts:
-            raise ValueError(f"Compile parts must be a non-empty list of {', '.join(PARTS)}; got {parts}.")
+        check_parts(parts)  # at construction: a config error shows before training starts
         self.parts, self.mode, self.backend, self.cpu = list(parts), mode, backend, cpu
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
