@@ -53,12 +53,13 @@ from torch.nn import functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 from throughput import add_cifar_argument, environment, sync  # noqa: E402  (same commit/device/versions record)
 
-from ssl_toolkit.backbones import build_backbone  # noqa: E402
+from ssl_toolkit.backbones import Encoder, build_backbone  # noqa: E402
 from ssl_toolkit.data import NpzDataModule  # noqa: E402
 from ssl_toolkit.eval.knn import knn_sweep  # noqa: E402
 from ssl_toolkit.views import ContrastiveViews, ViewConfig  # noqa: E402
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # lightly's IMAGENET_NORMALIZE
+RUN_SETTINGS = ("data", "backbone", "views", "precision", "epochs", "batch", "train_images", "test_images", "seed")
 
 
 def lightly_or_exit():
@@ -111,15 +112,17 @@ def toolkit_batches(images: torch.Tensor, batch: int, views: ContrastiveViews):
 
 @torch.no_grad()
 def features(net: nn.Module, images: torch.Tensor, device: torch.device, autocast) -> torch.Tensor:
-    """Normalised backbone features of un-augmented uint8 images (ToTensor + ImageNet Normalize), eval mode."""
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    """Normalised backbone features of un-augmented uint8 images (ToTensor + ImageNet Normalize), eval mode.
+
+    Not ``eval.features.extract_features``: that runs bf16 autocast on CUDA, and lightly evaluates in the run's
+    precision (fp32 here unless ``--precision bf16``).
+    """
+    encoder = Encoder(net, IMAGENET_MEAN, IMAGENET_STD).to(device)
     net.eval()
     out = []
     for chunk in images.split(1024):
-        x = (chunk.to(device, non_blocking=True).float() / 255 - mean) / std
         with autocast():
-            out.append(F.normalize(net(x).flatten(1).float(), dim=1))
+            out.append(F.normalize(encoder(chunk.to(device, non_blocking=True)).float(), dim=1))
     net.train()
     return torch.cat(out)
 
@@ -200,9 +203,10 @@ def main() -> None:
     record = {**environment(device), "lightly": lightly.__version__, "command": " ".join(sys.argv),
               "config": vars(a), "note": a.note, "method": "simclr", "epochs": a.epochs, "finished": False}
     first_epoch, step, seconds_before = 0, 0, 0.0
+    settings = {k: getattr(a, k) for k in RUN_SETTINGS}  # what a saved run must match to be resumed
     if a.state and os.path.isfile(a.state):
         state = torch.load(a.state, map_location=device, weights_only=False)
-        if state["config"] != {k: getattr(a, k) for k in state["config"]}:
+        if state["config"] != settings:
             raise SystemExit(f"{a.state} is a run with other settings ({state['config']}); remove it or match them.")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -255,9 +259,7 @@ def main() -> None:
             record["train_seconds"] = round(train_seconds, 1)
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "epoch": done, "step": step, "seconds": clock(),
-                        "record": record, "config": {k: getattr(a, k) for k in
-                                                     ("data", "backbone", "views", "precision", "epochs", "batch",
-                                                      "train_images", "test_images", "seed")}}, a.state)
+                        "record": record, "config": settings}, a.state)
             save(out)
             print(f"stopped after epoch {done} ({clock():.0f} s in all); run again with --state {a.state} to go on")
             return
