@@ -5,14 +5,17 @@ import glob
 import importlib.util
 import json
 import os
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def benchmark_script(name: str):
-    """A script of benchmarks/ (not a package) imported as a module."""
+    """A script of benchmarks/ (not a package) imported as a module, and registered under its name: doctest finds a
+    module's examples through ``sys.modules`` (another script may have imported an older copy there)."""
     spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -88,3 +91,21 @@ def test_time_to_accuracy_examples():
     result = doctest.testmod(module)
     assert result.attempted >= 1 and result.failed == 0
     assert module.steady_ms_per_step([{"step": 0, "seconds": 5.0, "eval_s": 1.0}]) is None
+
+
+def test_the_ceiling_is_timed_twice_and_the_report_shows_how_far_apart(tmp_path):
+    """throughput.py's doctests (the faster of the two ceiling timings counts), and the drift column: empty for a
+    record from before the second timing."""
+    result = doctest.testmod(benchmark_script("throughput"))
+    assert result.attempted >= 1 and result.failed == 0
+    env = {"commit": "0123456789abcdef", "uncommitted_changes": False, "device": "NVIDIA H100 80GB HBM3",
+           "config": {"method": "clip"}, "full_over_ceiling": 0.91}
+    res = {"views": {"images_per_s": 1e6}, "full": {"images_per_s": 18000.0, "peak_memory_mb": 2048.0}}
+    new = {**env, "results": {**res, "ceiling": {"images_per_s": 19780.2, "ms_per_step": 25.9, "drift": 0.034}}}
+    old = {**env, "results": {**res, "ceiling": {"images_per_s": 19780.2, "ms_per_step": 25.9}}}
+    for name, r in {"throughput-clip-cuda.json": new, "throughput-clip-cuda-old.json": old}.items():
+        (tmp_path / name).write_text(json.dumps(r))
+    rows = {line.split("`")[1]: line for line in report.report(report.load(str(tmp_path), "cuda")).splitlines()
+            if "`" in line}
+    assert "| 19,780 | 3% | 1,000,000 | 18,000 | 0.91 | 2.0 |" in rows["throughput-clip-cuda.json"]
+    assert "| 19,780 |  | 1,000,000 | 18,000 | 0.91 | 2.0 |" in rows["throughput-clip-cuda-old.json"]
