@@ -100,6 +100,20 @@ def test_schedules_and_frozen_last_layer_in_training():
     assert m.center.abs().sum() > 0
 
 
+def test_gradient_clipping_in_mixed_precision_trains_with_the_multi_tensor_optimizer():
+    """The DINO recipe clips gradients (norm 3) in bf16-mixed. Lightning refuses to clip for a fused optimizer under
+    mixed precision, so with clipping on the optimizer is the multi-tensor one; without clipping, the fused one."""
+    def optimizer_after_two_steps(**clipping):
+        trainer = pl.Trainer(max_steps=2, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **clipping)
+        trainer.fit(tiny(optim=OptimConfig("sgd", lr=0.05)), DigitsDataModule(image_size=16, batch_size=32))
+        assert trainer.global_step == 2
+        return trainer.optimizers[0]
+
+    assert not optimizer_after_two_steps(gradient_clip_val=3.0).defaults["fused"]
+    assert optimizer_after_two_steps().defaults["fused"]
+
+
 def test_bad_settings_say_the_fix():
     with pytest.raises(ValueError, match="at least 2 global crops"):
         tiny(global_blur_p=(1.0,), global_solarize_p=(0.0,))

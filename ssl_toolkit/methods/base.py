@@ -249,7 +249,10 @@ class BaseSSLModule(pl.LightningModule):
 
     def configure_optimizers(self):
         c = self.optim_config
-        opt = make_optimizer(self, c)  # fused SGD/AdamW kernels where the parameters' device has them
+        # Fused SGD/AdamW kernels where the parameters' device has them, except with gradient clipping: Lightning
+        # refuses to clip for a fused optimizer under mixed precision (a fused step unscales fp16 gradients itself,
+        # so they would be clipped while still scaled), and the DINO recipe clips in bf16-mixed.
+        opt = make_optimizer(self, c, fused=False if self.trainer.gradient_clip_val else None)
         total = int(self.trainer.estimated_stepping_batches)
         steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
