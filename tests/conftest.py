@@ -20,6 +20,15 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip without a CUDA GPU; ``bash benchmarks/gpu_session.sh tests`` runs them on one."""
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (benchmarks/gpu_session.sh tests runs these)")
+        for item in items:
+            if item.get_closest_marker("cuda"):
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

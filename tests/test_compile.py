@@ -72,7 +72,7 @@ def test_compile_is_skipped_on_the_cpu_unless_asked_and_checks_its_parts():
         Compile(["head"])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_compiled_views_match_eager_views_on_the_gpu():
     m = SimCLR(BackboneConfig("resnet18", cifar_stem=True)).cuda()
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")

@@ -73,7 +73,7 @@ def test_auto_backend_keeps_gpu_features_on_the_gpu(monkeypatch):
     assert knn_module.auto_backend(on_cuda=False) == "torch"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_knn_on_gpu_features_matches_the_cpu_search():
     x, y = clustered(600, noise=1.5)
     cpu = knn_accuracy(x[:500], y[:500], x[500:], y[500:], 5, (1, 20), 0.1)
@@ -274,7 +274,7 @@ def test_evaluators_never_reseed_a_gpu_generator(monkeypatch):
     assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_online_probe_setup_leaves_the_gpu_stream_where_it_was():
     from ssl_toolkit.eval import OnlineProbe
 

@@ -160,7 +160,7 @@ def test_non_finite_loss_stops_the_run_without_overwriting_a_good_checkpoint(tmp
     assert not any(f.startswith("epoch=0-step=6") for f in os.listdir(tmp_path))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_reading_the_last_steps_finite_flag_does_not_wait_for_work_queued_after_it():
     from ssl_toolkit.methods.base import HostFlag
 

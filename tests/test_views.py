@@ -107,7 +107,7 @@ def test_bad_view_settings_say_the_fix():
         ContrastiveViews()(torch.rand(2, 3, 32, 32))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_views_run_on_the_gpu():
     v = ContrastiveViews()(batch().cuda())
     assert v.crops[0].is_cuda and not math.isnan(v.crops[0].sum().item())
