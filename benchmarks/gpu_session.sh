@@ -37,6 +37,9 @@
 #   moco      ~9 min  MoCo v2 recipe, 200 epochs (DINO: replace moco by dino; ~2x the step)
 #   pretext   ~9 min  the four pretext recipes and SimCLR for 20 epochs each: kNN and linear probe
 #                     (issue 4's table)
+#   evalprec  ~1 min  eval_precision.py: kNN top-1 of the newest time-to-accuracy checkpoint (run right after
+#                     simclr, moco or dino while the machine is still warm) with features extracted in fp32 and in
+#                     bf16, the evaluators' default on CUDA
 #   tests     ~1 min  the tests marked `cuda` (CI has no GPU and skips them): kNN, views and compiled views on the
 #                     GPU, the non-finite flag without a wait, the online probe's stream, and DINO's gradient
 #                     clipping with the fused and multi-tensor optimizers in bf16 and in fp16 with the scaler
@@ -135,8 +138,10 @@ stage() {
             timeout 110 python3 benchmarks/time_to_accuracy.py --recipe recipes/$m/cifar10.yaml \
                 --epochs 20 --knn-every 20 --probe --tag 20ep
         done ;;
+    evalprec) timeout 120 python3 benchmarks/eval_precision.py --latest /tmp/ssl-toolkit-bench \
+        --data data/cifar10/cifar10.npz --tag cifar10 ;;
     tests) timeout 300 python3 -m pytest -q -rs -m cuda $(grep -l "mark.cuda" tests/test_*.py) ;;
-    *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext tests)" >&2; return 2 ;;
+    *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext evalprec tests)" >&2; return 2 ;;
     esac
 }
 

@@ -154,6 +154,19 @@ def reference_rows(records: dict[str, dict]) -> list[list[str]]:
     return rows
 
 
+def precision_rows(records: dict[str, dict]) -> list[list[str]]:
+    """eval_precision.py runs: one checkpoint's kNN top-1 (T = 0.1) with fp32 and with bf16 features."""
+    rows = []
+    for name, r in records.items():
+        if not name.startswith("eval-precision-"):
+            continue
+        f32, b16 = r["fp32"]["top1"]["0.1"], r["bf16"]["top1"]["0.1"]
+        rows.append([r["method"].rsplit(".", 1)[-1], r["backbone"], r["dataset"], r["device"],
+                     *(fmt(x[k], 2) for k in ("200", "20") for x in (f32, b16)),
+                     f"{r['feature_difference']['test']['median_cosine_fp32_bf16']:.6f}", source(name, r)])
+    return rows
+
+
 def report(records: dict[str, dict]) -> str:
     parts = []
     rows, peers = throughput_rows(records)
@@ -179,6 +192,11 @@ def report(records: dict[str, dict]) -> str:
         parts.append("### Step audit\n\n" + table(
             ["method", "variant", "device", "ms/step", "GPU busy ms/step", "busy fraction", "host syncs/step",
              "most syncs at", "source"], rows))
+    rows = precision_rows(records)
+    if rows:
+        parts.append("### Evaluation precision (kNN top-1 %, T = 0.1, features extracted in fp32 and in bf16)\n\n" + table(
+            ["method", "backbone", "dataset", "device", "k=200 fp32", "k=200 bf16", "k=20 fp32", "k=20 bf16",
+             "median cosine fp32 vs bf16 (test)", "source"], rows))
     return "\n\n".join(parts) + "\n" if parts else "no results\n"
 
 

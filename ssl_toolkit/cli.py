@@ -1,6 +1,7 @@
 """The ``ssl-toolkit`` command: ``pretrain`` (LightningCLI), ``knn`` and ``probe`` (frozen-encoder evaluation)."""
 
 import argparse
+import contextvars
 import json
 import os
 import sys
@@ -120,9 +121,23 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
+    _add_precision(p)
     p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json); "
                                  "for pictures, a folder (default <ckpt>.pictures)")
     return p
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="the model's forward passes: auto (bf16 autocast on CUDA, fp32 on the CPU; the default), "
+                        "bf16 or fp32")
+
+
+def _use_precision(args) -> None:
+    """The command's --precision for every evaluator it runs (main runs each command in its own context)."""
+    from ssl_toolkit.eval.features import set_eval_precision
+
+    set_eval_precision(args.precision)
 
 
 def _device(args) -> torch.device:
@@ -131,7 +146,8 @@ def _device(args) -> torch.device:
 
 def _info(args, ckpt: dict, dm, device: torch.device) -> dict:
     return {"checkpoint": os.path.abspath(args.ckpt), "method": ckpt["ssl_toolkit"]["method"],
-            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name, "device": str(device)}
+            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name, "device": str(device),
+            "precision": args.precision}
 
 
 def _encoder_and_data(args):
@@ -194,6 +210,7 @@ def knn(args: list[str]) -> None:
     p.add_argument("--nlist", type=int, help="IVF cells (default sqrt(N))")
     p.add_argument("--nprobe", type=int, default=8, help="IVF cells searched per query (default 8)")
     a = p.parse_args(args)
+    _use_precision(a)
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
     if a.index == "flat":
@@ -244,6 +261,7 @@ def probe(args: list[str]) -> None:
     p.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="crop area range with --augment")
     p.add_argument("--flip-p", type=float, default=0.5, help="flip probability with --augment (0 for digits, text)")
     a = p.parse_args(args)
+    _use_precision(a)
     if a.augment:
         if len(a.lr) > 1 or len(a.weight_decay) > 1:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
@@ -284,6 +302,7 @@ def retrieval(args: list[str]) -> None:
     p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="K of recall@K (default: 1 5 10)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="images to search (default: test)")
     a = p.parse_args(args)
+    _use_precision(a)
     model, dm, info, device = _clip(a)
     if not hasattr(dm, "captions"):
         raise ValueError(f"--data {a.data!r} has no captions; retrieval needs a caption folder (captions.txt + images/) "
@@ -303,6 +322,7 @@ def zeroshot(args: list[str]) -> None:
     p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to average several "
                                                         f"(default: {DEFAULT_TEMPLATES[0]!r})")
     a = p.parse_args(args)
+    _use_precision(a)
     if a.data is None:
         raise ValueError("zeroshot needs a labelled --data (an .npz file, an image folder, a recipe or 'digits'); "
                          "its class names make the prompts.")
@@ -323,6 +343,7 @@ def pictures(args: list[str]) -> None:
                                  "colours of test images.")
     p.add_argument("--num", type=int, default=16, help="test images to show (default 16)")
     a = p.parse_args(args)
+    _use_precision(a)
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
     model = method_from_checkpoint(ckpt).to(device)
@@ -361,7 +382,9 @@ def embed(args: list[str]) -> None:
     p.add_argument("--on-corrupt", default="fail", choices=["fail", "skip"], help="unreadable images: stop or leave out")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    _add_precision(p)
     a = p.parse_args(args)
+    _use_precision(a)
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
     paths = list_images(a.images)
@@ -371,7 +394,8 @@ def embed(args: list[str]) -> None:
     labelled = folder_labels(a.images, kept)
     meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
             "fingerprint": backbone_fingerprint(ckpt), "images": os.path.abspath(a.images), "image_size": size,
-            "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None}
+            "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None,
+            "precision": a.precision}
     save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
     print(f"embedded {len(kept)} images ({len(paths) - len(kept)} skipped) to {emb.shape[1]}-d in "
           f"{time.perf_counter() - start:.1f} s{f'; {len(labelled[0])} classes' if labelled else ''}: wrote {a.out}")
@@ -488,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     from ssl_toolkit.methods import NonFiniteLossError
 
     try:
-        cmd(argv[1:])
+        contextvars.copy_context().run(cmd, argv[1:])  # settings a command makes (eval precision) end with it
     except (CheckpointError, ConfigError, FileNotFoundError, ImportError, KeyError, NonFiniteLossError,
             ValueError) as e:
         if os.environ.get("SSL_TOOLKIT_DEBUG"):

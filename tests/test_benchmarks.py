@@ -26,7 +26,7 @@ report = benchmark_script("report")
 def test_every_committed_result_of_a_reported_kind_gets_a_row_with_its_numbers():
     results = os.path.join(ROOT, "benchmarks", "results")
     text = report.report(report.load(results, None))
-    kinds = ("throughput-", "time-to-accuracy-", "step-audit-", "lightly-reference-")
+    kinds = ("throughput-", "time-to-accuracy-", "step-audit-", "lightly-reference-", "eval-precision-")
     names = [os.path.basename(p) for p in glob.glob(os.path.join(results, "*.json"))]
     assert [n for n in names if n.startswith(kinds) and f"`{n}`" not in text] == []
     simclr = json.load(open(os.path.join(results, "throughput-simclr-cuda.json")))

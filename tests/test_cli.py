@@ -6,6 +6,7 @@ import pytest
 
 from conftest import ROOT, run_cli
 from ssl_toolkit.cli import main
+from ssl_toolkit.eval import features
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +56,11 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     assert augmented["protocol"] == "augmented" and augmented["top1"] > 93.0, augmented
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--fp16", "--out", str(cwd / "knn16.json")]) == 0
     assert json.loads((cwd / "knn16.json").read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
+    assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--precision", "bf16", "--out",
+                 str(cwd / "knn_bf16.json")]) == 0
+    bf16 = json.loads((cwd / "knn_bf16.json").read_text())
+    assert bf16["precision"] == "bf16" and bf16["top1"]["20"] == pytest.approx(trained, abs=1.0)
+    assert features._precision.get() == "auto"  # the command's setting ended with it
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--index", "ivf", "--nlist", "32", "--nprobe", "4",
                  "--out", str(cwd / "knn_ivf.json")]) == 0
     ivf = json.loads((cwd / "knn_ivf.json").read_text())

@@ -176,6 +176,31 @@ def test_features_are_extracted_in_eval_mode():
     assert torch.equal(before, bn[2].running_mean) and bn.training
 
 
+def test_eval_precision_sets_the_extraction_dtype_for_its_block_only():
+    from ssl_toolkit.eval.features import eval_precision
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 16))
+
+    class DM:
+        def iter_split(self, split, batch_size, device):
+            g = torch.Generator().manual_seed(1)
+            yield torch.rand(64, 3, 8, 8, generator=g), torch.zeros(64, dtype=torch.long)
+
+    fp32 = extract_features(net, DM(), "train")[0]  # auto on the CPU: fp32
+    with eval_precision("bf16"):
+        bf16 = extract_features(net, DM(), "train")[0]
+        with eval_precision("fp32"):
+            assert torch.equal(extract_features(net, DM(), "train")[0], fp32)
+        assert torch.equal(extract_features(net, DM(), "train")[0], bf16)  # the inner block ended
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)  # returned as float32, computed in bf16
+    assert (bf16 - fp32).norm() / fp32.norm() < 0.02  # bf16 has 8 significant bits
+    assert torch.equal(extract_features(net, DM(), "train")[0], fp32)  # back to auto
+    with pytest.raises(ValueError, match="auto, bf16, fp32"):
+        with eval_precision("fp16"):
+            pass
+
+
 def test_normalisation_inside_knn_makes_scale_irrelevant():
     x, y = clustered(300)
     a = knn_accuracy(x[:200], y[:200], x[200:], y[200:], 5, ks=(10,))

@@ -2,6 +2,7 @@
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar, Token
 
 import torch
 from torch import nn
@@ -9,17 +10,50 @@ from torch import nn
 from ssl_toolkit.data.base import InMemoryDataModule
 
 
+EVAL_PRECISIONS = ("auto", "bf16", "fp32")
+_precision: ContextVar[str] = ContextVar("ssl_toolkit_eval_precision", default="auto")
+
+
+def set_eval_precision(precision: str) -> Token:
+    """Make ``precision`` the evaluators' forward-pass precision in the current context (see :func:`eval_precision`);
+    returns the token that ``ContextVar.reset`` takes."""
+    if precision not in EVAL_PRECISIONS:
+        raise ValueError(f"Unknown evaluation precision {precision!r}; use one of {', '.join(EVAL_PRECISIONS)}.")
+    return _precision.set(precision)
+
+
+@contextmanager
+def eval_precision(precision: str) -> Iterator[None]:
+    """Inside the block every evaluator (feature extraction, probes, retrieval, search) runs the model in
+    ``precision``: ``auto`` (the default: bf16 autocast on CUDA, fp32 elsewhere), ``bf16`` (autocast on any device)
+    or ``fp32`` (no autocast, e.g. to report numbers as fp32 evaluators do).
+
+    Example:
+        >>> lin = nn.Linear(4, 4)
+        >>> with eval_precision("bf16"), evaluating(lin, "cpu"):
+        ...     lin(torch.randn(1, 4)).dtype
+        torch.bfloat16
+    """
+    token = set_eval_precision(precision)
+    try:
+        yield
+    finally:
+        _precision.reset(token)
+
+
 @contextmanager
 def evaluating(model: nn.Module, device: torch.device | str) -> Iterator[None]:
-    """Eval mode (restored afterwards), on CUDA bf16 autocast, and compiled modules run eagerly (:func:`eager`):
-    how every evaluator runs a model."""
+    """Eval mode (restored afterwards), the :func:`eval_precision` in force (by default bf16 autocast on CUDA), and
+    compiled modules run eagerly (:func:`eager`): how every evaluator runs a model."""
     from ssl_toolkit.compile import eager
 
     device = torch.device(device)
+    precision = _precision.get()
+    bf16 = device.type == "cuda" if precision == "auto" else precision == "bf16"
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), eager():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), eager():
             yield
     finally:
         model.train(was_training)
@@ -50,7 +84,7 @@ def extract_features(encoder: nn.Module, datamodule: InMemoryDataModule, split: 
     """Run ``encoder`` (in eval mode, no augmentation) over a split: ``(N, D)`` float32 features and labels.
 
     The encoder is moved to ``device`` (its normalisation buffers too) and its train/eval mode is restored
-    afterwards. On CUDA the forward runs in bf16 autocast.
+    afterwards. On CUDA the forward runs in bf16 autocast, unless :func:`eval_precision` says otherwise.
     """
     encoder = encoder.to(device)
     feats, labels = [], []
