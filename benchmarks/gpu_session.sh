@@ -37,9 +37,9 @@
 #   moco      ~9 min  MoCo v2 recipe, 200 epochs (DINO: replace moco by dino; ~2x the step)
 #   pretext   ~9 min  the four pretext recipes and SimCLR for 20 epochs each: kNN and linear probe
 #                     (issue 4's table)
-#   evalprec  ~1 min  eval_precision.py: kNN top-1 of the newest time-to-accuracy checkpoint (run right after
-#                     simclr, moco or dino while the machine is still warm) with features extracted in fp32 and in
-#                     bf16, the evaluators' default on CUDA
+#   evalprec  ~1 min  eval_precision.py: kNN top-1 of the newest time-to-accuracy checkpoint with features
+#                     extracted in fp32 and in bf16 (the evaluators' default on CUDA); simclr runs it itself when its
+#                     call has a minute left, else run this right after simclr, moco or dino (same warm machine)
 #   tests     ~1 min  the tests marked `cuda` (CI has no GPU and skips them): kNN, views and compiled views on the
 #                     GPU, the non-finite flag without a wait, the online probe's stream, and DINO's gradient
 #                     clipping with the fused and multi-tensor optimizers in bf16 and in fp16 with the scaler
@@ -86,6 +86,11 @@ reference() {  # one lightly_reference.py arm in the background: tag, then its f
         > "/tmp/reference-$tag.log" 2>&1 &
 }
 
+evalprec() {  # fp32 against bf16 features, kNN of the newest checkpoint of time_to_accuracy.py: seconds, tag
+    timeout "$1" python3 benchmarks/eval_precision.py --latest /tmp/ssl-toolkit-bench --data data/cifar10/cifar10.npz \
+        --tag "$2"
+}
+
 compiled() {  # one process per method, so a slow compile costs only its own row
     for m in "$@"; do timeout 110 python3 benchmarks/throughput.py --method "$m" --compile views,model --tag compiled; done
 }
@@ -110,7 +115,8 @@ stage() {
         for m in moco dino; do  # A/B: EMA copies left eager, as before compile_parts
             timeout 110 python3 benchmarks/throughput.py --method "$m" --compile views,online --tag compiled-online
         done ;;
-    simclr) tta recipes/simclr/cifar10.yaml recipe ;;
+    simclr) tta recipes/simclr/cifar10.yaml recipe
+        if [ "$SECONDS" -lt 540 ]; then evalprec 50 simclr; fi ;;  # within the call's 10 minutes
     parity) timeout 570 python3 benchmarks/view_parity.py --epochs 30 --seeds 0 ;;
     decay) tta recipes/simclr/cifar10.yaml lightly-decay-all "${LIGHTLY_OPTIM[@]}" \
         --model.init_args.optim.decay_norm_and_bias true ;;
@@ -138,8 +144,7 @@ stage() {
             timeout 110 python3 benchmarks/time_to_accuracy.py --recipe recipes/$m/cifar10.yaml \
                 --epochs 20 --knn-every 20 --probe --tag 20ep
         done ;;
-    evalprec) timeout 120 python3 benchmarks/eval_precision.py --latest /tmp/ssl-toolkit-bench \
-        --data data/cifar10/cifar10.npz --tag cifar10 ;;
+    evalprec) evalprec 120 latest ;;
     tests) timeout 300 python3 -m pytest -q -rs -m cuda $(grep -l "mark.cuda" tests/test_*.py) ;;
     *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext evalprec tests)" >&2; return 2 ;;
     esac
