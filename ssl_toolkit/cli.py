@@ -128,7 +128,9 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+    from ssl_toolkit.eval.features import EVAL_PRECISIONS
+
+    p.add_argument("--precision", default="auto", choices=EVAL_PRECISIONS,
                    help="the model's forward passes: auto (bf16 autocast on CUDA, fp32 on the CPU; the default), "
                         "bf16 or fp32")
 
