@@ -1,5 +1,6 @@
 import math
 
+import kornia
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -86,6 +87,8 @@ def test_grayscale_blur_solarize_apply_only_where_drawn():
     assert torch.allclose(g[0, 0], g[0, 1]) and torch.equal(g[1], x[1])
     b = VF.random_blur(x, torch.tensor([0.0, 1.5]), 3)
     assert torch.equal(b[0], x[0]) and not torch.allclose(b[1], x[1])
+    ref = kornia.filters.gaussian_blur2d(x[1:], (3, 3), (1.5, 1.5), border_type="reflect")  # what it replaces
+    assert torch.allclose(b[1:], ref, atol=1e-6)
     s = VF.random_solarize(x, torch.tensor([True, False]))
     assert torch.allclose(s[0], torch.where(x[0] >= 0.5, 1 - x[0], x[0])) and torch.equal(s[1], x[1])
 
@@ -111,3 +114,25 @@ def test_bad_view_settings_say_the_fix():
 def test_views_run_on_the_gpu():
     v = ContrastiveViews()(batch().cuda())
     assert v.crops[0].is_cuda and not math.isnan(v.crops[0].sum().item())
+
+
+@pytest.mark.cuda
+def test_views_on_the_gpu_never_wait_for_it():
+    """Every op of the policies with every augmentation on (blur and solarization too), eager, on a GPU: no host sync
+    (``set_sync_debug_mode("error")`` raises on any). The CPU counterpart, step_audit's ``HostReads`` over each
+    recipe's whole step, is in test_benchmarks."""
+    from ssl_toolkit.views.multicrop import MultiCropViews
+
+    every = ViewConfig(blur_p=0.5, solarize_p=0.2)
+    policies = [ContrastiveViews(every, num_views=2).cuda(),
+                MultiCropViews([every] * 2, ViewConfig(crop_size=16, blur_p=0.5), num_local=4).cuda()]
+    x = batch(64).cuda()
+    for policy in policies:
+        policy(x)  # first call outside the check: kernels load, the allocator fills its cache
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = [policy(x) for policy in policies]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [len(v.crops) for v in out] == [2, 6]

@@ -118,16 +118,20 @@ class ContrastiveViews(nn.Module):
         self.jitter_active = tuple(config.jitter_p > 0 and v > 0 for v in strengths)  # ops that can change an image
         self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1), persistent=False)
+        lo = torch.tensor([1 - config.brightness, 1 - config.contrast, 1 - config.saturation, -config.hue])
+        hi = torch.tensor([1 + config.brightness, 1 + config.contrast, 1 + config.saturation, config.hue])
+        identity = torch.tensor([1.0, 1.0, 1.0, 0.0])
+        # (3, 4): the jitter factors' lower and upper bounds, and the factors that change nothing. Made here, once:
+        # ``torch.tensor(..., device=cuda)`` copies from pageable host memory and waits for all queued GPU work.
+        self.register_buffer("jitter_bounds", torch.stack([lo.clamp_min(torch.tensor([0.0, 0.0, 0.0, -0.5])), hi,
+                                                           identity]), persistent=False)
 
     def sample(self, batch: int, height: int, width: int, device: torch.device | str = "cpu") -> ViewParams:
         """Draw independent parameters for every view of every image."""
         c, n = self.config, batch * self.num_views
         u = torch.rand(n, 9, device=device)
-        lo = torch.tensor([1 - c.brightness, 1 - c.contrast, 1 - c.saturation, -c.hue], device=device).clamp_min(
-            torch.tensor([0.0, 0.0, 0.0, -0.5], device=device))
-        hi = torch.tensor([1 + c.brightness, 1 + c.contrast, 1 + c.saturation, c.hue], device=device)
+        lo, hi, identity = self.jitter_bounds.to(device)  # (4,) each; a no-op once the policy moved with its model
         jitter = lo + (hi - lo) * torch.rand(n, 4, device=device)  # (N, 4)
-        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=device)
         jitter = torch.where((u[:, 2] < c.jitter_p)[:, None], jitter, identity)
         sigma = c.blur_sigma[0] + (c.blur_sigma[1] - c.blur_sigma[0]) * u[:, 5]
         return ViewParams(

@@ -96,8 +96,8 @@ def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
     Returns:
         The jittered batch, equal per image to torchvision's ``adjust_*`` calls in that order.
     """
-    identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)
     if active is None:
+        identity = torch.tensor([1.0, 1.0, 1.0, 0.0], device=x.device, dtype=x.dtype)
         active = tuple(bool(a) for a in (factors != identity).any(dim=0).tolist())
     if not any(active):
         return x
@@ -129,13 +129,22 @@ def random_grayscale(x: torch.Tensor, apply: torch.Tensor) -> torch.Tensor:
 
 
 def random_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
-    """Gaussian blur with a per-image sigma; images with ``sigma == 0`` are left as they are."""
+    """Gaussian blur with a per-image sigma; images with ``sigma == 0`` are left as they are.
+
+    Kornia's kernels and separable filter, which is what ``kornia.filters.gaussian_blur2d`` runs, without its
+    check that every sigma is positive: outside ``torch.compile`` that check reads ``sigma`` on the host, so with a
+    sigma drawn on the GPU every eager step waited there for all the work queued before it. Here sigma is clamped
+    positive instead.
+    """
     apply = sigma > 0
-    s = sigma.clamp_min(1e-3)[:, None].expand(-1, 2)  # (N, 2) sigma_y, sigma_x
-    blurred = kornia.filters.gaussian_blur2d(x, (kernel_size, kernel_size), s, border_type="reflect")
+    s = sigma.clamp_min(1e-3)[:, None]  # (N, 1): the same sigma along both axes
+    kernel = kornia.filters.get_gaussian_kernel1d(kernel_size, s)  # (N, kernel_size)
+    blurred = kornia.filters.filter2d_separable(x, kernel, kernel, border_type="reflect")
     return torch.where(apply.view(-1, 1, 1, 1), blurred, x)
 
 
 def random_solarize(x: torch.Tensor, apply: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
     """Invert pixels above ``threshold`` in images where ``apply`` (BYOL's solarization)."""
-    return torch.where(apply.view(-1, 1, 1, 1), kornia.enhance.solarize(x, threshold), x)
+    # The threshold as a tensor filled on x's device: kornia copies a float one there from the host (a blocking copy).
+    t = torch.full((), threshold, device=x.device, dtype=x.dtype)
+    return torch.where(apply.view(-1, 1, 1, 1), kornia.enhance.solarize(x, t), x)
