@@ -17,7 +17,9 @@ no kNN evaluations) for ``--skip`` steps (compile, cudnn autotuning), then two w
   python benchmarks/step_audit.py -- --trainer.precision 32-true       # more pretrain flags after --
 
 Writes ``benchmarks/results/step-audit-<method>-<device>[-<tag>].json``. On a CPU there is no device queue to
-keep full: the windows' timings and the profiler's host-side rows are still written, the device fields are null.
+keep full: the windows' timings and the profiler's host-side rows are still written, the device fields are null,
+and window 2 counts :class:`HostReads` instead of syncs: every read of a tensor's values on the host, by source
+line, which on a GPU would be a sync wherever the tensor lives on the device.
 """
 
 import argparse
@@ -32,6 +34,7 @@ from collections import Counter
 
 import pytorch_lightning as pl
 import torch
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(__file__))
 from throughput import add_cifar_argument, environment, sync  # noqa: E402
@@ -66,6 +69,72 @@ def short(path: str) -> str:
     return os.path.relpath(path, root) if path.startswith(root + os.sep) else path
 
 
+def call_site() -> str:
+    """Where the current call comes from, innermost first: the innermost toolkit/Lightning lines (up to 3), after
+    the library line that made the call when that is another package's (kornia's, say); torch's own frames, the
+    warnings module's and this file's are left out."""
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    skip = (HERE, os.path.abspath(warnings.__file__))  # a sync warning reaches record_sync through warnings.py
+    frames = [f for f in traceback.extract_stack()
+              if os.path.abspath(f.filename) not in skip and not os.path.abspath(f.filename).startswith(torch_dir)]
+    own = [f for f in frames if "ssl_toolkit" in f.filename or "pytorch_lightning" in f.filename]
+    chain = (own or frames)[-3:]
+    if frames and own and frames[-1] is not own[-1]:
+        chain.append(frames[-1])
+    return " <- ".join(f"{short(f.filename)}:{f.lineno} ({f.name})" for f in reversed(chain))
+
+
+class HostReads(TorchFunctionMode):
+    """Counts, by :func:`call_site`, the calls that read a tensor's values on the host or size a result by them
+    (``item()``, ``bool()``, ``float()``, ``tolist()``, ``.cpu()``, ``nonzero``, boolean-mask indexing and the like),
+    and ``torch.tensor(host data, device=...)``, which on a GPU is a blocking copy from pageable memory.
+
+    On a GPU each of these waits for all the work queued before it (``torch.cuda.set_sync_debug_mode`` reports
+    them, on CUDA only). This finds them on a CPU, where nothing tells a device tensor from a host one: a read of a
+    tensor that stays on the host on a GPU too (a schedule) is listed as well, and ``.to(device)`` of a host tensor,
+    also a blocking copy on a GPU, is not seen.
+
+    Example:
+        >>> with HostReads() as reads:
+        ...     y = torch.ones(3) * 2  # queued work: no read
+        ...     big = bool(y.sum() > 5)  # a read: on a GPU, the host would wait here
+        ...     first = y[y > 1]  # a boolean mask: the result's size depends on the values
+        ...     k = torch.arange(4).repeat_interleave(2)  # counts given on the host: no read
+        ...     lo = torch.tensor([0.5, 1.5], device=y.device)  # from the host to y's device: a copy
+        >>> sum(reads.sites.values())
+        3
+    """
+
+    NAMES = frozenset({"item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__",
+                       "__format__", "__repr__", "nonzero", "argwhere", "masked_select", "unique",
+                       "unique_consecutive"})
+
+    def __init__(self):
+        super().__init__()
+        self.sites: Counter = Counter()
+
+    @classmethod
+    def reads(cls, name: str, args: tuple, kwargs: dict) -> bool:
+        """Whether ``name(*args, **kwargs)`` needs tensor values on the host."""
+        if name in cls.NAMES:
+            return True
+        if name in ("__getitem__", "__setitem__") and len(args) > 1:  # a boolean mask sizes the result by its values
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in index)
+        if name in ("tensor", "as_tensor"):  # host data copied to ``device``: a blocking copy on a GPU (torch#120996)
+            return kwargs.get("device") is not None and not isinstance(args[0] if args else None, torch.Tensor)
+        if name == "repeat_interleave":  # tensor counts without output_size: the output's length is their sum
+            counts = args[1] if len(args) > 1 else kwargs.get("repeats", args[0] if args else None)
+            return isinstance(counts, torch.Tensor) and kwargs.get("output_size") is None
+        return False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if self.reads(getattr(func, "__name__", ""), args, kwargs):
+            self.sites[call_site()] += 1
+        return func(*args, **kwargs)
+
+
 class BlockingFlag:
     """The non-finite flag as read before :class:`ssl_toolkit.methods.base.HostFlag`: ``bool()`` of the device
     tensor, which waits for everything queued on the stream (``--blocking-check``)."""
@@ -85,6 +154,7 @@ class StepAudit(pl.Callback):
         self.starts: list[float] = []
         self.sites: Counter = Counter()
         self.prof = None
+        self.reads: HostReads | None = None  # CPU runs: what would sync on a GPU
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step, device = trainer.global_step, pl_module.device
@@ -117,9 +187,13 @@ class StepAudit(pl.Callback):
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(activities=activities)
         self.prof.start()
+        if device.type == "cpu":
+            self.reads = HostReads().__enter__()
         self.window2_start = time.perf_counter()
 
     def stop_diagnosis(self, device: torch.device) -> None:
+        if self.reads is not None:
+            self.reads.__exit__(None, None, None)
         self.prof.stop()
         self.events, self.prof = self.prof.events(), None
         if device.type == "cuda":
@@ -130,10 +204,7 @@ class StepAudit(pl.Callback):
         if "synchroniz" not in str(message):  # another warning that passed the run's filters: shown as before
             self.saved_show(message, category, filename, lineno, file, line)
             return
-        frames = [f for f in traceback.extract_stack()[:-1] if os.path.abspath(f.filename) != HERE]
-        own = [f for f in frames if "ssl_toolkit" in f.filename or "pytorch_lightning" in f.filename]
-        chain = (own or frames)[-3:]  # the innermost toolkit/Lightning lines that led to the sync
-        self.sites[" <- ".join(f"{short(f.filename)}:{f.lineno} ({f.name})" for f in reversed(chain))] += 1
+        self.sites[call_site()] += 1
 
     def write(self, trainer, pl_module) -> None:
         n = self.steps
@@ -159,6 +230,8 @@ class StepAudit(pl.Callback):
             "cuda_runtime_per_step": {k: {"calls": round(runtime[k] / n, 2), "host_ms": round(runtime_us[k] / 1e3 / n, 3)}
                                       for k, _ in runtime_us.most_common()},
             "host_syncs_per_step": {k: round(v / n, 2) for k, v in self.sites.most_common()},
+            "host_reads_per_step": ({k: round(v / n, 2) for k, v in self.reads.sites.most_common()}
+                                    if self.reads is not None else None),
             "precision": str(trainer.precision), "batch_size": trainer.datamodule.batch_size,
         }
         with open(self.out, "w") as f:
@@ -213,7 +286,8 @@ def main() -> None:
         json.dump(record, fh, indent=2)
     print(json.dumps({k: record[k] for k in ("window1_ms_per_step", "window2_ms_per_step_profiled",
                                              "device_busy_ms_per_step", "device_busy_fraction",
-                                             "host_syncs_per_step")}, indent=1)[:3000], f"\n-> {out}")
+                                             "host_syncs_per_step", "host_reads_per_step")}, indent=1)[:3000],
+          f"\n-> {out}")
 
 
 if __name__ == "__main__":

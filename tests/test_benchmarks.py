@@ -1,11 +1,16 @@
-"""benchmarks/report.py: the committed results, and the record shapes the benchmark scripts write."""
+"""benchmarks/: report.py on the committed results and the record shapes the scripts write, the scripts' examples,
+and step_audit.py's count of host reads in each recipe's step."""
 
 import doctest
 import glob
 import importlib.util
 import json
 import os
+import re
 import sys
+
+import numpy as np
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -109,3 +114,55 @@ def test_the_ceiling_is_timed_twice_and_the_report_shows_how_far_apart(tmp_path)
             if "`" in line}
     assert "| 19,780 | 3% | 1,000,000 | 18,000 | 0.91 | 2.0 |" in rows["throughput-clip-cuda.json"]
     assert "| 19,780 |  | 1,000,000 | 18,000 | 0.91 | 2.0 |" in rows["throughput-clip-cuda-old.json"]
+
+
+def test_step_audit_examples():
+    """step_audit.py's doctests: the busy-time union and what HostReads counts."""
+    result = doctest.testmod(benchmark_script("step_audit"))
+    assert result.attempted >= 2 and result.failed == 0
+
+
+# Reads in a step that are not waits for the GPU, or are left as they are, by the line that makes them (the innermost
+# frame of step_audit.call_site), each with the reason.
+READS_ALLOWED = {
+    r"ssl_toolkit/methods/base\.py:\d+ \(__bool__\)":
+        "methods.base.HostFlag: on a GPU the non-finite flag is copied to pinned memory behind its kernels and read "
+        "after its event, without waiting for the work queued since",
+    r"ssl_toolkit/methods/base\.py:\d+ \(scheduled\)":
+        "BaseSSLModule.scheduled: per-step schedules (EMA momentum, DINO's teacher temperature) are CPU tensors",
+    r"ssl_toolkit/methods/base\.py:\d+ \(<lambda>\)":
+        "configure_optimizers: LambdaLR's learning-rate multiplier, from a CPU schedule tensor",
+    r"kornia/color/(xyz|lab)\.py:\d+ \((rgb_to_xyz|_rgb_to_lab)\)":
+        "left as it is: kornia's rgb_to_lab makes its two constant tensors with torch.tensor(..., device=) on each "
+        "call, two blocking copies in each eager colorization step; the colorization recipe compiles its views",
+}
+
+
+@pytest.mark.parametrize("method", ["simclr", "moco", "dino", "cpc", "rotation", "jigsaw", "inpainting",
+                                    "colorization"])
+def test_recipe_steps_read_nothing_from_the_device_on_the_host(method, cifar_small, tmp_path, monkeypatch):
+    """step_audit.py on the CPU, where it counts every read of a tensor's values on the host and every copy of host
+    data to the device (``HostReads``): between logging steps, each CIFAR-10 recipe's whole step (views, forward,
+    loss, backward, optimizer, schedules, callbacks) makes only those in ``READS_ALLOWED``. Any other (``.item()``,
+    ``bool()`` of a tensor, a boolean mask, ``torch.tensor(..., device=)``) would make the host wait for the GPU
+    every eager step. Until this test, each view policy made five a step (the colour-jitter bounds built with
+    ``torch.tensor`` on the device), and kornia one more in MoCo's blur (the sigma check in ``gaussian_blur2d``)
+    and in DINO's solarization (a float threshold copied to the device)."""
+    step_audit = benchmark_script("step_audit")
+    with np.load(cifar_small) as f:
+        np.savez(tmp_path / "c.npz", x_train=f["x_train"][:256], y_train=f["y_train"][:256],
+                 x_test=f["x_test"][:64], y_test=f["y_test"][:64], classes=f["classes"])
+    out = tmp_path / "audit.json"
+    monkeypatch.setattr(sys, "argv", [
+        "step_audit.py", "--recipe", os.path.join(ROOT, "recipes", method, "cifar10.yaml"),
+        "--data", str(tmp_path / "c.npz"), "--skip", "1", "--steps", "2", "--runs", str(tmp_path / "runs"),
+        "--out", str(out), "--", "--trainer.accelerator", "cpu", "--model.init_args.backbone.name", "tiny_cnn",
+        "--data.batch_size", "32"])  # 8 steps an epoch: the window (steps 3-5) holds no epoch end and no log step
+    step_audit.main()
+    record = json.loads(out.read_text())
+    reads = record["host_reads_per_step"]
+    assert record["host_syncs_per_step"] == {}  # CUDA only
+    allowed = {site: next((p for p in READS_ALLOWED if re.fullmatch(p, site.split(" <- ")[0])), None) for site in reads}
+    assert [site for site, pattern in allowed.items() if pattern is None] == []
+    flag = [site for site, pattern in allowed.items() if pattern and "__bool__" in pattern]
+    assert len(flag) == 1 and reads[flag[0]] == 1.0  # the finite flag, once a step
