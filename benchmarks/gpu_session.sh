@@ -16,6 +16,9 @@
 #   audit     ~7 min  step_audit.py: the SimCLR recipe's Lightning step (compiled, eager, with the old blocking
 #                     read of the non-finite flag, with CUDA graphs) and MoCo's: ms per step, device busy fraction,
 #                     every host sync
+#   eager     ~6 min  throughput of every method eager (the README's H100 table), again since the views stopped
+#                     waiting for the GPU each step (jitter bounds made once, kornia's blur sigma check and
+#                     solarize threshold copy avoided): predicted well above the old eager ratios
 #   compiled1 ~7 min  throughput with views + backbone compiled: SimCLR, MoCo, DINO, CPC, CLIP (~80 s each)
 #   compiled2 ~9 min  the same for RotNet, Jigsaw, context encoder, colorization; MoCo and DINO with their EMA
 #                     copies (key encoder, teacher) left eager, the A/B of compiling them
@@ -41,8 +44,9 @@
 #                     extracted in fp32 and in bf16 (the evaluators' default on CUDA); simclr runs it itself when its
 #                     call has a minute left, else run this right after simclr, moco or dino (same warm machine)
 #   tests     ~1 min  the tests marked `cuda` (CI has no GPU and skips them): kNN, views and compiled views on the
-#                     GPU, the non-finite flag without a wait, the online probe's stream, and DINO's gradient
-#                     clipping with the fused and multi-tensor optimizers in bf16 and in fp16 with the scaler
+#                     GPU, the views without a host sync, the non-finite flag without a wait, the online probe's
+#                     stream, and DINO's gradient clipping with the fused and multi-tensor optimizers in bf16 and in
+#                     fp16 with the scaler
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -110,6 +114,10 @@ stage() {
         timeout 60 python3 benchmarks/step_audit.py --no-compile --tag eager
         timeout 150 python3 benchmarks/step_audit.py --recipe recipes/moco/cifar10.yaml
         timeout 150 python3 benchmarks/step_audit.py --compile-mode reduce-overhead --tag cudagraphs ;;
+    eager)
+        for m in simclr moco dino cpc clip rotation jigsaw inpainting colorization; do
+            timeout 60 python3 benchmarks/throughput.py --method "$m"
+        done ;;
     compiled1) compiled simclr moco dino cpc clip ;;
     compiled2) compiled rotation jigsaw inpainting colorization
         for m in moco dino; do  # A/B: EMA copies left eager, as before compile_parts
@@ -146,7 +154,7 @@ stage() {
         done ;;
     evalprec) evalprec 120 latest ;;
     tests) timeout 300 python3 -m pytest -q -rs -m cuda $(grep -l "mark.cuda" tests/test_*.py) ;;
-    *) echo "unknown stage $1 (speed audit compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext evalprec tests)" >&2; return 2 ;;
+    *) echo "unknown stage $1 (speed audit eager compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext evalprec tests)" >&2; return 2 ;;
     esac
 }
 
