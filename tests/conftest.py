@@ -29,6 +29,14 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+def small_cifar(src, dst, n_train=256, n_test=128):
+    """The first ``n_train`` / ``n_test`` images of the .npz ``src`` (``cifar_small``, say), written to ``dst``."""
+    with np.load(src) as f:
+        np.savez(dst, x_train=f["x_train"][:n_train], y_train=f["y_train"][:n_train], x_test=f["x_test"][:n_test],
+                 y_test=f["y_test"][:n_test], classes=f["classes"])
+    return dst
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -1,10 +1,9 @@
 import json
 import re
 
-import numpy as np
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli, small_cifar
 from ssl_toolkit.cli import main
 from ssl_toolkit.eval import features
 
@@ -67,13 +66,6 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     assert 0.9 < ivf["ivf_recall_vs_exact"]["recall"] <= 1.0 and abs(ivf["top1"]["20"] - trained) < 3.0
     assert (cwd / "runs" / "quickstart" / "version_0" / "knn.json").exists()
     assert list((cwd / "runs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))
-
-
-def small_cifar(src, dst, n_train=256, n_test=128):
-    with np.load(src) as f:
-        np.savez(dst, x_train=f["x_train"][:n_train], y_train=f["y_train"][:n_train], x_test=f["x_test"][:n_test],
-                 y_test=f["y_test"][:n_test], classes=f["classes"])
-    return dst
 
 
 @pytest.mark.parametrize("method", ["simclr", "moco", "dino", "cpc", "rotation", "jigsaw", "inpainting",
