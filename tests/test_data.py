@@ -56,6 +56,22 @@ def test_missing_sources_say_what_to_do(tmp_path):
         ImageFolderDataModule(str(tmp_path / "nowhere")).setup()
 
 
+def test_a_failed_download_says_how_to_do_without_one(tmp_path, monkeypatch):
+    """Offline, torchvision's download raises URLError from deep in urllib; the recipes set download: true."""
+    import urllib.error
+    import urllib.request
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    dm = CIFARDataModule(root=str(tmp_path / "data"), download=True)
+    with pytest.raises(FileNotFoundError, match="could not download cifar10 .*Name or service not known.*"
+                                                "cifar-10-batches-py.*NpzDataModule"):
+        dm.prepare_data()
+    assert not any(p.is_file() for p in (tmp_path / "data").rglob("*"))  # no partial archive left behind
+
+
 def make_folder(root, corrupt=False, empty_class=False):
     for split in ("train", "val"):
         for c in ("cat", "dog"):

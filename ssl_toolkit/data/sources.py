@@ -92,12 +92,22 @@ class CIFARDataModule(InMemoryDataModule):
         import torchvision
 
         cls = torchvision.datasets.CIFAR10 if self.variant == "cifar10" else torchvision.datasets.CIFAR100
+        root = os.path.abspath(self.root)
+        elsewhere = (f"point data.root at the folder holding {cls.base_folder!r}, or pass a local .npz copy with "
+                     f"--data ssl_toolkit.data.NpzDataModule --data.path FILE")
         try:
             return cls(self.root, train=train, download=self.download)
-        except RuntimeError as e:
+        except RuntimeError as e:  # torchvision: missing, or the download's checksum did not match
+            fix = (f"Delete {cls.base_folder!r} and {cls.filename!r} there to fetch them afresh, " if self.download
+                   else "Set data.download=true to fetch it, ")
+            raise FileNotFoundError(f"{self.variant} not found under {root!r} or corrupted ({e}). {fix}{elsewhere}.") \
+                from None
+        except OSError as e:  # the download: no network (URLError, timeouts, refused connections), root not writable
+            if not self.download:
+                raise
             raise FileNotFoundError(
-                f"{self.variant} not found under {os.path.abspath(self.root)!r} ({e}). Set data.download=true to "
-                f"fetch it, point data.root at the folder holding it, or use NpzDataModule for a local .npz copy."
+                f"could not download {self.variant} into {root!r} ({e}). Without internet access here, unpack "
+                f"{cls.url} (fetched elsewhere) under data.root, {elsewhere}."
             ) from None
 
     def load(self) -> Splits:
