@@ -34,6 +34,27 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
+def check_resume(path: str, model) -> None:
+    """Raise a CheckpointError unless the checkpoint at ``path`` is one that training ``model`` can resume from:
+    written by the same method, with every weight of the same name and shape (the same backbone and heads)."""
+    ckpt = load_checkpoint(path)
+    method = ckpt["ssl_toolkit"]["method"]
+    here = f"{type(model).__module__}.{type(model).__qualname__}"
+    if method != here:
+        raise CheckpointError(f"{path} is a checkpoint of a {method.rpartition('.')[2]} run; this run trains "
+                              f"{type(model).__name__}. Resume with the recipe that wrote it, or leave out "
+                              "--ckpt_path to start afresh.")
+    saved = {k: tuple(t.shape) for k, t in ckpt["state_dict"].items()}
+    ours = {k: tuple(t.shape) for k, t in model.state_dict().items()}
+    differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {saved.get(k, 'absent')} here {ours.get(k, 'absent')}" for k in differ[:3])
+        raise CheckpointError(f"{path} does not fit this run's {type(model).__name__}: {len(differ)} weights differ "
+                              f"in name or shape ({shown}). The checkpoint's model settings are "
+                              f"{ {k: v for k, v in ckpt['hyper_parameters'].items() if k in ('backbone',)} }; "
+                              "resume with the settings that wrote it.")
+
+
 def load_backbone(ckpt: dict):
     """Rebuild the checkpoint's backbone and load its trained weights: ``(module, feature_dim)``."""
     backbone, dim = build_backbone(**ckpt["hyper_parameters"]["backbone"])

@@ -48,13 +48,19 @@ def pretrain(args: list[str]):
     from jsonargparse import ArgumentError
     from pytorch_lightning.cli import LightningCLI
 
-    from ssl_toolkit.checkpoint import save_final_checkpoint
+    from ssl_toolkit.checkpoint import check_resume, save_final_checkpoint
     from ssl_toolkit.data import InMemoryDataModule
     from ssl_toolkit.methods import BaseSSLModule
 
+    class PretrainCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser):  # run=False leaves out fit's own --ckpt_path; resuming needs it
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help=(
+                "resume from this checkpoint of an earlier run of the same recipe (e.g. its last.ckpt): weights, "
+                "optimizer, schedules, random states and the position in the epoch, so the run goes on exactly"))
+
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
     try:
-        cli = LightningCLI(
+        cli = PretrainCLI(
             BaseSSLModule, InMemoryDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False,
             seed_everything_default=0, save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "ssl-toolkit pretrain", "description": "Pretrain an encoder from a recipe.",
@@ -64,8 +70,11 @@ def pretrain(args: list[str]):
                 "plugins": [{"class_path": "ssl_toolkit.checkpoint.AtomicCheckpointIO"}]})
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
+    ckpt_path = cli.config.get("ckpt_path")
+    if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
+        check_resume(ckpt_path, cli.model)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback
     if cli.trainer.is_global_zero:

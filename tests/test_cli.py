@@ -2,6 +2,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from conftest import ROOT, run_cli, small_cifar
 from ssl_toolkit.cli import main
@@ -131,6 +132,44 @@ def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
                         written.append(str(path)) or save(self, ckpt, path, storage_options))
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1"]) == 0
     assert written and all(p.endswith(".ckpt") for p in written) and (tmp_path / written[-1]).exists()
+
+
+def test_pretrain_resumes_with_ckpt_path_exactly_and_refuses_another_models_checkpoint(tmp_path, monkeypatch, capsys):
+    """`--ckpt_path` is what the README and the non-finite-loss error tell a user to resume with."""
+    from ssl_toolkit.methods import SimCLR
+
+    class Killed(Exception):
+        pass
+
+    def killed_in_epoch_3(self, batch, batch_idx):
+        if self.trainer.global_step == 20:  # 9 steps an epoch; last.ckpt holds the end of epoch 2
+            raise Killed
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "3"]
+    runs = tmp_path / "runs" / "quickstart"
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(SimCLR, "on_train_batch_start", killed_in_epoch_3, raising=False)
+        main(quick)  # version_0: the process dies in epoch 3
+    stopped = str(runs / "version_0" / "checkpoints" / "last.ckpt")
+    assert torch.load(stopped, weights_only=True)["global_step"] == 18
+    assert main([*quick, "--ckpt_path", stopped]) == 0  # version_1: resumed
+    assert main(quick) == 0  # version_2: in one go
+    resumed, whole = (torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)
+                      for v in ("version_1", "version_2"))
+    assert resumed["global_step"] == whole["global_step"] > 0
+    assert all(torch.equal(resumed["state_dict"][k], t) for k, t in whole["state_dict"].items())
+    knn = [json.loads((runs / v / "knn.json").read_text()) for v in ("version_1", "version_2")]
+    assert knn[0] == knn[1]  # the random-init baseline too: carried over, not measured on the resumed weights
+    capsys.readouterr()
+
+    assert main([*quick, "--model", "ssl_toolkit.methods.MoCoV2", "--ckpt_path", stopped]) == 1
+    assert "checkpoint of a SimCLR run; this run trains MoCoV2" in capsys.readouterr().err
+    assert main([*quick, "--model.init_args.backbone.width", "8", "--ckpt_path", stopped]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit this run's SimCLR" in err and "(16, 3, 3, 3) here (8, 3, 3, 3)" in err, err
+    assert main([*quick, "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 1
+    assert "No checkpoint at" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("script", ["simclr-cifar10.sbatch", "simclr-cifar10-torchrun.sh"])

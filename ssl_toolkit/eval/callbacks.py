@@ -53,10 +53,18 @@ class PeriodicEvaluation(pl.Callback):
         raise NotImplementedError(f"{type(self).__name__} must implement report().")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
-        if self.baseline and "init" not in self.results:
+        # A resumed run starts from trained weights: its baseline comes from the checkpoint (state_dict), or, from a
+        # checkpoint written before the results were saved there, is left out rather than measured on them.
+        if self.baseline and "init" not in self.results and trainer.ckpt_path is None:
             self.results["init"] = self.evaluate(trainer, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics(self.metrics(self.results["init"], "_init"), step=0)
+
+    def state_dict(self) -> dict:
+        return {"results": self.results}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.results = {name: dict(r) for name, r in state_dict.get("results", {}).items()}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if not is_due(trainer, self.every_n_epochs):
@@ -219,11 +227,12 @@ class OnlineProbe(PeriodicEvaluation):
 
     def state_dict(self) -> dict:
         if self.probe is None:
-            return {}
-        return {"probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict()}
+            return super().state_dict()
+        return {**super().state_dict(), "probe": self.probe.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
+        super().load_state_dict(state_dict)
+        if "probe" not in state_dict:
             return
         if self.probe is None:
             self._pending_state = state_dict  # applied when the probe is built at fit start
