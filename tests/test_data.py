@@ -106,6 +106,43 @@ def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counte
     assert "Skipped 2 unreadable images" in caplog.text
 
 
+def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_path):
+    """Pillow's convert("RGB") clips 16-bit grey at 255 (a mid-grey ramp came out 254.5 on average) and turns
+    floats black; the decoder must give what the same picture saved as 8 bits gives."""
+    from ssl_toolkit.data.sources import decode_images
+
+    wide = (np.arange(24 * 24, dtype=np.int64).reshape(24, 24) * 113).astype(np.uint16)  # 0 .. 64,975
+    Image.fromarray(wide).save(tmp_path / "g16.png")
+    Image.fromarray(wide).save(tmp_path / "g16.tif")
+    Image.fromarray((wide >> 8).astype(np.uint8)).save(tmp_path / "g8.png")
+    Image.fromarray(wide.astype(np.int32)).save(tmp_path / "i32.tif")  # Pillow mode I
+    x, keep, skipped = decode_images([str(tmp_path / n) for n in ("g16.png", "g16.tif", "i32.tif", "g8.png")], 24, 0,
+                                     "fail", "here")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I;16") and skipped == 0
+    for i in range(3):
+        assert torch.equal(x[i], x[3]), i
+    assert x[3].float().mean() == pytest.approx((wide >> 8).mean(), abs=0.01) and x[3].float().mean() < 130
+    Image.fromarray(np.random.rand(24, 24).astype(np.float32)).save(tmp_path / "f.tif")
+    Image.fromarray(np.full((24, 24), -5, np.int32)).save(tmp_path / "neg.tif")
+    with pytest.raises(ValueError, match=r"2 of 3 images") as e:
+        decode_images([str(tmp_path / n) for n in ("f.tif", "neg.tif", "g8.png")], 24, 0, "fail", "here")
+    assert "f.tif: ValueError: floating-point image" in str(e.value) and "save it as 8- or 16-bit" in str(e.value)
+    assert "neg.tif: ValueError: 32-bit integer image with values in [-5, -5]" in str(e.value)
+
+
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
+    from ssl_toolkit.data.sources import decode_images
+
+    a = np.zeros((20, 40, 3), np.uint8)
+    a[:, :20] = 255  # stored landscape, left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown rotated 90 degrees clockwise: portrait, top half white
+    Image.fromarray(a).save(tmp_path / "phone.png", exif=exif)
+    Image.fromarray(np.ascontiguousarray(np.rot90(a, -1))).save(tmp_path / "upright.png")
+    x, _, _ = decode_images([str(tmp_path / "phone.png"), str(tmp_path / "upright.png")], 20, 0, "fail", "here")
+    assert torch.equal(x[0], x[1]) and x[0, :, :10].float().mean() == 255 and x[0, :, 10:].float().mean() == 0
+
+
 def test_image_folder_empty_class_and_missing_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="dog has no images"):
         ImageFolderDataModule(str(make_folder(tmp_path / "a", empty_class=True))).setup()

@@ -156,14 +156,38 @@ class NpzDataModule(InMemoryDataModule):
                       _to_nchw(arrays["x_test"], "x_test", self.path), y_test, classes)
 
 
-def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
-    """Decode, resize the shorter side to ``size`` and centre-crop; return the error text on failure."""
+ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 flipped and/or rotated
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit (and 32-bit integer) grey images
+
+
+def _to_rgb(im):
+    """``im`` as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16-bit grey (microscopy, medical, depth) at 255,
+    so nearly every pixel turns white, and turns float images black. 16-bit grey keeps its high byte (``v >> 8``),
+    as Pillow already does for 16-bit RGB on load; float and out-of-range 32-bit images are refused."""
     from PIL import Image
+
+    if im.mode in WIDE_GREY_MODES:
+        a = np.asarray(im).astype(np.int64)  # (H, W)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f"32-bit integer image with values in [{a.min()}, {a.max()}], outside 16-bit "
+                             "[0, 65535]; save it as 8- or 16-bit")
+        return Image.fromarray((a >> 8).astype(np.uint8)).convert("RGB")
+    if im.mode == "F":
+        raise ValueError("floating-point image (Pillow mode F): its range is unknown; save it as 8- or 16-bit")
+    return im.convert("RGB")
+
+
+def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
+    """Decode, turn upright by the EXIF orientation (as viewers show phone photos), resize the shorter side to
+    ``size`` and centre-crop; return the error text on failure."""
+    from PIL import Image, ImageOps
 
     path, size = args
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            if im.getexif().get(ORIENTATION, 1) != 1:
+                im = ImageOps.exif_transpose(im)
+            im = _to_rgb(im)
             w, h = im.size
             s = size / min(w, h)
             im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR, reducing_gap=None)
