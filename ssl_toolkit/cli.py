@@ -170,8 +170,9 @@ def _encoder_and_data(args):
     encoder = encoder_from_checkpoint(ckpt).to(device)
     dm = resolve_data(args.data, ckpt)
     if dm.num_classes < 1:
-        raise ValueError(f"{dm.name} has no class labels (image-caption data?); pass --data with a labelled set "
-                         "(.npz, image folder, recipe or 'digits'). For CLIP checkpoints see also `ssl-toolkit retrieval`.")
+        raise ValueError(f"{dm.name} has no class labels (unlabelled images, or image-caption data); pass --data "
+                         "with a labelled set (.npz, an image folder with train/<class>/ and val/<class>/, a recipe "
+                         "or 'digits'). For CLIP checkpoints see also `ssl-toolkit retrieval`.")
     return encoder, dm, _info(args, ckpt, dm, device), device
 
 

@@ -93,6 +93,26 @@ def test_image_folder_decodes_resizes_and_center_crops(tmp_path):
     dm.setup()
     assert dm.splits.x_train.shape == (6, 3, 16, 16) and dm.splits.classes == ["cat", "dog"]
     assert dm.splits.y_test.tolist() == [0, 0, 0, 1, 1, 1]
+    x, y = next(iter(dm.train_dataloader()))  # a TypeError once: the folder's own _split shadowed the base's
+    assert x.shape == (2, 3, 16, 16) and y.shape == (2,)
+    x, y = next(dm.iter_split("test", 6))
+    assert torch.equal(x, dm.splits.x_test) and y.tolist() == [0, 0, 0, 1, 1, 1]
+
+
+def test_an_image_folder_without_train_and_val_is_unlabelled(tmp_path):
+    root = tmp_path / "photos"
+    for i, sub in enumerate(["", "2019", "2019/june", "2020", "2020"]):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((12, 18, 3), 40 * i, np.uint8)).save(root / sub / f"{i}.jpg")
+    (root / "notes.txt").write_text("not an image")
+    dm = ImageFolderDataModule(str(root), image_size=8, batch_size=2)
+    assert dm.num_classes == 0 and dm.splits.x_train.shape == (5, 3, 8, 8)
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (2, 3, 8, 8)
+    assert torch.equal(next(dm.iter_split("test", 8))[0], dm.splits.x_train)  # test is the training set: no labels
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"has no images .* folder of images \(unlabelled\)"):
+        ImageFolderDataModule(str(tmp_path / "empty")).setup()
 
 
 def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counted(tmp_path, caplog):

@@ -226,14 +226,16 @@ def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
 
 
 class ImageFolderDataModule(InMemoryDataModule):
-    """An image folder ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``).
+    """An image folder: labelled, ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), or unlabelled,
+    any images under ``root`` (subfolders included) when it has neither ``train/`` nor ``val/``.
 
     Images are decoded once (in ``num_workers`` processes), resized so the shorter side is
     ``image_size`` and centre-cropped, and kept in memory as uint8: plan ``N * 3 * image_size^2``
-    bytes (1.5 GB for 500k images at 32 px).
+    bytes (1.5 GB for 500k images at 32 px). Unlabelled, every image trains, ``num_classes`` is 0 (the kNN and
+    probe monitors switch themselves off) and the test split is the training set itself (for ``pictures``).
 
     Args:
-        root: Folder with ``train/`` and ``val/`` (or ``test/``) subfolders of class folders.
+        root: Folder with ``train/`` and ``val/`` (or ``test/``) subfolders of class folders, or of unlabelled images.
         image_size: Side of the stored images.
         on_corrupt: ``fail`` stops with the list of unreadable files; ``skip`` leaves them out,
             logs how many and which, and counts them in ``num_skipped``.
@@ -267,7 +269,7 @@ class ImageFolderDataModule(InMemoryDataModule):
             labels += [i] * len(files)
         return classes, paths, labels
 
-    def _split(self, split_dir: Path, classes: list[str] | None):
+    def _decode_split(self, split_dir: Path, classes: list[str] | None):
         found, paths, labels = self._files(split_dir)
         if classes is not None and found != classes:
             raise ValueError(f"{split_dir} has classes {found} but train/ has {classes}; both splits need the same "
@@ -276,15 +278,29 @@ class ImageFolderDataModule(InMemoryDataModule):
         self.num_skipped += skipped
         return found, x, torch.tensor(labels)[keep]
 
+    def _unlabelled(self, root: Path) -> Splits:
+        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        if not paths:
+            raise FileNotFoundError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) and no train/ and val/ "
+                                    "subfolders. Point data.root at a folder of images (unlabelled) or at one with "
+                                    "train/<class>/* and val/<class>/* (labelled).")
+        x, _, self.num_skipped = decode_images(paths, self.image_size, self.decode_workers, self.on_corrupt, str(root))
+        log.info("%s: %d unlabelled images (no train/ and val/ class folders)", root, len(x))
+        y = torch.zeros(len(x), dtype=torch.long)
+        return Splits(x, y, x, y, [])  # no classes; "test" is the training set itself, no copy
+
     def load(self) -> Splits:
         root = Path(self.root)
         if not root.is_dir():
             raise FileNotFoundError(f"Image folder {os.path.abspath(self.root)!r} does not exist. Set data.root to a "
-                                    "folder with train/<class>/* and val/<class>/* images.")
+                                    "folder of images (unlabelled) or with train/<class>/* and val/<class>/* images.")
         eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        if not (root / "train").is_dir() and eval_dir is None:
+            return self._unlabelled(root)
         if not (root / "train").is_dir() or eval_dir is None:
             raise FileNotFoundError(f"{root} needs train/ and val/ (or test/) subfolders, each with one folder per "
-                                    f"class; found {sorted(p.name for p in root.iterdir())}.")
-        classes, x_train, y_train = self._split(root / "train", None)
-        _, x_test, y_test = self._split(eval_dir, classes)
+                                    f"class; found {sorted(p.name for p in root.iterdir())}. (A folder with neither "
+                                    "is read as unlabelled images.)")
+        classes, x_train, y_train = self._decode_split(root / "train", None)
+        _, x_test, y_test = self._decode_split(eval_dir, classes)
         return Splits(x_train, y_train, x_test, y_test, classes)

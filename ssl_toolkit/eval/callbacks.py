@@ -33,6 +33,7 @@ class PeriodicEvaluation(pl.Callback):
     """
 
     json_name = "eval.json"
+    needs_labels = False  # scores against class labels: off, with one warning, on data that has none
 
     def __init__(self, every_n_epochs: int = 1, baseline: bool = True, batch_size: int = 512):
         if every_n_epochs < 1 or batch_size < 1:
@@ -40,6 +41,19 @@ class PeriodicEvaluation(pl.Callback):
                              f"{every_n_epochs}, {batch_size}.")
         self.every_n_epochs, self.baseline, self.batch_size = every_n_epochs, baseline, batch_size
         self.results: dict[str, dict] = {}
+        self.off = False
+
+    def switch_off_without_labels(self, trainer: pl.Trainer) -> bool:
+        """True, after one warning, when this evaluation needs class labels and the run's data has none (unlabelled
+        images, captions): a recipe's monitors must not stop pretraining on such data."""
+        dm = trainer.datamodule
+        self.off = self.needs_labels and getattr(dm, "num_classes", 1) < 1
+        if self.off and trainer.is_global_zero:
+            message = (f"{type(self).__name__} is off for this run: {dm.name} has no class labels (an image folder "
+                       "without train/ and val/ class folders, or image-caption data). Score the checkpoint "
+                       "afterwards with `ssl-toolkit knn --ckpt CKPT --data LABELLED_DATA` (or `probe`).")
+            warnings.warn(message, stacklevel=1)
+        return self.off
 
     def evaluate(self, trainer: pl.Trainer, pl_module) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement evaluate().")
@@ -53,6 +67,8 @@ class PeriodicEvaluation(pl.Callback):
         raise NotImplementedError(f"{type(self).__name__} must implement report().")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.switch_off_without_labels(trainer):
+            return
         # A resumed run starts from trained weights: its baseline comes from the checkpoint (state_dict), or, from a
         # checkpoint written before the results were saved there, is left out rather than measured on them.
         if self.baseline and "init" not in self.results and trainer.ckpt_path is None:
@@ -67,7 +83,7 @@ class PeriodicEvaluation(pl.Callback):
         self.results = {name: dict(r) for name, r in state_dict.get("results", {}).items()}
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if not is_due(trainer, self.every_n_epochs):
+        if self.off or not is_due(trainer, self.every_n_epochs):
             return
         self.results["trained"] = result = self.evaluate(trainer, pl_module)
         pl_module.log_dict(self.metrics(result), prog_bar=False)
@@ -75,7 +91,7 @@ class PeriodicEvaluation(pl.Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         # trainer.log_dir is a broadcast under DDP: every rank reads it before rank 0 alone goes on
         log_dir = trainer.log_dir if trainer.logger is not None else None  # without a logger: no run folder
-        if "trained" not in self.results or not trainer.is_global_zero:
+        if self.off or "trained" not in self.results or not trainer.is_global_zero:
             return
         print("\n".join(self.report(trainer)))
         if log_dir:
@@ -104,6 +120,7 @@ class KNNCallback(PeriodicEvaluation):
     """
 
     json_name = "knn.json"
+    needs_labels = True
 
     def __init__(self, every_n_epochs: int = 1, k: list[int] = [20, 200], temperature: float = 0.07,  # noqa: B006
                  baseline: bool = True, batch_size: int = 512):
@@ -116,9 +133,6 @@ class KNNCallback(PeriodicEvaluation):
         dm = trainer.datamodule
         if dm is None or not hasattr(dm, "iter_split"):
             raise TypeError("KNNCallback needs a toolkit DataModule (with iter_split); pass one as data in the config.")
-        if dm.num_classes < 1:
-            raise ValueError(f"KNNCallback needs class labels, and {dm.name} has none (image-caption data?). Use "
-                             "ssl_toolkit.eval.RetrievalCallback for captions, or remove KNNCallback from the callbacks.")
         encoder = pl_module.encoder()
         train = extract_features(encoder, dm, "train", pl_module.device, self.batch_size)
         test = extract_features(encoder, dm, "test", pl_module.device, self.batch_size)
@@ -162,6 +176,7 @@ class OnlineProbe(PeriodicEvaluation):
     """
 
     json_name = "online_probe.json"
+    needs_labels = True
 
     def __init__(self, lr: float = 0.1, weight_decay: float = 0.0, every_n_epochs: int = 1, batch_size: int = 512):
         super().__init__(every_n_epochs, baseline=False, batch_size=batch_size)
@@ -174,9 +189,10 @@ class OnlineProbe(PeriodicEvaluation):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
         dm = trainer.datamodule
-        if dm is None or not hasattr(dm, "num_classes") or dm.num_classes < 1:
-            raise ValueError("OnlineProbe needs a toolkit DataModule with class labels; remove it from the callbacks "
-                             "for unlabelled or image-caption data.")
+        if dm is None or not hasattr(dm, "num_classes"):
+            raise TypeError("OnlineProbe needs a toolkit DataModule (with num_classes); pass one as data in the config.")
+        if self.switch_off_without_labels(trainer):
+            return
         self.encoder = pl_module.encoder()  # wraps the live backbone: it sees every update
         images, _ = next(dm.iter_split("test", 2, pl_module.device))
         with torch.no_grad(), evaluating(self.encoder, pl_module.device):
@@ -190,6 +206,8 @@ class OnlineProbe(PeriodicEvaluation):
             self._pending_state = None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if self.off:
+            return
         images, labels = pl_module.batch_images, batch[1]
         with torch.no_grad(), evaluating(self.encoder, pl_module.device):
             feats = self.encoder(images).float()  # (B, D), no gradient to the backbone
