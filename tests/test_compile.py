@@ -78,6 +78,6 @@ def test_compiled_views_match_eager_views_on_the_gpu():
     images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, device="cuda")
     policy = m.view_policy
     params = policy.sample(64, 32, 32, "cuda")
-    eager = policy.apply(images, params)
-    compiled = torch.compile(policy.apply)(images, params)
+    eager = policy.render(images, params)
+    compiled = torch.compile(policy.render)(images, params)
     assert torch.allclose(eager, compiled, atol=1e-4)

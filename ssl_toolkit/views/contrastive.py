@@ -144,7 +144,7 @@ class ContrastiveViews(nn.Module):
             solarize=u[:, 6] < c.solarize_p,
         )
 
-    def apply(self, images: torch.Tensor, params: ViewParams, normalize: bool = True) -> torch.Tensor:
+    def render(self, images: torch.Tensor, params: ViewParams, normalize: bool = True) -> torch.Tensor:
         """Apply ``params`` to uint8 ``(B, 3, H, W)`` images; returns ``(num_views * B, 3, s, s)`` normalised
         (or in [0, 1] without ``normalize``)."""
         c = self.config
@@ -166,5 +166,5 @@ class ContrastiveViews(nn.Module):
             raise ValueError(f"View policies take uint8 (B, 3, H, W) batches; got {images.dtype} {tuple(images.shape)}. "
                              "Data modules yield uint8 RGB; check a custom dataset's output.")
         b, _, h, w = images.shape
-        x = self.apply(images, self.sample(b, h, w, images.device), normalize)
+        x = self.render(images, self.sample(b, h, w, images.device), normalize)
         return Views(crops=list(x.chunk(self.num_views)))
