@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
+def image_files(folder: str | Path) -> list[str]:
+    """Every image file under ``folder`` (by extension; subfolders included, symlinked folders not followed),
+    sorted."""
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+
+
 def _to_nchw(x: np.ndarray, key: str, source: str) -> torch.Tensor:
     """Accept ``(N, H, W, 3|1)`` or ``(N, 3|1, H, W)`` uint8 arrays; return ``(N, 3, H, W)``."""
     if x.dtype != np.uint8:
@@ -261,7 +268,7 @@ class ImageFolderDataModule(InMemoryDataModule):
             raise FileNotFoundError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>.")
         paths, labels = [], []
         for i, c in enumerate(classes):
-            files = sorted(str(p) for p in (split_dir / c).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = image_files(split_dir / c)
             if not files:
                 raise FileNotFoundError(f"Class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
                                         "add images or remove the folder.")
@@ -279,7 +286,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         return found, x, torch.tensor(labels)[keep]
 
     def _unlabelled(self, root: Path) -> Splits:
-        paths = sorted(str(p) for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        paths = image_files(root)
         if not paths:
             raise FileNotFoundError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) and no train/ and val/ "
                                     "subfolders. Point data.root at a folder of images (unlabelled) or at one with "

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_images
+from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_images, image_files
 from ssl_toolkit.eval.features import evaluating
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 
@@ -24,8 +24,7 @@ def list_images(folder: str) -> list[str]:
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"--images {folder!r} is not a folder. Pass a folder of images (subfolders are "
                                 "searched; a subfolder per class adds labels).")
-    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
-                   if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    paths = image_files(folder)
     if not paths:
         raise ValueError(f"No images in {folder} or its subfolders (looked for {', '.join(IMAGE_EXTENSIONS)}).")
     return paths
