@@ -50,9 +50,8 @@ def check_resume(path: str, model) -> None:
     if differ:
         shown = ", ".join(f"{k} {saved.get(k, 'absent')} here {ours.get(k, 'absent')}" for k in differ[:3])
         raise CheckpointError(f"{path} does not fit this run's {type(model).__name__}: {len(differ)} weights differ "
-                              f"in name or shape ({shown}). The checkpoint's model settings are "
-                              f"{ {k: v for k, v in ckpt['hyper_parameters'].items() if k in ('backbone',)} }; "
-                              "resume with the settings that wrote it.")
+                              f"in name or shape ({shown}). The checkpoint's backbone is "
+                              f"{ckpt['hyper_parameters'].get('backbone')}; resume with the settings that wrote it.")
 
 
 def load_backbone(ckpt: dict):
