@@ -375,7 +375,9 @@ def export(args: list[str]) -> None:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="torchvision (ResNet state_dict), safetensors (weights), torchscript or onnx (whole encoder: "
                         "uint8 images in, features out)")
-    p.add_argument("--out", help="output path (default: next to the checkpoint, <ckpt>.<format>.<suffix>)")
+    p.add_argument("--out", help="output path, the format's suffix added when missing (default: next to the checkpoint: "
+                        "<ckpt>.onnx, <ckpt>.safetensors, <ckpt>.torchscript.pt, <ckpt>.torchvision.pth); the JSON "
+                        "is that path + .json")
     a = p.parse_args(args)
     for path in export_backbone(load_checkpoint(a.ckpt), a.format, a.out or f"{a.ckpt}.{a.format}"):
         print(f"wrote {path}")

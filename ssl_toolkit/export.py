@@ -9,7 +9,8 @@ Formats:
         upstream but still loads everywhere; prefer ``onnx`` for new deployments.
     ``onnx``: the same whole encoder as an ONNX graph with a dynamic batch axis (``pip install onnx onnxscript``).
 
-Every format also writes ``<out>.json``: the method, the backbone config, the feature dimension and how to prepare
+Every format also writes ``<file>.json`` beside the exported file (``model.onnx.json``, so exports of one checkpoint
+in several formats keep their own): the method, the backbone config, the feature dimension and how to prepare
 an image (input size, mean/std, or lightness / tiles / patches).
 """
 
@@ -63,7 +64,7 @@ def metadata(ckpt: dict, fmt: str, feature_dim: int) -> dict:
 
 
 def export(ckpt: dict, fmt: str, out: str) -> list[str]:
-    """Write the backbone of ``ckpt`` in ``fmt`` to ``out`` (suffix added when missing) and its ``.json``.
+    """Write the backbone of ``ckpt`` in ``fmt`` to ``out`` (suffix added when missing) and ``<that path>.json``.
 
     Returns the written paths.
     """
@@ -96,7 +97,7 @@ def export(ckpt: dict, fmt: str, out: str) -> list[str]:
                 torch.jit.save(torch.jit.trace(encoder, example), path)
         else:
             _export_onnx(encoder, example, path)
-    meta_path = os.path.splitext(path)[0] + ".json"
+    meta_path = path + ".json"  # not splitext's: model.onnx and model.safetensors would share model.json
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
     return [path, meta_path]

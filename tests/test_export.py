@@ -39,7 +39,7 @@ def exported(tmp_path, ckpt: str, fmt: str) -> tuple[str, dict]:
     assert main(["export", "--ckpt", ckpt, "--format", fmt, "--out", str(tmp_path / "out" / fmt)]) == 0
     path = str(tmp_path / "out" / fmt) + {"torchvision": ".pth", "safetensors": ".safetensors", "torchscript": ".pt",
                                           "onnx": ".onnx"}[fmt]
-    return path, json.loads((tmp_path / "out" / f"{fmt}.json").read_text())
+    return path, json.loads(open(path + ".json").read())
 
 
 @pytest.mark.parametrize("cifar_stem", [True, False])
@@ -75,6 +75,11 @@ def test_safetensors_export_holds_the_weights_and_the_config(tmp_path):
         encoder = encoder_from_checkpoint(load_checkpoint(ckpt)).eval()
         assert torch.allclose(net.eval()(encoder.prepare(x)), encoder(x), atol=1e-6)
     assert meta["input"] == "rgb" and "(x - mean) / std" in meta["preprocess"]
+    # another format to the same --out keeps its own JSON (model.safetensors.json, model.pt.json), so the weights'
+    # instructions are not replaced by the whole-encoder graph's ("uint8 images in")
+    script, script_meta = exported(tmp_path, ckpt, "torchscript")
+    assert script_meta["format"] == "torchscript" and "takes" in script_meta
+    assert json.loads(open(path + ".json").read()) == meta and meta["format"] == "safetensors"
 
 
 @pytest.mark.parametrize("method", ["colorization", "jigsaw"])
