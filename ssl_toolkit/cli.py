@@ -4,6 +4,7 @@ import argparse
 import contextvars
 import json
 import os
+import re
 import sys
 import time
 import warnings
@@ -131,7 +132,8 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
     p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
     _add_precision(p)
-    p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json); "
+    p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json, or "
+                                 "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented); "
                                  "for pictures, a folder (default <ckpt>.pictures)")
     return p
 
@@ -201,7 +203,10 @@ def _clip(args):
 
 
 def _write(args, command: str, result: dict) -> None:
-    out = args.out or f"{args.ckpt}.{command}.json"
+    """The result as JSON to ``--out`` or next to the checkpoint: ``<ckpt>.<command>.json`` on the checkpoint's own
+    data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay."""
+    dataset = re.sub(r"[^\w.-]+", "_", result["dataset"]) if args.data else None
+    out = args.out or ".".join(filter(None, (args.ckpt, command, dataset, "json")))
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")
@@ -283,7 +288,7 @@ def probe(args: list[str]) -> None:
         acc = augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
                                      tuple(a.scale), a.flip_p)
         print(f"linear probe (augmented) on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
-        _write(a, "probe", {**info, "protocol": "augmented", "epochs": a.epochs, "lr": a.lr[0],
+        _write(a, "probe-augmented", {**info, "protocol": "augmented", "epochs": a.epochs, "lr": a.lr[0],
                             "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
                             "train_seconds": round(time.perf_counter() - start, 3), **acc})
         return

@@ -51,11 +51,13 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart):
     result = json.loads((cwd / "probe_sweep.json").read_text())
     assert set(result["grid"]) == {"0.01", "0.1"} and result["val_size"] == 126 and result["top1"] > 95.0
     assert main(["probe", "--ckpt", str(cwd / ckpt), "--augment", "--epochs", "10", "--scale", "0.8", "1.0",
-                 "--flip-p", "0", "--batch-size", "64", "--out", str(cwd / "probe_aug.json")]) == 0
-    augmented = json.loads((cwd / "probe_aug.json").read_text())
+                 "--flip-p", "0", "--batch-size", "64"]) == 0
+    augmented = json.loads((cwd / (ckpt + ".probe-augmented.json")).read_text())
     assert augmented["protocol"] == "augmented" and augmented["top1"] > 93.0, augmented
-    assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--fp16", "--out", str(cwd / "knn16.json")]) == 0
-    assert json.loads((cwd / "knn16.json").read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
+    # each protocol and each --data keeps its own default result file: the first probe's is still there
+    assert json.loads((cwd / (ckpt + ".probe.json")).read_text())["protocol"] == "cached features"
+    assert main(["knn", "--ckpt", str(cwd / ckpt), "--data", "digits", "--k", "20", "--fp16"]) == 0
+    assert json.loads((cwd / (ckpt + ".knn.digits.json")).read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--precision", "bf16", "--out",
                  str(cwd / "knn_bf16.json")]) == 0
     bf16 = json.loads((cwd / "knn_bf16.json").read_text())

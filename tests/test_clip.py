@@ -273,7 +273,7 @@ def test_retrieval_and_zeroshot_commands_reproduce_the_run_from_the_checkpoint(t
     data = _dog_or_person(dm, tmp_path / "dog_or_person.npz")
     assert main(["zeroshot", "--ckpt", str(path), "--data", str(data), "--template", "a photo of a {}."]) == 0
     assert "mean per class" in capsys.readouterr().out
-    assert json.loads(open(f"{path}.zeroshot.json").read())["classes"] == ["dog", "person"]
+    assert json.loads(open(f"{path}.zeroshot.dog_or_person.npz.json").read())["classes"] == ["dog", "person"]
     assert main(["knn", "--ckpt", str(path), "--k", "5"]) == 1  # the checkpoint's data has captions, not labels
     assert "has no class labels" in capsys.readouterr().err
     assert main(["knn", "--ckpt", str(path), "--k", "5", "--data", str(data), "--out", str(tmp_path / "k.json")]) == 0

@@ -100,8 +100,8 @@ class CIFARDataModule(InMemoryDataModule):
 
         cls = torchvision.datasets.CIFAR10 if self.variant == "cifar10" else torchvision.datasets.CIFAR100
         root = os.path.abspath(self.root)
-        elsewhere = (f"point data.root at the folder holding {cls.base_folder!r}, or pass a local .npz copy with "
-                     f"--data ssl_toolkit.data.NpzDataModule --data.path FILE")
+        elsewhere = (f"point data.root at the folder holding {cls.base_folder!r}, or use a local .npz copy (pretrain: "
+                     "--data ssl_toolkit.data.NpzDataModule --data.path FILE; knn, probe, zeroshot: --data FILE)")
         try:
             return cls(self.root, train=train, download=self.download)
         except RuntimeError as e:  # torchvision: missing, or the download's checksum did not match
