@@ -138,6 +138,11 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _add_on_corrupt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--on-corrupt", default="fail", choices=["fail", "skip"],
+                   help="unreadable images: stop with the list of them (default) or leave them out")
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     from ssl_toolkit.eval.features import EVAL_PRECISIONS
 
@@ -398,7 +403,7 @@ def embed(args: list[str]) -> None:
     p.add_argument("--images", required=True, help="folder of images; a subfolder per class adds labels")
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision")
-    p.add_argument("--on-corrupt", default="fail", choices=["fail", "skip"], help="unreadable images: stop or leave out")
+    _add_on_corrupt(p)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
     _add_precision(p)
@@ -409,7 +414,8 @@ def embed(args: list[str]) -> None:
     paths = list_images(a.images)
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     start = time.perf_counter()
-    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), paths, size, device, a.batch_size, a.workers, a.on_corrupt)
+    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), paths, size, device, a.batch_size, a.workers, a.on_corrupt,
+                            where=a.images)
     labelled = folder_labels(a.images, kept)
     meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
             "fingerprint": backbone_fingerprint(ckpt), "images": os.path.abspath(a.images), "image_size": size,
@@ -463,6 +469,7 @@ def search(args: list[str]) -> None:
     p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--ckpt", help="checkpoint to embed the queries (default: the one the index was built from)")
     p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
+    _add_on_corrupt(p)
     a = p.parse_args(args)
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
@@ -477,7 +484,8 @@ def search(args: list[str]) -> None:
                          "checkpoint the index was built from, or re-run ssl-toolkit embed and index.")
     idx = faiss.read_index(a.index)
     queries = list_images(a.query) if os.path.isdir(a.query) else [a.query]
-    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), queries, info["image_size"], _device(a))
+    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), queries, info["image_size"], _device(a),
+                            on_corrupt=a.on_corrupt, where=a.query)
     if emb.shape[1] != idx.d:
         raise ValueError(f"The checkpoint gives {emb.shape[1]}-d embeddings but the index holds {idx.d}-d ones; "
                          "query with the checkpoint the index was built from.")

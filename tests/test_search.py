@@ -6,10 +6,10 @@ import pytorch_lightning as pl
 import torch
 from PIL import Image
 
-from ssl_toolkit.backbones import BackboneConfig
+from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import NpzDataModule
-from ssl_toolkit.eval.search import build_index, faiss, list_images, load_embeddings, retrieval_metrics
+from ssl_toolkit.eval.search import build_index, embed_paths, faiss, list_images, load_embeddings, retrieval_metrics
 from ssl_toolkit.methods import SimCLR
 from ssl_toolkit.views import ViewConfig
 
@@ -122,7 +122,32 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     assert "64-d embeddings but the index holds 7-d ones" in capsys.readouterr().err
     assert main(["index", "--embeddings", str(tmp_path / "empty")]) == 1
     assert "is not an embeddings folder" in capsys.readouterr().err
+    # a folder of queries with an unreadable one: the fix the message names (--on-corrupt skip) is search's too
+    assert main(["index", "--embeddings", str(tmp_path / "b")]) == 0
+    assert main(["search", "--index", index, "--query", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert f"1 of 2 images in {broken} could not be read" in err and "--on-corrupt skip" in err, err
+    assert main(["search", "--index", index, "--query", str(broken), "--on-corrupt", "skip", "-k", "1"]) == 0
+    assert "query: " + str(broken / "ok.png") in capsys.readouterr().out
     assert list_images(str(root / "images"))[0].endswith(".png")
+
+
+def test_embedding_lists_every_unreadable_file_not_the_first_chunks(tmp_path):
+    """Images are embedded a chunk at a time; a failing run names the unreadable files of every chunk, so one
+    fix-and-rerun suffices (it used to stop at the first chunk with a bad file and name only those)."""
+    names = ["a.png", "bad1.jpg", "b.png", "c.png", "d.png", "bad2.png"]
+    for n in names:
+        if n.startswith("bad"):
+            (tmp_path / n).write_bytes(b"not an image")
+        else:
+            Image.fromarray(np.full((10, 12, 3), 7, np.uint8)).save(tmp_path / n)
+    paths = [str(tmp_path / n) for n in names]
+    backbone, dim = build_backbone("tiny_cnn", width=4)
+    net = Encoder(backbone, (0.5,) * 3, (0.25,) * 3)
+    with pytest.raises(ValueError, match=r"2 of 6 images in here could not be read:\n.*bad1.jpg.*\n.*bad2.png"):
+        embed_paths(net, paths, 8, chunk=2, where="here")
+    emb, kept = embed_paths(net, paths, 8, chunk=2, on_corrupt="skip")
+    assert emb.shape == (4, dim) and kept == [p for p in paths if "bad" not in p]
 
 
 def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):

@@ -205,12 +205,12 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
-def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
-                  where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def decode_files(paths: list[str], size: int,
+                 workers: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """Decode ``paths`` (in ``workers`` processes) to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped.
 
-    Unreadable or missing files stop with their list when ``on_corrupt='fail'``; with ``'skip'`` they are
-    left out and logged. Returns the images, the indices of ``paths`` kept, and how many were skipped.
+    Returns the readable images, their indices in ``paths``, and ``(path, reason)`` for each file that could not be
+    read; what to do about those is the caller's (``report_unreadable``).
     """
     jobs = [(p, size) for p in paths]
     if workers > 0:
@@ -219,17 +219,36 @@ def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
     else:
         decoded = [_decode_one(j) for j in jobs]
     bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str)]
+    keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
+    x = (torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous() if keep
+         else torch.empty(0, 3, size, size, dtype=torch.uint8))  # (N, 3, S, S)
+    return x, torch.tensor(keep, dtype=torch.long), bad
+
+
+def report_unreadable(bad: list[tuple[str, str]], total: int, where: str, on_corrupt: str,
+                      skip: str = "data.on_corrupt=skip") -> None:
+    """Stop with the list of unreadable files (``on_corrupt='fail'``, ``skip`` names the setting that leaves them out)
+    or log them (``'skip'``)."""
     if bad and on_corrupt == "fail":
-        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise ValueError(f"{len(bad)} of {len(paths)} images in {where} could not be read:\n{listing}\n"
-                         "Fix or delete them, or set data.on_corrupt=skip to leave them out.")
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + more
+        raise ValueError(f"{len(bad)} of {total} images in {where} could not be read:\n{listing}\n"
+                         f"Fix or delete them, or set {skip} to leave them out.")
     if bad:
         log.warning("Skipped %d unreadable images in %s: %s", len(bad), where, ", ".join(p for p, _ in bad[:20]))
-    keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
-    if not keep:
+
+
+def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
+                  where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``decode_files``, then unreadable or missing files stop with their list when ``on_corrupt='fail'``; with
+    ``'skip'`` they are left out and logged. Returns the images, the indices of ``paths`` kept, and how many were
+    skipped.
+    """
+    x, keep, bad = decode_files(paths, size, workers)
+    report_unreadable(bad, len(paths), where, on_corrupt)
+    if not len(keep):
         raise ValueError(f"No readable images in {where}.")
-    x = torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous()  # (N, 3, S, S)
-    return x, torch.tensor(keep), len(bad)
+    return x, keep, len(bad)
 
 
 class ImageFolderDataModule(InMemoryDataModule):

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import torch
 
-from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_images, image_files
+from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_files, decode_images, image_files, report_unreadable
 from ssl_toolkit.eval.features import evaluating
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 
@@ -43,29 +43,29 @@ def backbone_fingerprint(ckpt: dict) -> str:
 @torch.no_grad()
 def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: torch.device | str = "cpu",
                 batch_size: int = 256, workers: int = 0, on_corrupt: str = "fail",
-                chunk: int = 4096) -> tuple[torch.Tensor, list[str]]:
+                chunk: int = 4096, where: str = "the images") -> tuple[torch.Tensor, list[str]]:
     """L2-normalised ``(N, D)`` float32 embeddings of the images at ``paths`` and the paths kept.
 
     Images are decoded ``chunk`` at a time (memory stays bounded), shorter side resized to ``size`` and
-    centre-cropped, as ImageFolderDataModule does. Unreadable files stop with their list (``on_corrupt='fail'``)
-    or are left out (``'skip'``).
+    centre-cropped, as ImageFolderDataModule does. Unreadable files stop it with the list of all of them, every
+    chunk's (``on_corrupt='fail'``: once one is found the rest is only decoded, not embedded), or are left out and
+    logged (``'skip'``).
     """
     encoder = encoder.to(device)
-    feats, kept = [], []
+    feats, kept, bad = [], [], []
     with evaluating(encoder, device):
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
-            try:
-                images, keep, _ = decode_images(part, size, workers, on_corrupt, "the images")
-            except ValueError as e:
-                if on_corrupt == "skip" and str(e).startswith("No readable images"):
-                    continue  # a chunk of only unreadable files
-                raise ValueError(str(e).replace("data.on_corrupt=skip", "--on-corrupt skip")) from None
+            images, keep, unreadable = decode_files(part, size, workers)
+            bad += unreadable
+            if bad and on_corrupt == "fail":
+                continue  # it stops below; the remaining chunks are decoded to list every unreadable file at once
             kept += [part[i] for i in keep.tolist()]
             for x in images.split(batch_size):
                 feats.append(torch.nn.functional.normalize(encoder(x.to(device)).float(), dim=1).cpu())
+    report_unreadable(bad, len(paths), where, on_corrupt, "--on-corrupt skip")
     if not feats:
-        raise ValueError(f"None of the {len(paths)} images could be read.")
+        raise ValueError(f"None of the {len(paths)} images in {where} could be read.")
     return torch.cat(feats), kept
 
 
