@@ -35,13 +35,76 @@ class ConfigError(ValueError):
 
 
 def concise_config_error(message: str) -> str:
-    """Keep the reasons of a jsonargparse error, dropping the union-type noise around them."""
+    """Keep the reasons of a jsonargparse error, dropping the union-type noise around them, and for a misspelt
+    key or class name add the accepted ones it is close to."""
     noise = ("Does not validate against any of the Union subtypes", "Subtypes: [", "Expected a <class 'NoneType'>",
-             "Given value type:", "Given value:", "Errors:")
+             "Given value type:", "Given value:", "Errors:", "Subclass types expect one of", "a class path (str)",
+             "a dict with class_path entry", "a dict without class_path", "a dict with parameters accepted")
+    if "Problem with given class_path" in message:  # the reason is given; this line only restates the type
+        noise += ("Not a valid subclass of",)
     keep = [line.strip() for line in message.splitlines() if line.strip() and not any(n in line for n in noise)]
-    keep = [line.lstrip("- ") for line in keep]
+    keep = [line.lstrip("- ") for line in keep] + _did_you_mean(message)
     return "\n  ".join(keep) + "\nRun `ssl-toolkit pretrain --help` for every option, or add --print_config to see the " \
                                 "resolved config."
+
+
+def _accepted(owner) -> dict:
+    """Option name -> annotation of a class's ``__init__`` (or a dataclass's fields)."""
+    import dataclasses
+    import inspect
+    import typing
+
+    if dataclasses.is_dataclass(owner):
+        return {f.name: f.type for f in dataclasses.fields(owner)}
+    try:
+        hints = typing.get_type_hints(owner.__init__)
+    except Exception:  # annotations that do not resolve: the names alone
+        hints = {}
+    return {n: hints.get(n) for n, p in inspect.signature(owner.__init__).parameters.items()
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
+def _did_you_mean(message: str) -> list[str]:
+    """``Did you mean ...?`` for the unknown key or class name of a jsonargparse error, when a close one exists."""
+    import difflib
+    import importlib
+    import typing
+
+    from ssl_toolkit.checkpoint import import_class
+
+    classes = re.findall(r"class_path '([\w.]+)'", message)
+    unknown = (re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
+               or re.search(r"Option '([\w.]+)' is not accepted", message)
+               or re.search(r"unrecognized arguments: --([\w.]+)", message))
+    missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message)
+    try:
+        if missing:
+            module = importlib.import_module(missing.group(1))
+            options, word = [n for n in dir(module) if n[:1].isupper()], missing.group(2)
+        elif unknown:
+            *group, word = ".".join(g for g in unknown.groups() if g).split(".")
+            if classes:
+                owner = import_class(classes[-1])
+            elif group[:1] == ["trainer"]:
+                from pytorch_lightning import Trainer as owner
+                group = group[1:]
+            else:  # a top-level key of the recipe
+                options = {"trainer", "model", "data", "seed_everything", "ckpt_path", "config", "print_config"}
+                owner, word = None, (group or [word])[0]
+            if owner is not None:
+                options = _accepted(owner)
+                for g in group:  # nested settings (optim.lr, views.crop_size): into the annotated dataclass
+                    kind = options.get(g)
+                    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+                    if g not in options or not isinstance(kind, type):
+                        return []
+                    options = _accepted(kind)
+        else:
+            return []
+    except Exception:  # a suggestion is a convenience; the error itself stands without it
+        return []
+    close = difflib.get_close_matches(word, list(options), n=3)
+    return [f"Did you mean {' or '.join(repr(c) for c in close)}?"] if close else []
 
 
 def pretrain(args: list[str]):

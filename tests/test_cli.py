@@ -85,7 +85,10 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--model.init_args.temprature", "0.3"], "Option 'temprature' is not accepted"),
+    (["--model.init_args.temprature", "0.3"], "Option 'temprature' is not accepted\n  Did you mean 'temperature'?"),
+    (["--model.init_args.optim.lrr", "0.1"], "Did you mean 'lr'?"),
+    (["--trainr.max_epochs", "3"], "Did you mean 'trainer'?"),
+    (["--model", "ssl_toolkit.methods.SimCLRR"], "has no attribute 'SimCLRR'\n  Did you mean 'SimCLR'?"),
     (["--trainer.max_epochs", "many"], 'key "trainer.max_epochs"'),
     (["--model.init_args.optim.name", "adam"], "optim.name must be one of sgd, lars, adamw; got 'adam'"),
     (["--model.init_args.views.flip_p", "2"], "views.flip_p is a probability in [0, 1]; got 2.0"),
@@ -97,6 +100,17 @@ def test_bad_config_values_fail_with_a_clear_message(args, message, capsys):
     err = capsys.readouterr().err
     assert code == 1 and message in err, err
     assert "Traceback" not in err and "NoneType" not in err
+
+
+def test_a_misspelt_recipe_key_is_named_with_the_accepted_one_it_is_close_to(tmp_path, capsys):
+    recipe = (ROOT / "recipes" / "quickstart.yaml").read_text()
+    for typo, fix in (("max_epochs:", "'max_epochs'"), ("        temperature:", "'temperature'")):  # trainer, callback
+        assert recipe.count(typo) == 1
+        (tmp_path / "r.yaml").write_text(recipe.replace(typo, typo.replace("e", "", 1)))
+        assert main(["pretrain", "--config", str(tmp_path / "r.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert f"Did you mean {fix}" in err, err
+        assert "Subclass types expect one of" not in err and "Not a valid subclass" not in err, err
 
 
 def test_help_lists_options_and_commands(capsys):
