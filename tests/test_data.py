@@ -33,11 +33,36 @@ def test_npz_reads_hwc_and_chw(tmp_path):
     chw = NpzDataModule(write_npz(tmp_path / "b.npz", x_train=np.zeros((20, 3, 8, 8), np.uint8)))
     chw.setup()
     assert chw.splits.x_train.shape == (20, 3, 8, 8) and chw.num_classes == 4
+    grey = np.arange(20 * 8 * 8, dtype=np.int64).astype(np.uint8).reshape(20, 8, 8)  # MNIST's (N, H, W) layout
+    hw = NpzDataModule(write_npz(tmp_path / "c.npz", x_train=grey))
+    hw.setup()
+    assert hw.splits.x_train.shape == (20, 3, 8, 8) and all((hw.splits.x_train[:, c] == torch.from_numpy(grey)).all()
+                                                            for c in range(3))
+
+
+def test_npz_labels_may_be_class_names(tmp_path):
+    names = np.array(["dog", "cat", "ship", "cat"])
+    dm = NpzDataModule(write_npz(tmp_path / "s.npz", y_train=names[np.arange(20) % 4], y_test=names[np.arange(8) % 4]))
+    dm.setup()
+    assert dm.splits.classes == ["cat", "dog", "ship"] and dm.splits.y_train[:4].tolist() == [1, 0, 2, 0]
+    given = NpzDataModule(write_npz(tmp_path / "g.npz", y_train=names[np.arange(20) % 4],
+                                    y_test=names[np.arange(8) % 4], classes=np.array(["ship", "dog", "cat", "car"])))
+    given.setup()
+    assert given.num_classes == 4 and given.splits.y_test[:4].tolist() == [1, 2, 0, 2]
+    whole = NpzDataModule(write_npz(tmp_path / "f.npz", y_train=(np.arange(20) % 4).astype(np.float32)))
+    whole.setup()  # float labels that are whole numbers, as some pipelines save them
+    assert whole.splits.y_train.dtype == torch.int64 and whole.num_classes == 4
 
 
 @pytest.mark.parametrize("over,match", [
     ({"y_test": None}, "missing array.*y_test"),
-    ({"x_train": np.zeros((20, 8, 8), np.uint8)}, r"x_train has shape \(20, 8, 8\)"),
+    ({"y_train": np.full(20, 0.5)}, "y_train has float64 values that are not whole numbers"),
+    ({"y_train": np.full(20, "cat"), "y_test": np.full(8, "dog"), "classes": np.array(["dog"])},
+     r"labels \['cat'\] are not among the 1 names"),
+    ({"y_train": np.arange(20) - 1}, r"labels must lie in \[0, 18\].*got \[-1, 18\]"),
+    ({"y_test": np.zeros(0, np.int64)}, "y_test is empty"),
+    ({"x_train": np.zeros((20, 8), np.uint8)}, r"x_train has shape \(20, 8\)"),
+    ({"x_train": np.zeros((20, 8, 8, 2), np.uint8)}, r"x_train has shape \(20, 8, 8, 2\)"),
     ({"x_train": np.zeros((20, 8, 8, 3), np.float32)}, "x_train has dtype float32"),
     ({"y_train": np.arange(19)}, "one label per image"),
 ])

@@ -24,15 +24,18 @@ def image_files(folder: str | Path) -> list[str]:
 
 
 def _to_nchw(x: np.ndarray, key: str, source: str) -> torch.Tensor:
-    """Accept ``(N, H, W, 3|1)`` or ``(N, 3|1, H, W)`` uint8 arrays; return ``(N, 3, H, W)``."""
+    """Accept ``(N, H, W, 3|1)``, ``(N, 3|1, H, W)`` or grey ``(N, H, W)`` (MNIST's layout) uint8 arrays; return
+    ``(N, 3, H, W)``."""
     if x.dtype != np.uint8:
         raise ValueError(f"{source}: {key} has dtype {x.dtype}; images must be uint8 in [0, 255]. "
                          f"Convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1].")
+    if x.ndim == 3:
+        x = x[:, None]
     if x.ndim == 4 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.transpose(0, 3, 1, 2)
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise ValueError(f"{source}: {key} has shape {x.shape}; expected (N, H, W, 3) or (N, 3, H, W) images "
-                         f"(grayscale as (N, H, W, 1) or (N, 1, H, W)).")
+                         f"(grayscale as (N, H, W), (N, H, W, 1) or (N, 1, H, W)).")
     t = torch.from_numpy(np.ascontiguousarray(x))
     return t.expand(-1, 3, -1, -1).contiguous() if t.shape[1] == 1 else t
 
@@ -153,14 +156,37 @@ class NpzDataModule(InMemoryDataModule):
                 raise KeyError(f"{self.path}: missing array(s) {', '.join(missing)}; found {', '.join(f.files)}. "
                                f"The file needs {', '.join(self.KEYS)} (and optionally classes).")
             arrays = {k: f[k] for k in f.files}
-        y_train, y_test = (torch.from_numpy(arrays[k].astype(np.int64).reshape(-1)) for k in ("y_train", "y_test"))
-        n_cls = int(max(y_train.max(), y_test.max())) + 1
-        classes = [str(c) for c in arrays["classes"]] if "classes" in arrays else [str(c) for c in range(n_cls)]
-        if len(classes) < n_cls or min(y_train.min(), y_test.min()) < 0:
-            raise ValueError(f"{self.path}: labels must lie in [0, {len(classes) - 1}] (one per class name); "
-                             f"got [{int(min(y_train.min(), y_test.min()))}, {n_cls - 1}].")
+        y_train, y_test, classes = self._labels(arrays)
         return Splits(_to_nchw(arrays["x_train"], "x_train", self.path), y_train,
                       _to_nchw(arrays["x_test"], "x_test", self.path), y_test, classes)
+
+    def _labels(self, arrays: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Integer labels (class names from ``classes``, else the numbers), or class names as strings, numbered in
+        the order of ``classes`` when given, else sorted."""
+        y = {k: arrays[k].reshape(-1) for k in ("y_train", "y_test")}
+        for k, v in y.items():
+            if not len(v):
+                raise ValueError(f"{self.path}: {k} is empty; it needs one label per image.")
+        given = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
+        if any(v.dtype.kind in "US" for v in y.values()):
+            classes = given or sorted(set().union(*(map(str, v) for v in y.values())))
+            number = {c: i for i, c in enumerate(classes)}
+            unknown = sorted(set().union(*(map(str, v) for v in y.values())) - set(number))
+            if unknown:
+                raise ValueError(f"{self.path}: labels {unknown[:5]} are not among the {len(classes)} names in "
+                                 "`classes`; add them there or leave `classes` out (then the names are sorted).")
+            return *(torch.tensor([number[str(c)] for c in v], dtype=torch.int64) for v in y.values()), classes
+        for k, v in y.items():
+            if v.dtype.kind not in "iub" and not (v.dtype.kind == "f" and np.array_equal(v, np.round(v))):
+                raise ValueError(f"{self.path}: {k} has {v.dtype} values that are not whole numbers; labels are "
+                                 "class indices (integers) or class names (strings).")
+        y_train, y_test = (torch.from_numpy(v.astype(np.int64)) for v in y.values())
+        low, n_cls = int(min(y_train.min(), y_test.min())), int(max(y_train.max(), y_test.max())) + 1
+        classes = given or [str(c) for c in range(n_cls)]
+        if len(classes) < n_cls or low < 0:
+            raise ValueError(f"{self.path}: labels must lie in [0, {len(classes) - 1}] (one per class name); "
+                             f"got [{low}, {n_cls - 1}].")
+        return y_train, y_test, classes
 
 
 ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 flipped and/or rotated
