@@ -1,4 +1,7 @@
+import html
 import json
+import re
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -9,7 +12,8 @@ from PIL import Image
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import NpzDataModule
-from ssl_toolkit.eval.search import build_index, embed_paths, faiss, list_images, load_embeddings, retrieval_metrics
+from ssl_toolkit.eval.search import (build_index, embed_paths, faiss, list_images, load_embeddings, retrieval_metrics,
+                                     write_gallery)
 from ssl_toolkit.methods import SimCLR
 from ssl_toolkit.views import ViewConfig
 
@@ -70,6 +74,21 @@ def test_embed_index_search_round_trip(gallery, tmp_path, capsys):
     assert capsys.readouterr().out.count("query: ") == 30
     grid = np.asarray(Image.open(png))
     assert grid.shape[:2] == (2 + 30 * 98, 2 + 4 * 98)  # 30 rows of query + 3 neighbours, 96 px and 2 px padding
+
+
+def test_gallery_links_images_whose_names_hold_url_characters(tmp_path):
+    """The HTML gallery's src is a URL: a photo named 'party #2 (50%).png' linked as written pointed at
+    'party ' plus a fragment."""
+    (tmp_path / "my photos").mkdir()
+    names = ["party #2 (50%).png", "what?.png", "ok.png"]
+    for n in names:
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "my photos" / n)
+    paths = [str(tmp_path / "my photos" / n) for n in names]
+    out = write_gallery(str(tmp_path / "out" / "g.html"), paths[:1], [[(p, 0.5) for p in paths[1:]]])
+    srcs = re.findall(r'<img src="([^"]*)"', open(out).read())
+    assert len(srcs) == 3 and all("#" not in s and "?" not in s for s in srcs)
+    resolved = [(tmp_path / "out" / urllib.parse.unquote(html.unescape(s))).resolve() for s in srcs]
+    assert resolved == [(tmp_path / "my photos" / n).resolve() for n in names]
 
 
 def test_ivf_index_reports_its_recall_against_exact(gallery, tmp_path, capsys):

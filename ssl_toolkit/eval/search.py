@@ -10,6 +10,7 @@ import hashlib
 import html
 import json
 import os
+import urllib.parse
 
 import numpy as np
 import torch
@@ -191,7 +192,8 @@ def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str,
     base = os.path.dirname(os.path.abspath(out))
 
     def cell(path: str, caption: str) -> str:
-        src = html.escape(os.path.relpath(os.path.abspath(path), base))
+        # a URL, not a file name: '#', '?' and '%' in a name would otherwise cut or garble the link
+        src = html.escape(urllib.parse.quote(os.path.relpath(os.path.abspath(path), base).replace(os.sep, "/")))
         return (f'<figure><img src="{src}" width="{size}" height="{size}" style="object-fit:cover">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
