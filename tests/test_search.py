@@ -76,6 +76,19 @@ def test_embed_index_search_round_trip(gallery, tmp_path, capsys):
     assert grid.shape[:2] == (2 + 30 * 98, 2 + 4 * 98)  # 30 rows of query + 3 neighbours, 96 px and 2 px padding
 
 
+def test_folder_labels_read_class_folders_also_under_train_and_val():
+    from ssl_toolkit.eval.search import folder_labels
+
+    def labels(*rel):
+        return folder_labels("/d", [f"/d/{r}" for r in rel])
+
+    assert labels("cat/1.png", "dog/2.png", "cat/sub/3.png") == (["cat", "dog"], [0, 1, 0])
+    # a labelled dataset's own layout: the classes, not "train" and "val" (retrieval metrics were by split)
+    assert labels("train/cat/1.png", "train/dog/2.png", "val/dog/3.png") == (["cat", "dog"], [0, 1, 1])
+    assert labels("train/cat/1.png", "val/2.png") is None  # an image outside any class folder: unlabelled
+    assert labels("1.png", "cat/2.png") is None and labels("cat/1.png", "cat/2.png") is None
+
+
 def test_gallery_links_images_whose_names_hold_url_characters(tmp_path):
     """The HTML gallery's src is a URL: a photo named 'party #2 (50%).png' linked as written pointed at
     'party ' plus a fragment."""

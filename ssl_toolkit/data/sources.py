@@ -14,6 +14,7 @@ from ssl_toolkit.data.base import InMemoryDataModule, Splits
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+SPLIT_FOLDERS = ("train", "val", "test")  # a labelled image folder: train/<class>/*, and val/<class>/* or test/
 
 
 def image_files(folder: str | Path) -> list[str]:
@@ -346,7 +347,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         if not root.is_dir():
             raise FileNotFoundError(f"Image folder {os.path.abspath(self.root)!r} does not exist. Set data.root to a "
                                     "folder of images (unlabelled) or with train/<class>/* and val/<class>/* images.")
-        eval_dir = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+        eval_dir = next((root / d for d in SPLIT_FOLDERS[1:] if (root / d).is_dir()), None)
         if not (root / "train").is_dir() and eval_dir is None:
             return self._unlabelled(root)
         if not (root / "train").is_dir() or eval_dir is None:

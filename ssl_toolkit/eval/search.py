@@ -15,7 +15,8 @@ import urllib.parse
 import numpy as np
 import torch
 
-from ssl_toolkit.data.sources import IMAGE_EXTENSIONS, decode_files, decode_images, image_files, report_unreadable
+from ssl_toolkit.data.sources import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
+                                      report_unreadable)
 from ssl_toolkit.eval.features import evaluating
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 
@@ -71,15 +72,17 @@ def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: t
 
 
 def folder_labels(folder: str, paths: list[str]) -> tuple[list[str], list[int]] | None:
-    """Classes and labels when every image sits in a first-level subfolder of ``folder`` and there are two or more."""
+    """Classes and labels when every image sits in a first-level subfolder of ``folder`` and there are two or more;
+    in a labelled dataset's layout (``train/<class>/``, ``val/<class>/``, ``test/<class>/``) the second level."""
     parts = [os.path.relpath(p, folder).split(os.sep) for p in paths]
-    if any(len(q) < 2 for q in parts):
+    level = 1 if {q[0] for q in parts} <= set(SPLIT_FOLDERS) else 0  # split folders are not classes
+    if any(len(q) < level + 2 for q in parts):
         return None
-    classes = sorted({q[0] for q in parts})
+    classes = sorted({q[level] for q in parts})
     if len(classes) < 2:
         return None
     index = {c: i for i, c in enumerate(classes)}
-    return classes, [index[q[0]] for q in parts]
+    return classes, [index[q[level]] for q in parts]
 
 
 def save_embeddings(folder: str, embeddings: torch.Tensor, paths: list[str], meta: dict, dtype: str = "float32",
