@@ -79,6 +79,16 @@ def test_vit_backbones_take_global_and_local_crop_sizes():
     assert torch.isfinite(m.step(m.view_policy(torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)))["dino_loss"])
 
 
+def test_pictures_of_multi_crop_views_show_each_crop_size():
+    """DINO's global and local crops differ in size; `pictures` (and PicturesCallback) stacked them into one batch
+    and died with a size mismatch."""
+    from ssl_toolkit.eval import view_pictures
+
+    pics = view_pictures(tiny(), torch.randint(0, 256, (3, 3, 20, 20), dtype=torch.uint8))
+    assert {k: tuple(v.shape) for k, v in pics.items()} == {"views_16x16": (6, 3, 16, 16), "views_8x8": (6, 3, 8, 8)}
+    assert all(v.min() >= 0 and v.max() <= 1 for v in pics.values())
+
+
 def test_schedules_and_frozen_last_layer_in_training():
     m = tiny(warmup_teacher_temp=0.02, teacher_temp=0.06, warmup_teacher_temp_epochs=1, momentum=0.9,
              freeze_last_layer_epochs=1, optim=OptimConfig("adamw", lr=1e-3, warmup_epochs=0))

@@ -38,7 +38,12 @@ def view_pictures(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
                                                                              g * tiles.shape[-1])}
         if hasattr(model, "pictures"):  # methods that make images: inpainting, colorization
             return model.pictures(views)
-        return {"views": denormalize(torch.cat(views.crops), c.mean, c.std)}
+        by_size: dict[tuple[int, int], list[torch.Tensor]] = {}  # multi-crop (DINO): a grid per crop size
+        for crop in views.crops:
+            by_size.setdefault(tuple(crop.shape[-2:]), []).append(crop)
+        if len(by_size) == 1:
+            return {"views": denormalize(torch.cat(views.crops), c.mean, c.std)}
+        return {f"views_{h}x{w}": denormalize(torch.cat(crops), c.mean, c.std) for (h, w), crops in by_size.items()}
 
 
 class PicturesCallback(pl.Callback):
