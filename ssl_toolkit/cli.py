@@ -110,6 +110,7 @@ def _did_you_mean(message: str) -> list[str]:
 def pretrain(args: list[str]):
     """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer."""
     from jsonargparse import ArgumentError
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.cli import LightningCLI
 
     from ssl_toolkit.checkpoint import check_resume, save_final_checkpoint
@@ -134,6 +135,9 @@ def pretrain(args: list[str]):
                 "plugins": [{"class_path": "ssl_toolkit.checkpoint.AtomicCheckpointIO"}]})
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
+    except MisconfigurationException as e:  # Lightning: trainer settings this machine cannot run (no GPU, ...)
+        raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
+                          "(--trainer.accelerator auto runs on whatever this machine has).") from None
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
         check_resume(ckpt_path, cli.model)
@@ -222,7 +226,17 @@ def _use_precision(args) -> None:
 
 
 def _device(args) -> torch.device:
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA GPU(s) visible "
+                         f"to torch (CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); use "
+                         "--device cpu, or auto to take a GPU when there is one.")
+    return device
 
 
 def _info(args, ckpt: dict, dm, device: torch.device) -> dict:

@@ -129,6 +129,21 @@ def test_eval_commands_refuse_bad_checkpoints_and_data(tmp_path, capsys):
     assert "No checkpoint at" in capsys.readouterr().err
 
 
+def test_a_device_or_accelerator_this_machine_lacks_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # as on a CPU-only machine, wherever this runs
+    assert main(["knn", "--ckpt", str(tmp_path / "x.ckpt"), "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "--device cuda: this machine has 0 CUDA GPU(s)" in err and "Traceback" not in err, err
+    assert main(["embed", "--ckpt", "x.ckpt", "--images", ".", "--out", "e", "--device", "gpu"]) == 1
+    assert "--device 'gpu' is not a device; use auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # Lightning's own check, which the patch above does not reach
+        monkeypatch.chdir(tmp_path)
+        assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.accelerator",
+                     "gpu"]) == 1
+        err = capsys.readouterr().err
+        assert "No supported gpu backend found" in err and "Check trainer.accelerator" in err, err
+
+
 def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1",
