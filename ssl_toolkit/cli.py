@@ -548,6 +548,8 @@ def search(args: list[str]) -> None:
     p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
     _add_on_corrupt(p)
     a = p.parse_args(args)
+    if a.k < 1:
+        raise ValueError(f"-k is the number of neighbours per query; it needs to be >= 1, got {a.k}.")
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
                                 "--embeddings FOLDER")

@@ -213,6 +213,8 @@ def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str,
 
 def embedding_map(embeddings: np.ndarray, method: str = "tsne", seed: int = 0) -> np.ndarray:
     """``(N, 2)`` coordinates of the embeddings: scikit-learn's t-SNE (cosine) or PCA."""
+    if len(embeddings) < 3:
+        raise ValueError(f"A 2-D map needs at least 3 embeddings; the folder has {len(embeddings)}. Embed more images.")
     if method == "pca":
         from sklearn.decomposition import PCA
 
