@@ -183,6 +183,13 @@ def resolve_data(spec: str | None, ckpt: dict):
     return dm
 
 
+def _count(text: str) -> int:
+    """argparse type of sizes and counts (batch size, k, epochs, IVF cells): a whole number >= 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"needs a whole number >= 1; got {text!r}")
+    return int(text)
+
+
 def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True) -> argparse.ArgumentParser:
     """A subcommand's parser with the options most commands share: --ckpt and --device."""
     p = argparse.ArgumentParser(prog=f"ssl-toolkit {prog}", description=description)
@@ -197,7 +204,7 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = _parser(prog, description)
     p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
-    p.add_argument("--batch-size", type=int, default=512, help="images per forward pass during feature extraction")
+    p.add_argument("--batch-size", type=_count, default=512, help="images per forward pass during feature extraction")
     _add_precision(p)
     p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json, or "
                                  "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented); "
@@ -299,15 +306,15 @@ def knn(args: list[str]) -> None:
 
     p = _eval_parser("knn", "Weighted kNN top-1 (cosine, weights exp(s/T)) of a checkpoint's frozen encoder. Several "
                             "k and T are a sweep on the same features and one search.")
-    p.add_argument("--k", type=int, nargs="+", default=[20, 200], help="neighbours (default: 20 200)")
+    p.add_argument("--k", type=_count, nargs="+", default=[20, 200], help="neighbours (default: 20 200)")
     p.add_argument("--temperature", type=float, nargs="+", default=[0.07],
                    help="vote temperature(s) T (default 0.07); the first is the one reported as top1")
     p.add_argument("--backend", default="auto", choices=["auto", "faiss", "torch"], help="search backend")
     p.add_argument("--fp16", action="store_true", help="keep the features in half precision (half the memory)")
     p.add_argument("--index", default="flat", choices=["flat", "ivf"], help="FAISS index: flat (exact, default) or "
                    "ivf (approximate; its neighbour recall against exact is reported)")
-    p.add_argument("--nlist", type=int, help="IVF cells (default sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=8, help="IVF cells searched per query (default 8)")
+    p.add_argument("--nlist", type=_count, help="IVF cells (default sqrt(N))")
+    p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     a = p.parse_args(args)
     _use_precision(a)
     train, test, num_classes, info = _features(a)
@@ -350,7 +357,7 @@ def probe(args: list[str]) -> None:
     p = _eval_parser("probe", "Linear probe on cached frozen features of a checkpoint's encoder. Several --lr or "
                               "--weight-decay values train one head per pair at once and choose on a validation "
                               "split of train.")
-    p.add_argument("--epochs", type=int, default=100, help="epochs over the cached features (default 100)")
+    p.add_argument("--epochs", type=_count, default=100, help="epochs over the cached features (default 100)")
     p.add_argument("--lr", type=float, nargs="+", default=[0.1],
                    help="SGD learning rate(s) on standardised features (default 0.1)")
     p.add_argument("--weight-decay", type=float, nargs="+", default=[0.0], help="L2 penalty (default 0)")
@@ -398,7 +405,7 @@ def retrieval(args: list[str]) -> None:
     from ssl_toolkit.eval import retrieval_recall
 
     p = _eval_parser("retrieval", "Image->text and text->image recall@K of a CLIP checkpoint on held-out captions.")
-    p.add_argument("--k", type=int, nargs="+", default=[1, 5, 10], help="K of recall@K (default: 1 5 10)")
+    p.add_argument("--k", type=_count, nargs="+", default=[1, 5, 10], help="K of recall@K (default: 1 5 10)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="images to search (default: test)")
     a = p.parse_args(args)
     _use_precision(a)
@@ -440,7 +447,7 @@ def pictures(args: list[str]) -> None:
     p = _eval_parser("pictures", "Write PNG grids of a checkpoint's training views (jigsaw puzzles, rotations, masked "
                                  "inputs) and, for the context encoder and colorization, their inpainting and "
                                  "colours of test images.")
-    p.add_argument("--num", type=int, default=16, help="test images to show (default 16)")
+    p.add_argument("--num", type=_count, default=16, help="test images to show (default 16)")
     a = p.parse_args(args)
     _use_precision(a)
     device = _device(a)
@@ -482,7 +489,7 @@ def embed(args: list[str]) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision")
     _add_on_corrupt(p)
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass")
+    p.add_argument("--batch-size", type=_count, default=256, help="images per forward pass")
     _add_precision(p)
     a = p.parse_args(args)
     _use_precision(a)
@@ -510,8 +517,8 @@ def index(args: list[str]) -> None:
                          "leave-one-out recall@k and mAP.", ckpt=False, device=False)
     p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
     p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
-    p.add_argument("--nlist", type=int, help="IVF cells (default: sqrt(N))")
-    p.add_argument("--nprobe", type=int, default=8, help="IVF cells searched per query (default 8)")
+    p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N))")
+    p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss)")
     a = p.parse_args(args)
     emb, paths, meta = load_embeddings(a.embeddings)
@@ -543,13 +550,11 @@ def search(args: list[str]) -> None:
                           "scores and writes a gallery.", ckpt=False)
     p.add_argument("--index", required=True, help="index file written by `ssl-toolkit index`")
     p.add_argument("--query", required=True, help="an image, or a folder of query images")
-    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("-k", type=_count, default=10, help="neighbours per query (default 10)")
     p.add_argument("--ckpt", help="checkpoint to embed the queries (default: the one the index was built from)")
     p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
     _add_on_corrupt(p)
     a = p.parse_args(args)
-    if a.k < 1:
-        raise ValueError(f"-k is the number of neighbours per query; it needs to be >= 1, got {a.k}.")
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
                                 "--embeddings FOLDER")

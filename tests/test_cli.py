@@ -127,6 +127,10 @@ def test_eval_commands_refuse_bad_checkpoints_and_data(tmp_path, capsys):
     assert "could not be read" in capsys.readouterr().err
     assert main(["probe", "--ckpt", str(tmp_path / "missing.ckpt")]) == 1
     assert "No checkpoint at" in capsys.readouterr().err
+    for flag in ("--batch-size", "--epochs"):  # were range()'s "arg 3 must not be zero" and torch's split_size error
+        with pytest.raises(SystemExit):
+            main(["probe", "--ckpt", str(tmp_path / "x.ckpt"), flag, "0"])
+        assert f"argument {flag}: needs a whole number >= 1; got '0'" in capsys.readouterr().err
 
 
 def test_a_device_or_accelerator_this_machine_lacks_is_an_error_not_a_traceback(tmp_path, monkeypatch, capsys):
