@@ -134,13 +134,13 @@ class ViT(nn.Module):
         self.vit = torchvision.models.VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim,
                                                         mlp_dim=4 * hidden_dim)
         self.vit.heads = nn.Identity()
-        self.patch_size, self.grid = patch_size, image_size // patch_size  # the trained grid of G x G patches
+        self.patch_size = patch_size
 
     def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
         """``(1, 1 + gh*gw, D)`` embeddings, the patch part bicubically resized from the trained grid."""
         pos = self.vit.encoder.pos_embedding  # (1, 1 + G*G, D)
         cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
-        g = self.grid  # a Python int: read from the tensor's shape, jit.trace made it a tensor round() refused
+        g = self.vit.image_size // self.patch_size  # ints, not the tensor's shape: jit.trace makes that a tensor
         if (grid_h, grid_w) == (g, g):
             return pos
         grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, G, G)

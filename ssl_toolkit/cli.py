@@ -378,8 +378,8 @@ def probe(args: list[str]) -> None:
                                      tuple(a.scale), a.flip_p)
         print(f"linear probe (augmented) on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
         _write(a, "probe-augmented", {**info, "protocol": "augmented", "epochs": a.epochs, "lr": a.lr[0],
-                            "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
-                            "train_seconds": round(time.perf_counter() - start, 3), **acc})
+                                      "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
+                                      "train_seconds": round(time.perf_counter() - start, 3), **acc})
         return
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()

@@ -170,9 +170,10 @@ class NpzDataModule(InMemoryDataModule):
                 raise ValueError(f"{self.path}: {k} is empty; it needs one label per image.")
         given = [str(c) for c in arrays["classes"]] if "classes" in arrays else None
         if any(v.dtype.kind in "US" for v in y.values()):
-            classes = given or sorted(set().union(*(map(str, v) for v in y.values())))
+            names = set().union(*(map(str, v) for v in y.values()))
+            classes = given or sorted(names)
             number = {c: i for i, c in enumerate(classes)}
-            unknown = sorted(set().union(*(map(str, v) for v in y.values())) - set(number))
+            unknown = sorted(names - set(number))
             if unknown:
                 raise ValueError(f"{self.path}: labels {unknown[:5]} are not among the {len(classes)} names in "
                                  "`classes`; add them there or leave `classes` out (then the names are sorted).")
@@ -347,13 +348,14 @@ class ImageFolderDataModule(InMemoryDataModule):
         if not root.is_dir():
             raise FileNotFoundError(f"Image folder {os.path.abspath(self.root)!r} does not exist. Set data.root to a "
                                     "folder of images (unlabelled) or with train/<class>/* and val/<class>/* images.")
+        train_dir = root / SPLIT_FOLDERS[0]
         eval_dir = next((root / d for d in SPLIT_FOLDERS[1:] if (root / d).is_dir()), None)
-        if not (root / "train").is_dir() and eval_dir is None:
+        if not train_dir.is_dir() and eval_dir is None:
             return self._unlabelled(root)
-        if not (root / "train").is_dir() or eval_dir is None:
+        if not train_dir.is_dir() or eval_dir is None:
             raise FileNotFoundError(f"{root} needs train/ and val/ (or test/) subfolders, each with one folder per "
                                     f"class; found {sorted(p.name for p in root.iterdir())}. (A folder with neither "
                                     "is read as unlabelled images.)")
-        classes, x_train, y_train = self._decode_split(root / "train", None)
+        classes, x_train, y_train = self._decode_split(train_dir, None)
         _, x_test, y_test = self._decode_split(eval_dir, classes)
         return Splits(x_train, y_train, x_test, y_test, classes)
