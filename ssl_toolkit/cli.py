@@ -519,11 +519,12 @@ def index(args: list[str]) -> None:
     p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N))")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
-    p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss)")
+    p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
+                                 "so building both keeps both)")
     a = p.parse_args(args)
     emb, paths, meta = load_embeddings(a.embeddings)
     idx = build_index(emb, a.type, a.nlist, a.nprobe)
-    out = a.out or os.path.join(a.embeddings, "index.faiss")
+    out = a.out or os.path.join(a.embeddings, "index.faiss" if a.type == "flat" else "index-ivf.faiss")
     faiss.write_index(idx, out)
     info = {"embeddings": os.path.abspath(a.embeddings), "type": a.type, "count": len(paths), "dim": meta["dim"],
             "checkpoint": meta["checkpoint"], "fingerprint": meta["fingerprint"], "image_size": meta["image_size"]}

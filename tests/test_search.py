@@ -109,9 +109,11 @@ def test_ivf_index_reports_its_recall_against_exact(gallery, tmp_path, capsys):
     assert main(["embed", "--ckpt", ckpt, "--images", str(root / "images"), "--out", str(tmp_path / "e"),
                  "--dtype", "float16"]) == 0
     assert np.load(tmp_path / "e" / "embeddings.npy").dtype == np.float16
+    assert main(["index", "--embeddings", str(tmp_path / "e")]) == 0
     assert main(["index", "--embeddings", str(tmp_path / "e"), "--type", "ivf", "--nlist", "4", "--nprobe", "4"]) == 0
-    info = json.loads((tmp_path / "e" / "index.faiss.json").read_text())
+    info = json.loads((tmp_path / "e" / "index-ivf.faiss.json").read_text())
     assert info["recall_at_10_vs_exact"] == pytest.approx(1.0)  # every cell probed: exact
+    assert json.loads((tmp_path / "e" / "index.faiss.json").read_text())["type"] == "flat"  # the exact one is kept
     assert main(["index", "--embeddings", str(tmp_path / "e"), "--type", "ivf", "--nlist", "9", "--nprobe", "1",
                  "--out", str(tmp_path / "i1.faiss")]) == 0
     low = json.loads((tmp_path / "i1.faiss.json").read_text())["recall_at_10_vs_exact"]
