@@ -4,10 +4,14 @@ import contextlib
 import importlib
 import os
 import pickle
+import signal
+import sys
 import tempfile
+import threading
 import zipfile
 
 import torch
+from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ssl_toolkit.backbones import Encoder, build_backbone
@@ -149,6 +153,23 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise
 
 
+def save_last(trainer, always: bool = False) -> str | None:
+    """Write the current state to ``last.ckpt`` in the folder of the run's ModelCheckpoint and return its path.
+
+    Nothing is written when the last save already holds this step. Without ``always`` only a ModelCheckpoint
+    with ``save_last`` gets one. Returns None when the run has no ModelCheckpoint folder to write to.
+    """
+    ckpt = trainer.checkpoint_callback
+    if ckpt is None or getattr(ckpt, "dirpath", None) is None or not (always or ckpt.save_last):
+        return None
+    if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and ckpt.last_model_path:
+        return ckpt.last_model_path
+    path = os.path.join(ckpt.dirpath, ckpt.CHECKPOINT_NAME_LAST + ckpt.FILE_EXTENSION)
+    trainer.save_checkpoint(path, weights_only=False)  # optimizer and loops too: a resumable checkpoint
+    ckpt.last_model_path = path
+    return path
+
+
 def save_final_checkpoint(trainer) -> None:
     """Write ``last.ckpt`` with the final state when the run ended between two scheduled saves.
 
@@ -156,11 +177,74 @@ def save_final_checkpoint(trainer) -> None:
     of a CIFAR-10 run on an H100); this makes ``last.ckpt`` of a finished run its end state all the same. Call
     it on every rank after ``fit``; an interrupted run keeps its last scheduled checkpoint.
     """
-    ckpt = trainer.checkpoint_callback
-    if ckpt is None or not ckpt.save_last or ckpt.dirpath is None or trainer.interrupted:
-        return
-    if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and ckpt.last_model_path:
-        return  # the scheduled save already holds the end state
-    path = os.path.join(ckpt.dirpath, ckpt.CHECKPOINT_NAME_LAST + ckpt.FILE_EXTENSION)
-    trainer.save_checkpoint(path)
-    ckpt.last_model_path = path
+    if not trainer.interrupted:
+        save_last(trainer)
+
+
+class RunStopped(Exception):
+    """A run stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; the message says how to resume."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal: 130, 143
+
+
+class StopAndSave(Callback):
+    """Ctrl-C or SIGTERM ends a run after the current step, with a checkpoint it resumes from exactly.
+
+    Left to itself, Lightning stops on Ctrl-C at once, possibly mid-step, and on SIGTERM only when the epoch ends,
+    and neither writes a checkpoint: a recipe that saves every 500 steps loses up to 500. With this callback the
+    step in progress finishes, ``last.ckpt`` gets the state after it (weights, optimizer, random states, the
+    position in the epoch) and the run ends with :class:`RunStopped`, whose message names the file to pass to
+    ``--ckpt_path``. A second Ctrl-C stops at once, without saving. ``ssl-toolkit pretrain`` adds it to every run.
+
+    One process only: under DDP the ranks would see the signal at different steps, so Lightning's own handling
+    applies there (SLURM's requeue signal saves and requeues).
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its signal handlers
+        self.signum = None
+        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.signum is not None:  # the second Ctrl-C: stop now, as without this callback
+            self._restore()
+            raise KeyboardInterrupt
+        self.signum = signum
+        print("\nCtrl-C: stopping after this step and saving a checkpoint to resume from "
+              "(Ctrl-C again stops at once, without saving).", file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _stop_if_asked(self, trainer) -> None:
+        if self.signum is None and trainer.world_size == 1 and trainer.received_sigterm:
+            self.signum = signal.SIGTERM
+        if self.signum is None:
+            return
+        self._restore()
+        path = save_last(trainer, always=True)
+        name = "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
+        where = (f"Saved {path}; resume with the same recipe and overrides and --ckpt_path {path}" if path else
+                 "The run has no ModelCheckpoint, so nothing was saved")
+        raise RunStopped(f"{name}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}. {where}.",
+                         self.signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._stop_if_asked(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_if_asked(trainer)  # a signal during the epoch-end evaluations
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def teardown(self, trainer, pl_module, stage) -> None:
+        self._restore()

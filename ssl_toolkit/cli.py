@@ -113,7 +113,7 @@ def pretrain(args: list[str]):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.cli import LightningCLI
 
-    from ssl_toolkit.checkpoint import check_resume, save_final_checkpoint
+    from ssl_toolkit.checkpoint import StopAndSave, check_resume, save_final_checkpoint
     from ssl_toolkit.data import InMemoryDataModule
     from ssl_toolkit.methods import BaseSSLModule
 
@@ -132,7 +132,8 @@ def pretrain(args: list[str]):
                            "exit_on_error": False},
             trainer_defaults={"default_root_dir": "runs", "logger": {
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
-                "plugins": [{"class_path": "ssl_toolkit.checkpoint.AtomicCheckpointIO"}]})
+                "plugins": [{"class_path": "ssl_toolkit.checkpoint.AtomicCheckpointIO"}],
+                "callbacks": [StopAndSave()]})  # appended to the recipe's callbacks
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
     except MisconfigurationException as e:  # Lightning: trainer settings this machine cannot run (no GPU, ...)
@@ -620,11 +621,14 @@ def main(argv: list[str] | None = None) -> int:
     if cmd is None:
         print(f"ssl-toolkit: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
-    from ssl_toolkit.checkpoint import CheckpointError
+    from ssl_toolkit.checkpoint import CheckpointError, RunStopped
     from ssl_toolkit.methods import NonFiniteLossError
 
     try:
         contextvars.copy_context().run(cmd, argv[1:])  # settings a command makes (eval precision) end with it
+    except RunStopped as e:
+        print(f"ssl-toolkit {argv[0]}: {e}", file=sys.stderr)
+        return e.exit_code
     except (CheckpointError, ConfigError, FileNotFoundError, ImportError, KeyError, NonFiniteLossError,
             ValueError) as e:
         if os.environ.get("SSL_TOOLKIT_DEBUG"):

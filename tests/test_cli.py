@@ -208,25 +208,28 @@ def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
     assert written and all(p.endswith(".ckpt") for p in written) and (tmp_path / written[-1]).exists()
 
 
-def test_pretrain_resumes_with_ckpt_path_exactly_and_refuses_another_models_checkpoint(tmp_path, monkeypatch, capsys):
-    """`--ckpt_path` is what the README and the non-finite-loss error tell a user to resume with."""
+def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_models_is_refused(
+        tmp_path, monkeypatch, capsys):
+    """`--ckpt_path` is what the README, Ctrl-C and the non-finite-loss error tell a user to resume with."""
+    import os
+    import signal
+
     from ssl_toolkit.methods import SimCLR
 
-    class Killed(Exception):
-        pass
-
-    def killed_in_epoch_3(self, batch, batch_idx):
-        if self.trainer.global_step == 20:  # 9 steps an epoch; last.ckpt holds the end of epoch 2
-            raise Killed
+    def ctrl_c_in_epoch_3(self, batch, batch_idx):
+        if self.trainer.global_step == 20:  # 9 steps an epoch; the scheduled last.ckpt holds the end of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.chdir(tmp_path)
     quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "3"]
     runs = tmp_path / "runs" / "quickstart"
-    with monkeypatch.context() as m, pytest.raises(Killed):
-        m.setattr(SimCLR, "on_train_batch_start", killed_in_epoch_3, raising=False)
-        main(quick)  # version_0: the process dies in epoch 3
+    with monkeypatch.context() as m:
+        m.setattr(SimCLR, "on_train_batch_start", ctrl_c_in_epoch_3, raising=False)
+        assert main(quick) == 130  # version_0: Ctrl-C in epoch 3; the step in progress finishes
     stopped = str(runs / "version_0" / "checkpoints" / "last.ckpt")
-    assert torch.load(stopped, weights_only=True)["global_step"] == 18
+    assert f"Ctrl-C: stopped at epoch 2, step 21. Saved {os.path.relpath(stopped)}" in capsys.readouterr().err
+    assert torch.load(stopped, weights_only=True)["global_step"] == 21  # mid-epoch: 3 of epoch 3's 9 steps
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
     assert main([*quick, "--ckpt_path", stopped]) == 0  # version_1: resumed
     assert main(quick) == 0  # version_2: in one go
     resumed, whole = (torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)

@@ -292,6 +292,37 @@ def test_resuming_from_the_last_checkpoint_gives_the_uninterrupted_weights(metho
         assert torch.equal(a, b), k  # weights, EMA teacher/key encoder, MoCo queue and pointer, DINO center
 
 
+@pytest.mark.parametrize("signals", ["SIGTERM", "Ctrl-C twice"])
+def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl_c_at_once(signals, tmp_path):
+    """The first Ctrl-C is in the CLI's resume test; Lightning alone would run on to the epoch's end on SIGTERM."""
+    import os
+    import signal
+
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    from ssl_toolkit.checkpoint import RunStopped, StopAndSave
+
+    class Send(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:  # during the third step of five
+                for s in [signal.SIGTERM] if signals == "SIGTERM" else [signal.SIGINT, signal.SIGINT]:
+                    os.kill(os.getpid(), s)
+
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
+                         callbacks=[Send(), StopAndSave(), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+    last = tmp_path / "last.ckpt"
+    if signals == "SIGTERM":
+        with pytest.raises(RunStopped, match=f"SIGTERM: stopped at epoch 0, step 3. Saved {last}") as stop:
+            trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
+        assert stop.value.exit_code == 143 and torch.load(last, weights_only=True)["global_step"] == 3
+    else:
+        with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt exit, in the middle of the step
+            trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
+        assert not last.exists()  # nothing saved: the first epoch's save was two steps away
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
