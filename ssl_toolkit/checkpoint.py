@@ -192,59 +192,68 @@ class RunStopped(Exception):
 class StopAndSave(Callback):
     """Ctrl-C or SIGTERM ends a run after the current step, with a checkpoint it resumes from exactly.
 
-    Left to itself, Lightning stops on Ctrl-C at once, possibly mid-step, and on SIGTERM only when the epoch ends,
-    and neither writes a checkpoint: a recipe that saves every 500 steps loses up to 500. With this callback the
-    step in progress finishes, ``last.ckpt`` gets the state after it (weights, optimizer, random states, the
-    position in the epoch) and the run ends with :class:`RunStopped`, whose message names the file to pass to
-    ``--ckpt_path``. A second Ctrl-C stops at once, without saving. ``ssl-toolkit pretrain`` adds it to every run.
+    Left to itself, Lightning stops on Ctrl-C at once, possibly mid-step, and on SIGTERM after the batch in
+    progress (in the middle of accumulating gradients too), and neither writes a checkpoint: a recipe that saves
+    every 500 steps loses up to 500. With this callback the optimizer step in progress finishes, ``last.ckpt``
+    gets the state after it (weights, optimizer, random states, the position in the epoch) and the run ends with
+    :class:`RunStopped`, whose message names the file to pass to ``--ckpt_path``. A second Ctrl-C stops at once,
+    without saving. ``ssl-toolkit pretrain`` adds it to every run.
 
-    One process only: under DDP the ranks would see the signal at different steps, so Lightning's own handling
+    One process only: under DDP the ranks would see a signal at different steps, so Lightning's own handling
     applies there (SLURM's requeue signal saves and requeues).
     """
 
+    SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
     def __init__(self):
         self.signum: int | None = None
-        self._previous = None
+        self._previous: dict = {}
+        self._step_at_start = 0
 
-    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its signal handlers
+    def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its own signal handlers
         self.signum = None
         if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
 
-    def _on_sigint(self, signum, frame) -> None:
-        if self.signum is not None:  # the second Ctrl-C: stop now, as without this callback
-            self._restore()
-            raise KeyboardInterrupt
+    def _on_signal(self, signum, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:  # the second Ctrl-C: stop now, as without this callback
+                self._restore()
+                raise KeyboardInterrupt
+            return
         self.signum = signum
-        print("\nCtrl-C: stopping after this step and saving a checkpoint to resume from "
-              "(Ctrl-C again stops at once, without saving).", file=sys.stderr, flush=True)
+        again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
+        print(f"\n{self.SIGNALS[signum]}: stopping after this step and saving a checkpoint to resume from{again}.",
+              file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        self._previous = {}
 
     def _stop_if_asked(self, trainer) -> None:
-        if self.signum is None and trainer.world_size == 1 and trainer.received_sigterm:
-            self.signum = signal.SIGTERM
         if self.signum is None:
             return
         self._restore()
         path = save_last(trainer, always=True)
-        name = "Ctrl-C" if self.signum == signal.SIGINT else signal.Signals(self.signum).name
         where = (f"Saved {path}; resume with the same recipe and overrides and --ckpt_path {path}" if path else
                  "The run has no ModelCheckpoint, so nothing was saved")
-        raise RunStopped(f"{name}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}. {where}.",
-                         self.signum)
+        raise RunStopped(f"{self.SIGNALS[self.signum]}: stopped at epoch {trainer.current_epoch}, step "
+                         f"{trainer.global_step}. {where}.", self.signum)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_start = trainer.global_step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._stop_if_asked(trainer)
+        if trainer.global_step > self._step_at_start:  # not in the middle of accumulating gradients
+            self._stop_if_asked(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_if_asked(trainer)  # a signal during the epoch-end evaluations
 
-    def on_exception(self, trainer, pl_module, exception) -> None:
+    # Put the handlers back before Lightning restores its own, which it does after these hooks.
+    def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
 
-    def teardown(self, trainer, pl_module, stage) -> None:
+    def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()

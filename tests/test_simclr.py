@@ -292,7 +292,7 @@ def test_resuming_from_the_last_checkpoint_gives_the_uninterrupted_weights(metho
         assert torch.equal(a, b), k  # weights, EMA teacher/key encoder, MoCo queue and pointer, DINO center
 
 
-@pytest.mark.parametrize("signals", ["SIGTERM", "Ctrl-C twice"])
+@pytest.mark.parametrize("signals", ["SIGTERM", "SIGTERM while accumulating", "Ctrl-C twice"])
 def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl_c_at_once(signals, tmp_path):
     """The first Ctrl-C is in the CLI's resume test; Lightning alone would run on to the epoch's end on SIGTERM."""
     import os
@@ -302,25 +302,38 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl
 
     from ssl_toolkit.checkpoint import RunStopped, StopAndSave
 
+    accumulate = 2 if "accumulating" in signals else 1
+
     class Send(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if trainer.global_step == 2:  # during the third step of five
-                for s in [signal.SIGTERM] if signals == "SIGTERM" else [signal.SIGINT, signal.SIGINT]:
+            if batch_idx == 2 and trainer.current_epoch == 0:  # the third batch: step 3, or step 2's first half
+                for s in [signal.SIGTERM] if "SIGTERM" in signals else [signal.SIGINT, signal.SIGINT]:
                     os.kill(os.getpid(), s)
 
-    trainer = pl.Trainer(max_epochs=2, limit_train_batches=5, accelerator="cpu", logger=False, enable_progress_bar=False,
-                         enable_model_summary=False,
-                         callbacks=[Send(), StopAndSave(), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
-    last = tmp_path / "last.ckpt"
-    if signals == "SIGTERM":
-        with pytest.raises(RunStopped, match=f"SIGTERM: stopped at epoch 0, step 3. Saved {last}") as stop:
-            trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
-        assert stop.value.exit_code == 143 and torch.load(last, weights_only=True)["global_step"] == 3
-    else:
+    def fit(folder, callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny()
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=6, accumulate_grad_batches=accumulate,
+                             accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[*callbacks, StopAndSave(), ModelCheckpoint(dirpath=folder, save_last=True)])
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32), ckpt_path=ckpt_path)
+        return model
+
+    last = tmp_path / "b" / "last.ckpt"
+    if signals == "Ctrl-C twice":
         with pytest.raises(SystemExit):  # Lightning's KeyboardInterrupt exit, in the middle of the step
-            trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
-        assert not last.exists()  # nothing saved: the first epoch's save was two steps away
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            fit(tmp_path / "b", [Send()])
+        assert not last.exists()  # nothing saved: the first epoch's save was three steps away
+    else:
+        step = 3 if accumulate == 1 else 2  # after the step in progress (both halves of it when accumulating)
+        with pytest.raises(RunStopped, match=f"SIGTERM: stopped at epoch 0, step {step}. Saved {last}") as stop:
+            fit(tmp_path / "b", [Send()])
+        assert stop.value.exit_code == 143 and torch.load(last, weights_only=True)["global_step"] == step
+        straight, resumed = fit(tmp_path / "a"), fit(tmp_path / "c", ckpt_path=str(last))
+        for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+            assert torch.equal(a, b), k
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # both handlers as they were
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
