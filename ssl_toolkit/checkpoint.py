@@ -124,6 +124,25 @@ def datamodule_from_checkpoint(ckpt: dict):
     return import_class(cls_path)(**kwargs)
 
 
+def keep_stopped_epoch_open(checkpoint: dict, trainer) -> None:
+    """Record an epoch that ``trainer.should_stop`` cut short (``max_time``, early stopping) as unfinished.
+
+    Lightning runs the epoch-end hooks of such an epoch, and a checkpoint written there or after says the epoch
+    ended, so a resumed run would start the next epoch while the data order (saved by the DataModule) still
+    holds the rest of this one: the run came out an epoch short. Marking the epoch as not yet processed makes
+    Lightning resume in the middle of it, as from a checkpoint saved between two steps, with the batches left.
+    """
+    loop = trainer.fit_loop
+    batches = loop.epoch_loop.batch_progress.current.ready
+    if not (loop.epoch_loop.done and loop.epoch_progress.current.processed == loop.epoch_progress.current.ready
+            and batches < trainer.num_training_batches):
+        return  # between two steps, or after an epoch that ran to its end
+    saved = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_progress")
+    if saved is not None:
+        for counts in (saved["total"], saved["current"]):
+            counts["processed"] -= 1  # epoch-end hooks not yet run: a resume continues the epoch
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoint writes that a killed process cannot leave half-done, on any local file system.
 

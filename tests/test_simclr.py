@@ -336,6 +336,34 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(tmp_path):
+    """trainer.should_stop mid-epoch (max_time, early stopping): Lightning's epoch-end save used to mark the epoch
+    done while the data order still held its remaining batches, so the resumed run trained an epoch short."""
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    class OutOfTime(Callback):  # what Timer does when max_time is up
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch == 1 and batch_idx == 2:
+                trainer.should_stop = True
+
+    def fit(folder, callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        model = tiny()
+        trainer = pl.Trainer(max_epochs=3, limit_train_batches=5, accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[*callbacks, ModelCheckpoint(dirpath=folder, save_last=True)])
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32), ckpt_path=ckpt_path)
+        return model, trainer
+
+    fit(tmp_path / "b", [OutOfTime()])
+    last = str(tmp_path / "b" / "last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 8  # 5 + 3 of epoch 1's 5 batches
+    (straight, a), (resumed, b) = fit(tmp_path / "a"), fit(tmp_path / "c", ckpt_path=last)
+    assert b.global_step == a.global_step == 15
+    for (k, x), y in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(x, y), k
+
+
 def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 

@@ -276,7 +276,11 @@ class BaseSSLModule(pl.LightningModule):
                 self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        from ssl_toolkit.checkpoint import keep_stopped_epoch_open
+
         self.check_finite()  # never write weights a non-finite loss has touched
+        if self._trainer is not None:
+            keep_stopped_epoch_open(checkpoint, self._trainer)
         dm = self.attached_datamodule
         checkpoint["ssl_toolkit"] = {
             "format": CHECKPOINT_FORMAT,
