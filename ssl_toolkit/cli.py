@@ -107,6 +107,27 @@ def _did_you_mean(message: str) -> list[str]:
     return [f"Did you mean {' or '.join(repr(c) for c in close)}?"] if close else []
 
 
+def _log_to_resumed_run(config) -> None:
+    """Point the TensorBoard logger of a run resumed from ``<save_dir>/<name>/version_N/checkpoints/*.ckpt`` at
+    that ``version_N``: one run in TensorBoard whose steps go on, and its checkpoints (``last.ckpt`` included)
+    go on in the folder it resumed from, so a chain of jobs resumes from one path. A logger given its own
+    version, another folder or a checkpoint from elsewhere are left as they are."""
+    path, logger = config.get("ckpt_path"), config.get("trainer", {}).get("logger")
+    if not path or "://" in path or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        return
+    args = logger.init_args
+    folder = os.path.dirname(os.path.abspath(path))
+    run = os.path.dirname(folder)
+    if (args.get("version") is not None or os.path.basename(folder) != "checkpoints"
+            or os.path.abspath(os.path.join(args.get("save_dir") or ".", args.get("name") or "")) != os.path.dirname(run)):
+        return
+    name = os.path.basename(run)
+    args.version = int(name.removeprefix("version_")) if re.fullmatch(r"version_\d+", name) else name
+    # ModelCheckpoint's warning about a folder with checkpoints in it: this run's own, as expected.
+    warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {os.path.relpath(folder)}") + "|"
+                            + re.escape(f"Checkpoint directory {folder}"))
+
+
 def pretrain(args: list[str]):
     """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer."""
     from jsonargparse import ArgumentError
@@ -121,7 +142,11 @@ def pretrain(args: list[str]):
         def add_arguments_to_parser(self, parser):  # run=False leaves out fit's own --ckpt_path; resuming needs it
             parser.add_argument("--ckpt_path", type=str | None, default=None, help=(
                 "resume from this checkpoint of an earlier run of the same recipe (e.g. its last.ckpt): weights, "
-                "optimizer, schedules, random states and the position in the epoch, so the run goes on exactly"))
+                "optimizer, schedules, random states and the position in the epoch, so the run goes on exactly, "
+                "logging to the same run folder"))
+
+        def before_instantiate_classes(self):
+            _log_to_resumed_run(self.config)
 
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
     try:

@@ -230,13 +230,15 @@ def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_mo
     assert f"Ctrl-C: stopped at epoch 2, step 21. Saved {os.path.relpath(stopped)}" in capsys.readouterr().err
     assert torch.load(stopped, weights_only=True)["global_step"] == 21  # mid-epoch: 3 of epoch 3's 9 steps
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C is Python's again
-    assert main([*quick, "--ckpt_path", stopped]) == 0  # version_1: resumed
-    assert main(quick) == 0  # version_2: in one go
+    assert main([*quick, "--ckpt_path", stopped]) == 0  # resumed: it goes on in version_0
+    assert main(quick) == 0  # version_1: in one go
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert len(list((runs / "version_0").glob("events.out.tfevents.*"))) == 2  # one TensorBoard run, both parts
     resumed, whole = (torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)
-                      for v in ("version_1", "version_2"))
+                      for v in ("version_0", "version_1"))
     assert resumed["global_step"] == whole["global_step"] > 0
     assert all(torch.equal(resumed["state_dict"][k], t) for k, t in whole["state_dict"].items())
-    knn = [json.loads((runs / v / "knn.json").read_text()) for v in ("version_1", "version_2")]
+    knn = [json.loads((runs / v / "knn.json").read_text()) for v in ("version_0", "version_1")]
     assert knn[0] == knn[1]  # the random-init baseline too: carried over, not measured on the resumed weights
     capsys.readouterr()
 
