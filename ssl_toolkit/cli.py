@@ -128,6 +128,19 @@ def _log_to_resumed_run(config) -> None:
                             + re.escape(f"Checkpoint directory {folder}"))
 
 
+def _remove_unused_run_folder(folder: str) -> None:
+    """Remove the run folder of a run that failed before its first step (data not found, bad images, Ctrl-C
+    while decoding): Lightning makes it, with an empty TensorBoard file and the config, before the data is
+    loaded, and the next run would be numbered after it. Kept when it holds anything else."""
+    import shutil
+
+    made = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml")
+    for _, folders, files in os.walk(folder):
+        if folders or not all(made.fullmatch(f) for f in files):
+            return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def pretrain(args: list[str]):
     """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer."""
     from jsonargparse import ArgumentError
@@ -168,7 +181,14 @@ def pretrain(args: list[str]):
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
         check_resume(ckpt_path, cli.model)
     start = time.perf_counter()
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    log_dir = cli.trainer.log_dir if cli.trainer.logger is not None else None
+    new_folder = log_dir is not None and not os.path.exists(log_dir)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    except BaseException:
+        if new_folder and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
+            _remove_unused_run_folder(log_dir)
+        raise
     save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback
     if cli.trainer.is_global_zero:

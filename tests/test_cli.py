@@ -148,6 +148,14 @@ def test_a_device_or_accelerator_this_machine_lacks_is_an_error_not_a_traceback(
         assert "No supported gpu backend found" in err and "Check trainer.accelerator" in err, err
 
 
+def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    bad = ["--data", "ssl_toolkit.data.NpzDataModule", "--data.path", "nope.npz"]
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *bad]) == 1
+    assert "No .npz file at" in capsys.readouterr().err
+    assert list((tmp_path / "runs" / "quickstart").iterdir()) == []  # was version_0 with an empty TensorBoard file
+
+
 def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     code = main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "1",
@@ -155,6 +163,7 @@ def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code == 1 and "the training loss is not finite at step" in err and "Lower optim.lr" in err, err
     assert "Traceback" not in err
+    assert (tmp_path / "runs" / "quickstart" / "version_0" / "config.yaml").exists()  # it had trained: kept
 
 
 def test_pretrain_on_your_own_image_folder_labelled_or_not(tmp_path, monkeypatch, capsys):
