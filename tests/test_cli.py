@@ -312,9 +312,11 @@ def test_multi_gpu_scripts_give_valid_pretrain_flags(script, tmp_path, monkeypat
 def test_pretrain_runs_under_ddp_with_two_cpu_processes(tmp_path):
     proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
                    "--trainer.strategy", "ddp", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-                   cwd=tmp_path)
+                   cwd=tmp_path, warnings=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "MEMBER: 2/2" in proc.stderr + proc.stdout  # two processes joined one process group (gloo on CPU)
+    assert "kNN top-1" in proc.stdout
+    assert "sync_dist=True" not in proc.stderr  # Lightning's warning on the kNN monitor's epoch-level metrics
     from ssl_toolkit.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(str(tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"))

@@ -86,7 +86,9 @@ class PeriodicEvaluation(pl.Callback):
         if self.off or not is_due(trainer, self.every_n_epochs):
             return
         self.results["trained"] = result = self.evaluate(trainer, pl_module)
-        pl_module.log_dict(self.metrics(result), prog_bar=False)
+        # Every rank scores the whole evaluation set, so the mean over ranks is the same number; syncing it
+        # (one all-reduce an evaluation) is what Lightning asks for epoch-level metrics under DDP.
+        pl_module.log_dict(self.metrics(result), prog_bar=False, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         # trainer.log_dir is a broadcast under DDP: every rank reads it before rank 0 alone goes on
