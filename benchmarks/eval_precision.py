@@ -20,7 +20,7 @@ import time
 import torch
 
 from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
-from ssl_toolkit.cli import resolve_data
+from ssl_toolkit.cli import checkpoint_info, resolve_data
 from ssl_toolkit.eval import extract_features, knn_sweep
 from ssl_toolkit.eval.features import eval_precision
 from throughput import environment
@@ -49,8 +49,7 @@ def main() -> None:
     ckpt = load_checkpoint(path)
     encoder = encoder_from_checkpoint(ckpt)
     dm = resolve_data(a.data, ckpt)
-    record = {**environment(device), "checkpoint": os.path.abspath(path), "method": ckpt["ssl_toolkit"]["method"],
-              "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name}
+    record = {**environment(device), **checkpoint_info(path, ckpt, dm)}
     feats = {}
     for precision in ("fp32", "bf16"):
         start = time.perf_counter()

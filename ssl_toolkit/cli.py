@@ -292,10 +292,14 @@ def _device(args) -> torch.device:
     return device
 
 
+def checkpoint_info(path: str, ckpt: dict, dm) -> dict:
+    """What a result JSON says of what was scored: the checkpoint, its method and backbone, and the dataset."""
+    return {"checkpoint": os.path.abspath(path), "method": ckpt["ssl_toolkit"]["method"],
+            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name}
+
+
 def _info(args, ckpt: dict, dm, device: torch.device) -> dict:
-    return {"checkpoint": os.path.abspath(args.ckpt), "method": ckpt["ssl_toolkit"]["method"],
-            "backbone": ckpt["hyper_parameters"]["backbone"]["name"], "dataset": dm.name, "device": str(device),
-            "precision": args.precision}
+    return {**checkpoint_info(args.ckpt, ckpt, dm), "device": str(device), "precision": args.precision}
 
 
 def _encoder_and_data(args):
