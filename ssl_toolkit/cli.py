@@ -678,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunStopped as e:
         print(f"ssl-toolkit {argv[0]}: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in an evaluation or search command: nothing half-written to report
+        print(f"\nssl-toolkit {argv[0]}: interrupted (Ctrl-C).", file=sys.stderr)
+        return 130
     except (CheckpointError, ConfigError, FileNotFoundError, ImportError, KeyError, NonFiniteLossError,
             ValueError) as e:
         if os.environ.get("SSL_TOOLKIT_DEBUG"):

@@ -121,6 +121,17 @@ def test_help_lists_options_and_commands(capsys):
     assert main(["nonsense"]) == 2
 
 
+def test_ctrl_c_in_a_command_is_a_one_line_exit_130_not_a_traceback(monkeypatch, capsys):
+    from ssl_toolkit import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "knn", interrupted)
+    assert main(["knn", "--ckpt", "RUN.ckpt"]) == 130
+    assert capsys.readouterr().err.strip() == "ssl-toolkit knn: interrupted (Ctrl-C)."
+
+
 def test_eval_commands_refuse_bad_checkpoints_and_data(tmp_path, capsys):
     (tmp_path / "x.ckpt").write_bytes(b"garbage")
     assert main(["knn", "--ckpt", str(tmp_path / "x.ckpt")]) == 1
