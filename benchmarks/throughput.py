@@ -81,8 +81,8 @@ def add_cifar_argument(p: argparse.ArgumentParser) -> None:
 
 
 def environment(device: torch.device) -> dict:
-    import kornia
-    import pytorch_lightning
+    """What a result file records of where it was measured: commit, device and library versions."""
+    from ssl_toolkit.cli import versions
 
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -91,12 +91,8 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.CalledProcessError):  # a copy without .git (a GPU machine): the caller names it
         commit, dirty = os.environ.get("BENCH_COMMIT", "unknown"), None
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    from ssl_toolkit.eval.knn import faiss
-
     return {"commit": commit, "uncommitted_changes": dirty, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": name,
-            "python": platform.python_version(), "torch": torch.__version__, "kornia": kornia.__version__,
-            "pytorch_lightning": pytorch_lightning.__version__, "cuda": torch.version.cuda,
-            "faiss": getattr(faiss, "__version__", None), "cpu_count": os.cpu_count()}
+            **versions(), "cpu_count": os.cpu_count()}
 
 
 class PeerViews(torch.utils.data.Dataset):

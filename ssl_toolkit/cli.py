@@ -26,8 +26,40 @@ commands:
   search     nearest images of a query, with a gallery:  ssl-toolkit search --index emb/index.faiss --query IMG
   map        2-D map of embeddings (PNG) and TensorBoard projector:  ssl-toolkit map --embeddings emb/
 
-Run `ssl-toolkit COMMAND --help` for the options of each command.
+Run `ssl-toolkit COMMAND --help` for the options of each command; `ssl-toolkit --version` for the versions
+(ssl-toolkit and the libraries it runs on) to put in a bug report.
 """
+
+
+def versions() -> dict:
+    """The versions of ssl-toolkit, Python and the libraries it runs on: what a bug report or a benchmark result
+    needs to be reproduced (``faiss_gpu``: whether the installed faiss is a GPU build)."""
+    import platform
+
+    import kornia
+    import pytorch_lightning
+    import torchvision
+
+    from ssl_toolkit import __version__
+    from ssl_toolkit.eval.knn import faiss
+
+    return {"ssl_toolkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda, "torchvision": torchvision.__version__,
+            "pytorch_lightning": pytorch_lightning.__version__, "kornia": kornia.__version__,
+            "faiss": getattr(faiss, "__version__", None), "faiss_gpu": hasattr(faiss, "StandardGpuResources")}
+
+
+def print_versions() -> None:
+    v = versions()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    print(f"ssl-toolkit {v['ssl_toolkit']}\n"
+          f"python {v['python']}\n"
+          f"torch {v['torch']} (CUDA {v['cuda'] or 'none: a CPU build'}; {gpus} GPU(s) visible)\n"
+          f"torchvision {v['torchvision']}\n"
+          f"pytorch-lightning {v['pytorch_lightning']}\n"
+          f"kornia {v['kornia']}\n"
+          f"faiss {v['faiss'] or 'not installed'}" + (" (GPU build)" if v["faiss_gpu"] else " (CPU build)"
+                                                      if v["faiss"] else ""))
 
 
 class ConfigError(ValueError):
@@ -665,6 +697,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print_versions()
         return 0
     cmd = COMMANDS.get(argv[0])
     if cmd is None:

@@ -119,6 +119,12 @@ def test_help_lists_options_and_commands(capsys):
         main(["pretrain", "--help"])
     assert e.value.code == 0 and "--trainer.max_epochs" in capsys.readouterr().out
     assert main(["nonsense"]) == 2
+    import kornia
+
+    assert main(["--version"]) == 0  # was "unknown command"; the lines a bug report needs
+    out = capsys.readouterr().out
+    assert out.startswith("ssl-toolkit 0.1.0\n") and f"torch {torch.__version__} (" in out
+    assert f"kornia {kornia.__version__}\n" in out and "faiss " in out, out
 
 
 def test_ctrl_c_in_a_command_is_a_one_line_exit_130_not_a_traceback(monkeypatch, capsys):
