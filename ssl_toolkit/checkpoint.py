@@ -176,10 +176,12 @@ def save_last(trainer, always: bool = False) -> str | None:
     """Write the current state to ``last.ckpt`` in the folder of the run's ModelCheckpoint and return its path.
 
     Nothing is written when the last save already holds this step. Without ``always`` only a ModelCheckpoint
-    with ``save_last`` gets one. Returns None when the run has no ModelCheckpoint folder to write to.
+    with ``save_last`` gets one. Returns None when the run has no ModelCheckpoint folder to write to, and under
+    ``fast_dev_run``, which writes no checkpoints (its folder may hold a real run's ``last.ckpt``).
     """
     ckpt = trainer.checkpoint_callback
-    if ckpt is None or getattr(ckpt, "dirpath", None) is None or not (always or ckpt.save_last):
+    if (ckpt is None or getattr(ckpt, "dirpath", None) is None or not (always or ckpt.save_last)
+            or trainer.fast_dev_run):
         return None
     if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and ckpt.last_model_path:
         return ckpt.last_model_path
@@ -209,17 +211,21 @@ class RunStopped(Exception):
 
 
 class StopAndSave(Callback):
-    """Ctrl-C or SIGTERM ends a run after the current step, with a checkpoint it resumes from exactly.
+    """Ctrl-C, SIGTERM or SLURM's requeue signal ends a run after the current step, with a checkpoint it resumes
+    from exactly.
 
     Left to itself, Lightning stops on Ctrl-C at once, possibly mid-step, and on SIGTERM after the batch in
     progress (in the middle of accumulating gradients too), and neither writes a checkpoint: a recipe that saves
-    every 500 steps loses up to 500. With this callback the optimizer step in progress finishes, ``last.ckpt``
-    gets the state after it (weights, optimizer, random states, the position in the epoch) and the run ends with
-    :class:`RunStopped`, whose message names the file to pass to ``--ckpt_path``. A second Ctrl-C stops at once,
-    without saving. ``ssl-toolkit pretrain`` adds it to every run.
+    every 500 steps loses up to 500. On SLURM's requeue signal (``#SBATCH --signal=SIGUSR1@90``) it saves at
+    whatever point the signal arrives, mid-step included, and trains on until SLURM kills the job: the requeued
+    job resumed a step short. With this callback the optimizer step in progress finishes, then ``last.ckpt`` gets
+    the state after it (weights, optimizer, random states, the position in the epoch), or, for the requeue
+    signal, Lightning's own handler saves its ``hpc_ckpt_N.ckpt`` and requeues the job; the run ends with
+    :class:`RunStopped`, whose message says how it resumes. A second Ctrl-C stops at once, without saving.
+    ``ssl-toolkit pretrain`` adds it to every run.
 
     One process only: under DDP the ranks would see a signal at different steps, so Lightning's own handling
-    applies there (SLURM's requeue signal saves and requeues).
+    applies there.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -227,12 +233,21 @@ class StopAndSave(Callback):
     def __init__(self):
         self.signum: int | None = None
         self._previous: dict = {}
+        self._names = dict(self.SIGNALS)
+        self._requeue = None
         self._step_at_start = 0
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its own signal handlers
+        from lightning_fabric.plugins.environments import SLURMEnvironment
+
         self.signum = None
-        if trainer.world_size == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._on_signal) for s in self.SIGNALS}
+        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+            return
+        env = trainer._accelerator_connector.cluster_environment  # where Lightning's signal connector looks
+        self._requeue = (env.requeue_signal if isinstance(env, SLURMEnvironment) and env.auto_requeue
+                         and callable(signal.getsignal(env.requeue_signal)) else None)  # Lightning's handler is set
+        self._names = {**self.SIGNALS, **({self._requeue: "SLURM's requeue signal"} if self._requeue else {})}
+        self._previous = {s: signal.signal(s, self._on_signal) for s in self._names}
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:
@@ -242,8 +257,8 @@ class StopAndSave(Callback):
             return
         self.signum = signum
         again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
-        print(f"\n{self.SIGNALS[signum]}: stopping after this step and saving a checkpoint to resume from{again}.",
-              file=sys.stderr, flush=True)
+        what = "requeueing the job" if signum == self._requeue else "saving a checkpoint to resume from"
+        print(f"\n{self._names[signum]}: stopping after this step and {what}{again}.", file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():
@@ -253,12 +268,18 @@ class StopAndSave(Callback):
     def _stop_if_asked(self, trainer) -> None:
         if self.signum is None:
             return
+        lightning = self._previous.get(self.signum)
         self._restore()
+        at = f"{self._names[self.signum]}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}."
+        if self.signum == self._requeue:
+            lightning(self.signum, None)  # Lightning's: default_root_dir/hpc_ckpt_N.ckpt, then `scontrol requeue`
+            raise RunStopped(f"{at} Saved a checkpoint in {trainer.default_root_dir} and requeued the job, which "
+                             "resumes from it.", self.signum)
         path = save_last(trainer, always=True)
         where = (f"Saved {path}; resume with the same recipe and overrides and --ckpt_path {path}" if path else
+                 "Nothing was saved: fast_dev_run writes no checkpoints" if trainer.fast_dev_run else
                  "The run has no ModelCheckpoint, so nothing was saved")
-        raise RunStopped(f"{self.SIGNALS[self.signum]}: stopped at epoch {trainer.current_epoch}, step "
-                         f"{trainer.global_step}. {where}.", self.signum)
+        raise RunStopped(f"{at} {where}.", self.signum)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_start = trainer.global_step

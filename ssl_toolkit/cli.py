@@ -140,24 +140,85 @@ def _did_you_mean(message: str) -> list[str]:
 
 
 def _log_to_resumed_run(config) -> None:
-    """Point the TensorBoard logger of a run resumed from ``<save_dir>/<name>/version_N/checkpoints/*.ckpt`` at
-    that ``version_N``: one run in TensorBoard whose steps go on, and its checkpoints (``last.ckpt`` included)
-    go on in the folder it resumed from, so a chain of jobs resumes from one path. A logger given its own
-    version, another folder or a checkpoint from elsewhere are left as they are."""
+    """Point the TensorBoard logger of a run resumed from a checkpoint of ``<save_dir>/<name>/version_N`` (one in
+    its ``checkpoints/`` folder, or a SLURM requeue checkpoint, which records its run folder) at that
+    ``version_N``: one run in TensorBoard whose steps go on, and its checkpoints (``last.ckpt`` included) go on in
+    the folder it resumed from, so a chain of jobs resumes from one path. A logger given its own version, another
+    folder or a checkpoint from elsewhere are left as they are."""
     path, logger = config.get("ckpt_path"), config.get("trainer", {}).get("logger")
     if not path or "://" in path or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
         return
     args = logger.init_args
     folder = os.path.dirname(os.path.abspath(path))
-    run = os.path.dirname(folder)
-    if (args.get("version") is not None or os.path.basename(folder) != "checkpoints"
+    if os.path.basename(folder) == "checkpoints":
+        run = os.path.dirname(folder)
+    else:
+        from ssl_toolkit.checkpoint import load_checkpoint
+
+        run = load_checkpoint(path)["ssl_toolkit"].get("run_folder")
+    if (run is None or args.get("version") is not None
             or os.path.abspath(os.path.join(args.get("save_dir") or ".", args.get("name") or "")) != os.path.dirname(run)):
         return
     name = os.path.basename(run)
     args.version = int(name.removeprefix("version_")) if re.fullmatch(r"version_\d+", name) else name
     # ModelCheckpoint's warning about a folder with checkpoints in it: this run's own, as expected.
+    folder = os.path.join(run, "checkpoints")
     warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {os.path.relpath(folder)}") + "|"
                             + re.escape(f"Checkpoint directory {folder}"))
+
+
+def _slurm_job() -> str | None:
+    """This SLURM job's id (``JOB_TASK`` for an array task) when Lightning runs under SLURM, else None. A job that
+    SLURM requeues keeps its id."""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect():
+        return None
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
+
+
+def _resume_requeued_slurm_job(config) -> str | None:
+    """Keep SLURM's requeue checkpoints to the job that wrote them, and resume the requeued job from its own.
+
+    On the requeue signal Lightning writes ``default_root_dir/hpc_ckpt_N.ckpt``, and every later run under SLURM
+    with that ``default_root_dir`` (``runs`` for all recipes) resumed from it: another recipe's run, or a new run
+    of the same recipe, which went on silently from the old one. Each job now gets
+    ``default_root_dir/slurm-<job id>``; the requeued job finds its checkpoint there and resumes from it as from
+    ``--ckpt_path`` (the same checks, logging on in the same run folder), also when the job itself was started
+    with ``--ckpt_path`` (its own checkpoint is newer). Returns the line that says so.
+    """
+    trainer, job = config.get("trainer"), _slurm_job()
+    if trainer is None or job is None:
+        return None
+    folder = os.path.join(trainer.get("default_root_dir") or ".", f"slurm-{job}")
+    trainer.default_root_dir = folder
+    numbered = {int(m.group(1)): m.group(0) for m in (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f) for f in
+                                                      (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
+    if not numbered:
+        return None
+    config.ckpt_path = os.path.join(folder, numbered[max(numbered)])
+    return f"SLURM job {job} was requeued: resuming from {config.ckpt_path}"
+
+
+def _leave_out_checkpointing(config) -> str | None:
+    """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
+
+    ``--trainer.enable_checkpointing false``: Lightning refuses it next to a ModelCheckpoint, and every recipe has
+    one, so the flag could not be used. ``--trainer.fast_dev_run``: Lightning says it writes no checkpoints, but
+    its ModelCheckpoint still writes ``last.ckpt`` when training ends (Lightning 2.6), into a folder that may
+    hold a real run's (``default_root_dir/checkpoints`` when the logger is off). Returns the line to print once the
+    config is known to be valid (a config error stays the first line).
+    """
+    trainer = config.get("trainer") or {}
+    callbacks = trainer.get("callbacks") or []
+    why = ("trainer.enable_checkpointing is false" if trainer.get("enable_checkpointing") is False else
+           "fast_dev_run" if trainer.get("fast_dev_run") else None)
+    kept = [c for c in callbacks if not str(getattr(c, "class_path", "")).endswith(".ModelCheckpoint")]
+    if why and len(kept) < len(callbacks):
+        trainer.callbacks = kept
+        return f"{why}: the recipe's ModelCheckpoint is left out and this run writes no checkpoint."
+    return None
 
 
 def _remove_unused_run_folder(folder: str) -> None:
@@ -191,9 +252,13 @@ def pretrain(args: list[str]):
                 "logging to the same run folder"))
 
         def before_instantiate_classes(self):
+            # lines to print once the config has turned out valid, so that an error stays the first line
+            self.notes = [n for n in (_leave_out_checkpointing(self.config), _resume_requeued_slurm_job(self.config)) if n]
             _log_to_resumed_run(self.config)
 
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
+    # Lightning 2.6 calls a torch.utils._pytree API that newer torch deprecates, once per run: not the user's to fix.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
         cli = PretrainCLI(
             BaseSSLModule, InMemoryDataModule, subclass_mode_model=True, subclass_mode_data=True, args=args, run=False,
@@ -207,8 +272,12 @@ def pretrain(args: list[str]):
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
     except MisconfigurationException as e:  # Lightning: trainer settings this machine cannot run (no GPU, ...)
+        hardware = re.search(r"accelerator|device|gpu|cuda|mps|tpu|strategy|precision|node", str(e), re.I)
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
-                          "(--trainer.accelerator auto runs on whatever this machine has).") from None
+                          "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else
+                          f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
+    for note in cli.notes:
+        print(note, file=sys.stderr)
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
         check_resume(ckpt_path, cli.model)
@@ -227,6 +296,9 @@ def pretrain(args: list[str]):
         print(f"pretraining took {time.perf_counter() - start:.1f} s")
         if ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path):
             print(f"checkpoint: {ckpt.last_model_path or ckpt.best_model_path}")
+        else:
+            print("checkpoint: none (" + ("fast_dev_run writes none)" if cli.trainer.fast_dev_run else
+                                          "the run has no ModelCheckpoint)"))
     return cli.trainer
 
 

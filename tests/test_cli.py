@@ -165,6 +165,39 @@ def test_a_device_or_accelerator_this_machine_lacks_is_an_error_not_a_traceback(
         assert "No supported gpu backend found" in err and "Check trainer.accelerator" in err, err
 
 
+def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tmp_path, monkeypatch, capsys):
+    """fast_dev_run: Lightning 2.6's ModelCheckpoint wrote last.ckpt all the same, over the last.ckpt of a real run
+    in `runs/checkpoints/` (where runs without a logger keep theirs). enable_checkpointing false: refused next to
+    the ModelCheckpoint every recipe has, with a hint about accelerators."""
+    monkeypatch.chdir(tmp_path)
+    recipe = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "2",
+              "--trainer.callbacks", "[]"]
+    assert main([*recipe, "--trainer.logger", "false",
+                 "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.save_last=true"]) == 0
+    last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
+    before, files = last.read_bytes(), sorted(last.parent.iterdir())
+    capsys.readouterr()
+    assert main([*recipe, "--trainer.logger", "false", "--trainer.fast_dev_run", "1",
+                 "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
+                 "--trainer.callbacks.save_last=true"]) == 0
+    out = capsys.readouterr()
+    assert "fast_dev_run: the recipe's ModelCheckpoint is left out" in out.err
+    assert "checkpoint: none (fast_dev_run writes none)" in out.out, out.out
+    assert last.read_bytes() == before and sorted(last.parent.iterdir()) == files
+
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "2",
+                 "--trainer.enable_checkpointing", "false"]) == 0
+    out = capsys.readouterr()
+    assert "trainer.enable_checkpointing is false: the recipe's ModelCheckpoint is left out" in out.err, out.err
+    assert "checkpoint: none" in out.out and not list((tmp_path / "runs" / "quickstart").rglob("*.ckpt"))
+
+    assert main([*recipe, "--trainer.enable_progress_bar", "false",
+                 "--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar"]) == 1
+    err = capsys.readouterr().err
+    assert "`enable_progress_bar=False` but found `TQDMProgressBar`" in err and "trainer.accelerator" not in err, err
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     bad = ["--data", "ssl_toolkit.data.NpzDataModule", "--data.path", "nope.npz"]
@@ -275,6 +308,62 @@ def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_mo
     assert "does not fit this run's SimCLR" in err and "(16, 3, 3, 3) here (8, 3, 3, 3)" in err, err
     assert main([*quick, "--ckpt_path", str(tmp_path / "nope.ckpt")]) == 1
     assert "No checkpoint at" in capsys.readouterr().err
+
+
+def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_afresh(tmp_path, monkeypatch, capsys,
+                                                                                       caplog):
+    """SLURM's requeue signal (the sbatch recipe's SIGUSR1) makes Lightning save `hpc_ckpt_N.ckpt` in
+    default_root_dir and requeue the job. It was `runs/` for every recipe, so every later run under SLURM resumed
+    from it: a new job of the same recipe went on silently from the old run's weights, another recipe's run failed.
+    Lightning saved wherever the signal came, mid-step, and the requeued job ended a step short. Now each job keeps
+    its own (`runs/slurm-<id>/`), saved after the step; the requeued job logs on in its run folder, exactly."""
+    import os
+    import signal
+
+    from ssl_toolkit.methods import SimCLR
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for k, v in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "simclr", "SLURM_PROCID": "0",
+                 "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+
+    def requeue_signal_at_step_5(self, batch, batch_idx):
+        if self.trainer.global_step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends 90 s before the time limit
+
+    quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "2"]
+    runs = tmp_path / "runs" / "quickstart"
+    monkeypatch.setenv("SLURM_JOB_ID", "101")
+    with monkeypatch.context() as m:
+        m.setattr(SimCLR, "on_train_batch_start", requeue_signal_at_step_5, raising=False)
+        assert main(quick) == 128 + signal.SIGUSR1
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 101\n"
+    saved = tmp_path / "runs" / "slurm-101" / "hpc_ckpt_1.ckpt"
+    assert "SLURM's requeue signal: stopped at epoch 0, step 6. Saved a checkpoint in runs/slurm-101 and requeued" \
+        in capsys.readouterr().err
+    assert torch.load(saved, weights_only=True)["global_step"] == 6  # after the step the signal came in
+    assert signal.getsignal(signal.SIGUSR1) is not None
+
+    assert main(quick) == 0  # the requeued job: same id
+    err = capsys.readouterr().err
+    assert f"SLURM job 101 was requeued: resuming from {os.path.relpath(saved)}" in err, err
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0"]  # logging went on in its run folder
+
+    monkeypatch.setenv("SLURM_JOB_ID", "102")  # a new submission of the recipe: a new run from step 0
+    caplog.clear()
+    assert main(quick) == 0
+    assert "requeued" not in capsys.readouterr().err and "Restoring states" not in caplog.text
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    resumed, whole = (torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)
+                      for v in ("version_0", "version_1"))
+    assert resumed["global_step"] == whole["global_step"] == 18
+    assert all(torch.equal(resumed["state_dict"][k], t) for k, t in whole["state_dict"].items())
 
 
 def readme_pretrain_commands() -> list[list[str]]:

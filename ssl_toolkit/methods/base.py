@@ -6,6 +6,7 @@ logging of the loss dict, EMA updates of declared (online, target) pairs with a 
 schedule, channels_last, and the checkpoint metadata evaluators read.
 """
 
+import os
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -287,6 +288,9 @@ class BaseSSLModule(pl.LightningModule):
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
             "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}" if dm is not None else None,
             "rng": rng_states(),
+            # where the run logs: a checkpoint saved elsewhere (SLURM's requeue one) resumes logging there
+            "run_folder": (os.path.abspath(self._trainer.log_dir) if self._trainer is not None
+                           and self._trainer.logger is not None and self._trainer.log_dir else None),
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
