@@ -38,9 +38,10 @@ def load_checkpoint(path: str) -> dict:
     return ckpt
 
 
-def check_resume(path: str, model) -> None:
+def check_resume(path: str, model) -> dict:
     """Raise a CheckpointError unless the checkpoint at ``path`` is one that training ``model`` can resume from:
-    written by the same method, with every weight of the same name and shape (the same backbone and heads)."""
+    written by the same method, with every weight of the same name and shape (the same backbone and heads).
+    Returns the checkpoint."""
     ckpt = load_checkpoint(path)
     method = ckpt["ssl_toolkit"]["method"]
     here = f"{type(model).__module__}.{type(model).__qualname__}"
@@ -56,6 +57,7 @@ def check_resume(path: str, model) -> None:
         raise CheckpointError(f"{path} does not fit this run's {type(model).__name__}: {len(differ)} weights differ "
                               f"in name or shape ({shown}). The checkpoint's backbone is "
                               f"{ckpt['hyper_parameters'].get('backbone')}; resume with the settings that wrote it.")
+    return ckpt
 
 
 def load_backbone(ckpt: dict):

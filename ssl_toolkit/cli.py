@@ -2,6 +2,7 @@
 
 import argparse
 import contextvars
+import glob
 import json
 import os
 import re
@@ -167,6 +168,26 @@ def _log_to_resumed_run(config) -> None:
                             + re.escape(f"Checkpoint directory {folder}"))
 
 
+def _resolve_last(config) -> str | None:
+    """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
+    own version; ``default_root_dir/checkpoints`` without a logger), or a fresh start when there is none yet.
+    Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
+    if config.get("ckpt_path") != "last":
+        return None
+    trainer = config.get("trainer") or {}
+    logger = trainer.get("logger")
+    if str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        a, version = logger.init_args, logger.init_args.get("version")
+        run = "version_*" if version is None else f"version_{version}" if isinstance(version, int) else str(version)
+        pattern = os.path.join(a.get("save_dir") or ".", a.get("name") or "", run, "checkpoints", "last.ckpt")
+    else:
+        pattern = os.path.join(trainer.get("default_root_dir") or ".", "checkpoints", "last.ckpt")
+    found = glob.glob(glob.escape(pattern).replace("version_[*]", "version_*"))
+    config.ckpt_path = max(found, key=os.path.getmtime) if found else None
+    return (f"--ckpt_path last: resuming from {config.ckpt_path}" if found else
+            f"--ckpt_path last: no {pattern} yet, so this run starts afresh")
+
+
 def _slurm_job() -> str | None:
     """This SLURM job's id (``JOB_TASK`` for an array task) when Lightning runs under SLURM, else None. A job that
     SLURM requeues keeps its id."""
@@ -221,6 +242,29 @@ def _leave_out_checkpointing(config) -> str | None:
     return None
 
 
+def _time_left(ckpt: dict, path: str, trainer) -> str | None:
+    """``--trainer.max_time`` is the training time in all, resumed runs included: Lightning's Timer keeps the time
+    trained in the checkpoint. A resumed run whose checkpoint has used it all stopped after its first step, so a
+    chain of jobs each given the same max_time made no progress after the first. That is refused, with the time
+    trained; otherwise returns the line that says how much is left."""
+    import datetime
+
+    from pytorch_lightning.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or timer._duration is None:
+        return None
+    trained = ckpt.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
+    show = lambda t: str(datetime.timedelta(seconds=round(t)))  # noqa: E731
+    if trained >= timer._duration:
+        raise ConfigError(f"trainer.max_time {show(timer._duration)} is the training time in all, resumed runs "
+                          f"included, and {path} has trained {show(trained)} already. Raise --trainer.max_time to "
+                          "train on (to stop each job of a chain in time, let the scheduler's SIGTERM or SLURM's "
+                          "requeue signal end it; the README's \"Watching a run\" says how).")
+    return (f"trainer.max_time counts the checkpoint's {show(trained)} of training: this run stops after "
+            f"{show(timer._duration - trained)} more.")
+
+
 def _remove_unused_run_folder(folder: str) -> None:
     """Remove the run folder of a run that failed before its first step (data not found, bad images, Ctrl-C
     while decoding): Lightning makes it, with an empty TensorBoard file and the config, before the data is
@@ -249,11 +293,14 @@ def pretrain(args: list[str]):
             parser.add_argument("--ckpt_path", type=str | None, default=None, help=(
                 "resume from this checkpoint of an earlier run of the same recipe (e.g. its last.ckpt): weights, "
                 "optimizer, schedules, random states and the position in the epoch, so the run goes on exactly, "
-                "logging to the same run folder"))
+                "logging to the same run folder; `last`: the newest last.ckpt of this recipe's runs "
+                "(<save_dir>/<name>/version_*/checkpoints/), or a fresh start when there is none yet, so every job "
+                "of a chain can be the same command"))
 
         def before_instantiate_classes(self):
             # lines to print once the config has turned out valid, so that an error stays the first line
-            self.notes = [n for n in (_leave_out_checkpointing(self.config), _resume_requeued_slurm_job(self.config)) if n]
+            self.notes = [n for n in (_leave_out_checkpointing(self.config), _resolve_last(self.config),
+                                      _resume_requeued_slurm_job(self.config)) if n]
             _log_to_resumed_run(self.config)
 
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
@@ -280,7 +327,9 @@ def pretrain(args: list[str]):
         print(note, file=sys.stderr)
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
-        check_resume(ckpt_path, cli.model)
+        note = _time_left(check_resume(ckpt_path, cli.model), ckpt_path, cli.trainer)
+        if note and cli.trainer.is_global_zero:
+            print(note, file=sys.stderr)
     start = time.perf_counter()
     log_dir = cli.trainer.log_dir if cli.trainer.logger is not None else None
     new_folder = log_dir is not None and not os.path.exists(log_dir)

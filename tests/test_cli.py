@@ -310,6 +310,43 @@ def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_mo
     assert "No checkpoint at" in capsys.readouterr().err
 
 
+def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_run_while_max_time_lasts(tmp_path, monkeypatch, capsys):
+    """Every job of a chain can be the same command. Lightning's own `last` looked in the new run's empty folder
+    (version_N+1), and `--ckpt_path last` was refused as a missing file."""
+    import os
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--ckpt_path", "last"]
+    runs = tmp_path / "runs" / "quickstart"
+    assert main([*quick, "--trainer.max_epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "--ckpt_path last: no runs/quickstart/version_*/checkpoints/last.ckpt yet, so this run starts afresh" in err
+    (runs / "version_7" / "checkpoints").mkdir(parents=True)  # an older run with a higher number: not the newest
+    old = runs / "version_7" / "checkpoints" / "last.ckpt"
+    old.write_bytes((runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes())
+    os.utime(old, (time.time() - 3600,) * 2)
+    assert main([*quick, "--trainer.max_epochs", "2"]) == 0
+    last = os.path.relpath(runs / "version_0" / "checkpoints" / "last.ckpt")
+    assert f"--ckpt_path last: resuming from {last}" in capsys.readouterr().err
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_7"]  # it went on in version_0
+    assert torch.load(last, weights_only=True)["global_step"] == 18
+
+    # max_time is the time trained in all: a job given no more than the checkpoint's went on for one step before
+    spent = torch.load(last, weights_only=True)
+    spent["callbacks"]["Timer"] = {"time_elapsed": {"train": 7200.0}}  # as if two hours of a chain had run
+    torch.save(spent, tmp_path / "spent.ckpt")
+    assert main([*quick[:-1], str(tmp_path / "spent.ckpt"), "--trainer.max_epochs", "3", "--trainer.max_time",
+                 "00:02:00:00"]) == 1
+    err = capsys.readouterr().err
+    assert "trainer.max_time 2:00:00 is the training time in all, resumed runs included, and" in err, err
+    assert "has trained 2:00:00 already. Raise --trainer.max_time" in err
+    assert main([*quick, "--trainer.max_epochs", "3", "--trainer.max_time", "00:01:00:00"]) == 0
+    assert "trainer.max_time counts the checkpoint's 0:00:00 of training: this run stops after 1:00:00 more" \
+        in capsys.readouterr().err
+    assert torch.load(last, weights_only=True)["global_step"] == 27
+
+
 def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_afresh(tmp_path, monkeypatch, capsys,
                                                                                        caplog):
     """SLURM's requeue signal (the sbatch recipe's SIGUSR1) makes Lightning save `hpc_ckpt_N.ckpt` in
