@@ -323,7 +323,7 @@ def pretrain(args: list[str]):
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
                           "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else
                           f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
-    for note in cli.notes:
+    for note in cli.notes if cli.trainer.is_global_zero else []:
         print(note, file=sys.stderr)
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model

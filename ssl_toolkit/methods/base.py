@@ -283,14 +283,15 @@ class BaseSSLModule(pl.LightningModule):
         if self._trainer is not None:
             keep_stopped_epoch_open(checkpoint, self._trainer)
         dm = self.attached_datamodule
+        logger = self._trainer.logger if self._trainer is not None and self._trainer.is_global_zero else None
         checkpoint["ssl_toolkit"] = {
             "format": CHECKPOINT_FORMAT,
             "method": f"{type(self).__module__}.{type(self).__qualname__}",
             "datamodule": f"{type(dm).__module__}.{type(dm).__qualname__}" if dm is not None else None,
             "rng": rng_states(),
-            # where the run logs: a checkpoint saved elsewhere (SLURM's requeue one) resumes logging there
-            "run_folder": (os.path.abspath(self._trainer.log_dir) if self._trainer is not None
-                           and self._trainer.logger is not None and self._trainer.log_dir else None),
+            # where the run logs: a checkpoint saved elsewhere (SLURM's requeue one) resumes logging there. Rank 0's
+            # is the one written; the logger's own, not trainer.log_dir, which is a collective (a signal handler)
+            "run_folder": os.path.abspath(log_dir) if (log_dir := getattr(logger, "log_dir", None)) else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
