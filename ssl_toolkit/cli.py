@@ -170,7 +170,8 @@ def _log_to_resumed_run(config) -> None:
 
 def _resolve_last(config) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
-    own version; ``default_root_dir/checkpoints`` without a logger), or a fresh start when there is none yet.
+    own version; without a logger ``default_root_dir/checkpoints``, or ``default_root_dir/slurm-<job>/checkpoints``
+    of a SLURM job), or a fresh start when there is none yet.
     Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
     if config.get("ckpt_path") != "last":
         return None
@@ -178,11 +179,15 @@ def _resolve_last(config) -> str | None:
     logger = trainer.get("logger")
     if str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
         a, version = logger.init_args, logger.init_args.get("version")
-        run = "version_*" if version is None else f"version_{version}" if isinstance(version, int) else str(version)
-        pattern = os.path.join(a.get("save_dir") or ".", a.get("name") or "", run, "checkpoints", "last.ckpt")
-    else:
-        pattern = os.path.join(trainer.get("default_root_dir") or ".", "checkpoints", "last.ckpt")
-    found = glob.glob(glob.escape(pattern).replace("version_[*]", "version_*"))
+        base = os.path.join(a.get("save_dir") or ".", a.get("name") or "")
+        run = f"version_{version}" if isinstance(version, int) else version
+        shown = os.path.join(base, run or "version_*")
+        folders = [os.path.join(glob.escape(base), glob.escape(run) if run else "version_*")]
+    else:  # without a logger: default_root_dir, or a SLURM job's folder in it (see _resume_requeued_slurm_job)
+        shown = trainer.get("default_root_dir") or "."
+        folders = [glob.escape(shown), os.path.join(glob.escape(shown), "slurm-*")]
+    pattern = os.path.join(shown, "checkpoints", "last.ckpt")
+    found = [f for folder in folders for f in glob.glob(os.path.join(folder, "checkpoints", "last.ckpt"))]
     config.ckpt_path = max(found, key=os.path.getmtime) if found else None
     return (f"--ckpt_path last: resuming from {config.ckpt_path}" if found else
             f"--ckpt_path last: no {pattern} yet, so this run starts afresh")

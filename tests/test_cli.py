@@ -402,6 +402,16 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     assert resumed["global_step"] == whole["global_step"] == 18
     assert all(torch.equal(resumed["state_dict"][k], t) for k, t in whole["state_dict"].items())
 
+    # without a logger a job's checkpoints are in its own folder too; `--ckpt_path last` in the next job finds them
+    chain = [*quick, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--ckpt_path", "last"]
+    monkeypatch.setenv("SLURM_JOB_ID", "201")
+    assert main(chain) == 0
+    monkeypatch.setenv("SLURM_JOB_ID", "202")
+    capsys.readouterr()
+    assert main([*chain, "--trainer.max_epochs", "2"]) == 0
+    assert "--ckpt_path last: resuming from runs/slurm-201/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert torch.load("runs/slurm-202/checkpoints/last.ckpt", weights_only=True)["global_step"] == 18
+
 
 def readme_pretrain_commands() -> list[list[str]]:
     """The arguments after `pretrain` of every pretrain command in the README's bash blocks."""
