@@ -205,11 +205,12 @@ def save_final_checkpoint(trainer) -> None:
 
 
 class RunStopped(Exception):
-    """A run stopped on request (Ctrl-C, SIGTERM) after saving a checkpoint; the message says how to resume."""
+    """A run stopped on request (Ctrl-C, SIGTERM, SLURM's requeue signal) after saving a checkpoint; the message
+    says how it resumes."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal: 130, 143
+        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal: 130, 143, 138
 
 
 class StopAndSave(Callback):

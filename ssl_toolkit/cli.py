@@ -140,16 +140,26 @@ def _did_you_mean(message: str) -> list[str]:
     return [f"Did you mean {' or '.join(repr(c) for c in close)}?"] if close else []
 
 
+def _tensorboard_runs(config) -> tuple | None:
+    """The TensorBoard logger's init_args and the folder its ``version_N`` run folders go in,
+    ``<save_dir>/<name>``; None when the run has no TensorBoard logger."""
+    logger = (config.get("trainer") or {}).get("logger")
+    if not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+        return None
+    args = logger.init_args
+    return args, os.path.join(args.get("save_dir") or ".", args.get("name") or "")
+
+
 def _log_to_resumed_run(config) -> None:
     """Point the TensorBoard logger of a run resumed from a checkpoint of ``<save_dir>/<name>/version_N`` (one in
     its ``checkpoints/`` folder, or a SLURM requeue checkpoint, which records its run folder) at that
     ``version_N``: one run in TensorBoard whose steps go on, and its checkpoints (``last.ckpt`` included) go on in
     the folder it resumed from, so a chain of jobs resumes from one path. A logger given its own version, another
     folder or a checkpoint from elsewhere are left as they are."""
-    path, logger = config.get("ckpt_path"), config.get("trainer", {}).get("logger")
-    if not path or "://" in path or not str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
+    path, tensorboard = config.get("ckpt_path"), _tensorboard_runs(config)
+    if not path or "://" in path or tensorboard is None:
         return
-    args = logger.init_args
+    args, runs = tensorboard
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.basename(folder) == "checkpoints":
         run = os.path.dirname(folder)
@@ -157,8 +167,7 @@ def _log_to_resumed_run(config) -> None:
         from ssl_toolkit.checkpoint import load_checkpoint
 
         run = load_checkpoint(path)["ssl_toolkit"].get("run_folder")
-    if (run is None or args.get("version") is not None
-            or os.path.abspath(os.path.join(args.get("save_dir") or ".", args.get("name") or "")) != os.path.dirname(run)):
+    if run is None or args.get("version") is not None or os.path.abspath(runs) != os.path.dirname(run):
         return
     name = os.path.basename(run)
     args.version = int(name.removeprefix("version_")) if re.fullmatch(r"version_\d+", name) else name
@@ -175,11 +184,10 @@ def _resolve_last(config) -> str | None:
     Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
     if config.get("ckpt_path") != "last":
         return None
-    trainer = config.get("trainer") or {}
-    logger = trainer.get("logger")
-    if str(getattr(logger, "class_path", "")).endswith("TensorBoardLogger"):
-        a, version = logger.init_args, logger.init_args.get("version")
-        base = os.path.join(a.get("save_dir") or ".", a.get("name") or "")
+    trainer, tensorboard = config.get("trainer") or {}, _tensorboard_runs(config)
+    if tensorboard is not None:
+        args, base = tensorboard
+        version = args.get("version")
         run = f"version_{version}" if isinstance(version, int) else version
         shown = os.path.join(base, run or "version_*")
         folders = [os.path.join(glob.escape(base), glob.escape(run) if run else "version_*")]
