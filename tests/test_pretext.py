@@ -221,12 +221,14 @@ def test_adversarial_term_trains_each_player_with_its_own_loss():
 
 def test_inpainting_beats_random_init_on_digits():
     pl.seed_everything(0)
-    m = Inpainting(BackboneConfig("tiny_cnn", width=16), mask="central", decoder_width=64, optim=PRETEXT_OPTIM,
+    m = Inpainting(BackboneConfig("tiny_cnn", width=16), mask="random_region", decoder_width=64, optim=PRETEXT_OPTIM,
                    views=DIGITS_CROP)
-    init, trained = knn_before_and_after(m, epochs=10)
-    # Measured on 2 CPU cores (seed 0): 83.52% at random init -> 88.52% after 10 epochs (8 s); earlier: random_block
-    # 87.04%, random_region 88.89%, central with the adversarial term (0.001) 87.22%.
-    assert trained - init >= 4.0, (init, trained)
+    init, trained = knn_before_and_after(m, epochs=15)
+    # Measured on 2 CPU cores, 15 epochs (12 s), AMD EPYC with AVX-512: seeds 0-4 83.52 -> 92.04, 83.70 -> 90.19,
+    # 87.22 -> 91.30, 82.59 -> 91.11, 83.33 -> 90.19; random_block 89.63-91.48; seeds 0-2 with
+    # ATEN_CPU_CAPABILITY=default 91.67, 91.30, 91.85. The centre mask for 10 epochs, which this test used, gave
+    # +1.1 to +6.1 over seeds 0-4 and +3.89 at seed 0 on this CPU (+5.0 on earlier machines): too close to its margin.
+    assert trained - init >= 3.0 and trained >= 89.0, (init, trained)
 
 
 # ---- pictures ------------------------------------------------------------------------------------------------
