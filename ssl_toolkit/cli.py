@@ -299,6 +299,7 @@ def pretrain(args: list[str]):
 
     from ssl_toolkit.checkpoint import StopAndSave, check_resume, save_final_checkpoint
     from ssl_toolkit.data import InMemoryDataModule
+    from ssl_toolkit.distributed import end_process_group
     from ssl_toolkit.methods import BaseSSLModule
 
     class PretrainCLI(LightningCLI):
@@ -361,6 +362,7 @@ def pretrain(args: list[str]):
         else:
             print("checkpoint: none (" + ("fast_dev_run writes none)" if cli.trainer.fast_dev_run else
                                           "the run has no ModelCheckpoint)"))
+    end_process_group()  # DDP: every rank gets here once fit has ended
     return cli.trainer
 
 

@@ -14,6 +14,22 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def end_process_group() -> None:
+    """Destroy the default process group, on every rank, once a run has finished its last collective.
+
+    Lightning destroys it at exit for NCCL only. A gloo group (DDP on CPUs) left to interpreter shutdown keeps
+    gloo's worker threads, and the tensors of their last work, alive while Python tears down; one of them taking
+    the GIL then aborts the process now and then ("terminate called without an active exception", exit code -6,
+    after a run that had finished; pytorch/pytorch#38228). Destroying it first joins those threads while
+    Python is still whole. The barrier first keeps a rank from closing its connections while a peer still
+    finishes the last collective. No-op without a process group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_size() -> int:
     """Number of processes in the default group (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
