@@ -278,17 +278,32 @@ def _time_left(ckpt: dict, path: str, trainer) -> str | None:
             f"{show(timer._duration - trained)} more.")
 
 
-def _remove_unused_run_folder(folder: str) -> None:
+def _remove_unused_run_folder(folder: str, made: str | None = None) -> None:
     """Remove the run folder of a run that failed before its first step (data not found, bad images, Ctrl-C
     while decoding): Lightning makes it, with an empty TensorBoard file and the config, before the data is
-    loaded, and the next run would be numbered after it. Kept when it holds anything else."""
+    loaded, and the next run would be numbered after it. Kept when it holds anything else. ``made``: the topmost
+    of its parent folders that the run made (``runs/`` in a new directory); those are removed too once empty."""
     import shutil
 
-    made = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml")
+    made_files = re.compile(r"events\.out\.tfevents\..*|config\.yaml|hparams\.yaml")
     for _, folders, files in os.walk(folder):
-        if folders or not all(made.fullmatch(f) for f in files):
+        if folders or not all(made_files.fullmatch(f) for f in files):
             return
     shutil.rmtree(folder, ignore_errors=True)
+    while made is not None and folder != made:
+        folder = os.path.dirname(folder)
+        try:
+            os.rmdir(folder)  # only an empty one
+        except OSError:
+            return
+
+
+def _first_missing(path: str) -> str | None:
+    """The topmost folder of ``path``'s chain (``path`` included) that does not exist yet; None if it exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path):
+        path, missing = os.path.dirname(path), path
+    return missing
 
 
 def pretrain(args: list[str]):
@@ -345,13 +360,13 @@ def pretrain(args: list[str]):
         if note and cli.trainer.is_global_zero:
             print(note, file=sys.stderr)
     start = time.perf_counter()
-    log_dir = cli.trainer.log_dir if cli.trainer.logger is not None else None
-    new_folder = log_dir is not None and not os.path.exists(log_dir)
+    log_dir = cli.trainer.log_dir if cli.trainer.logger is not None else None  # None under fast_dev_run too
+    made = log_dir and _first_missing(log_dir)  # the run folder is new; made: with the parents it needs
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except BaseException:
-        if new_folder and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
-            _remove_unused_run_folder(log_dir)
+        if made and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
+            _remove_unused_run_folder(os.path.abspath(log_dir), made)
         raise
     save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback

@@ -204,7 +204,11 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, m
     bad = ["--data", "ssl_toolkit.data.NpzDataModule", "--data.path", "nope.npz"]
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *bad]) == 1
     assert "No .npz file at" in capsys.readouterr().err
-    assert list((tmp_path / "runs" / "quickstart").iterdir()) == []  # was version_0 with an empty TensorBoard file
+    # was runs/quickstart/version_0 with an empty TensorBoard file; runs/ and runs/quickstart/ were new too
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "runs" / "quickstart" / "version_0").mkdir(parents=True)  # an earlier run's folder is kept
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *bad]) == 1
+    assert [p.name for p in (tmp_path / "runs" / "quickstart").iterdir()] == ["version_0"]
 
 
 def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypatch, capsys):
