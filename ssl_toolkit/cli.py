@@ -299,8 +299,9 @@ def _remove_unused_run_folder(folder: str, made: str | None = None) -> None:
 
 
 def _first_missing(path: str) -> str | None:
-    """The topmost folder of ``path``'s chain (``path`` included) that does not exist yet; None if it exists."""
-    path, missing = os.path.abspath(path), None
+    """The topmost folder of the absolute ``path``'s chain (``path`` included) that does not exist yet; None if it
+    exists."""
+    missing = None
     while not os.path.exists(path):
         path, missing = os.path.dirname(path), path
     return missing
@@ -361,12 +362,13 @@ def pretrain(args: list[str]):
             print(note, file=sys.stderr)
     start = time.perf_counter()
     log_dir = cli.trainer.log_dir if cli.trainer.logger is not None else None  # None under fast_dev_run too
+    log_dir = log_dir and os.path.abspath(log_dir)
     made = log_dir and _first_missing(log_dir)  # the run folder is new; made: with the parents it needs
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     except BaseException:
         if made and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
-            _remove_unused_run_folder(os.path.abspath(log_dir), made)
+            _remove_unused_run_folder(log_dir, made)
         raise
     save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback

@@ -24,9 +24,9 @@ def end_process_group() -> None:
     Python is still whole. The barrier first keeps a rank from closing its connections while a peer still
     finishes the last collective. No-op without a process group.
     """
+    if is_distributed():
+        dist.barrier()
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
-            dist.barrier()
         dist.destroy_process_group()
 
 
