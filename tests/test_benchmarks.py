@@ -150,13 +150,13 @@ def test_recipe_steps_read_nothing_from_the_device_on_the_host(method, cifar_sma
     ``torch.tensor`` on the device), and kornia one more in MoCo's blur (the sigma check in ``gaussian_blur2d``)
     and in DINO's solarization (a float threshold copied to the device)."""
     step_audit = benchmark_script("step_audit")
-    data = small_cifar(cifar_small, tmp_path / "c.npz", n_train=256, n_test=64)
+    data = small_cifar(cifar_small, tmp_path / "c.npz", n_train=64, n_test=64)
     out = tmp_path / "audit.json"
     monkeypatch.setattr(sys, "argv", [
         "step_audit.py", "--recipe", os.path.join(ROOT, "recipes", method, "cifar10.yaml"),
         "--data", str(data), "--skip", "1", "--steps", "2", "--runs", str(tmp_path / "runs"),
         "--out", str(out), "--", "--trainer.accelerator", "cpu", "--model.init_args.backbone.name", "tiny_cnn",
-        "--data.batch_size", "32"])  # 8 steps an epoch: the window (steps 3-5) holds no epoch end and no log step
+        "--data.batch_size", "8"])  # 8 steps an epoch: the window (steps 3-5) holds no epoch end and no log step
     step_audit.main()
     record = json.loads(out.read_text())
     reads = record["host_reads_per_step"]
