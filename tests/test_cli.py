@@ -199,6 +199,37 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
     assert "`enable_progress_bar=False` but found `TQDMProgressBar`" in err and "trainer.accelerator" not in err, err
 
 
+def test_fast_dev_run_scores_the_evaluations_on_its_batches_only(cifar_small, tmp_path, monkeypatch, capsys):
+    """A recipe's smoke test (`--trainer.fast_dev_run`) ran its kNN on every image of both splits, before the
+    first step and after it: CIFAR-10 with resnet18 on 2 CPU cores was still extracting after 11 minutes. Under
+    fast_dev_run=N the evaluations read N batches of each split, as Lightning's own loops do."""
+    from ssl_toolkit.data import InMemoryDataModule
+
+    monkeypatch.chdir(tmp_path)
+    data = small_cifar(cifar_small, tmp_path / "c.npz", n_train=128, n_test=64)
+    read = {"train": 0, "test": 0}
+    iter_split = InMemoryDataModule.iter_split
+
+    def counted(self, split, batch_size=1024, device="cpu"):
+        for batch in iter_split(self, split, batch_size, device):
+            read[split] += len(batch[1])
+            yield batch
+
+    monkeypatch.setattr(InMemoryDataModule, "iter_split", counted)
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.fast_dev_run", "2",
+                 "--data", "ssl_toolkit.data.NpzDataModule", "--data.path", str(data), "--data.batch_size", "16",
+                 "--trainer.callbacks", "[]", "--trainer.callbacks+=ssl_toolkit.eval.KNNCallback",
+                 "--trainer.callbacks.batch_size=16", "--trainer.callbacks+=ssl_toolkit.eval.OnlineProbe",
+                 "--trainer.callbacks.batch_size=16"]) == 0
+    # kNN: 2 batches of 16 of each split at init and after training; the online probe: 2 test images to size
+    # itself, 2 batches of 16 after training. Without the limit: 256 train and 194 test images.
+    assert read == {"train": 2 * 2 * 16, "test": 2 * 2 * 16 + 2 + 2 * 16}, read
+    out = capsys.readouterr().out
+    assert out.count("(fast_dev_run: scored on the first 2 batch(es) of 16 images of each split, not a result)") == 2, \
+        out
+
+
+
 def test_a_run_that_fails_before_its_first_step_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     bad = ["--data", "ssl_toolkit.data.NpzDataModule", "--data.path", "nope.npz"]

@@ -14,7 +14,7 @@ from ssl_toolkit.backbones import BackboneConfig, TextConfig, TextTransformer
 from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint, method_from_checkpoint
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import CaptionDataModule, CaptionTokenizer, DigitsDataModule, NpzDataModule
-from ssl_toolkit.eval import RetrievalCallback, recall_at_k, zero_shot
+from ssl_toolkit.eval import RetrievalCallback, recall_at_k, retrieval_recall, zero_shot
 from ssl_toolkit.losses import clip_loss
 from ssl_toolkit.methods import CLIP, OptimConfig, SimCLR
 from ssl_toolkit.methods.clip import CLIP_VIEWS
@@ -232,6 +232,21 @@ def test_clip_beats_random_init_on_held_out_retrieval(trained_clip):
     for direction in ("i2t", "t2i"):
         assert trained[f"{direction}_r10"] - init[f"{direction}_r10"] >= 7.0, results
         assert trained[f"{direction}_r5"] - init[f"{direction}_r5"] >= 3.0, results
+
+
+def test_retrieval_on_its_first_batches_embeds_only_their_images_captions(trained_clip, monkeypatch):
+    """``max_batches`` (the callbacks under fast_dev_run): recall@K over the first batches' images and their
+    captions; the other images' captions are neither embedded nor counted."""
+    model, dm, results, _ = trained_clip
+    texts, text_image = dm.captions("test")
+    whole = retrieval_recall(model, dm, "test", "cpu", (1, 5, 10), batch_size=len(dm.splits.x_test), max_batches=1)
+    assert whole == pytest.approx(results["trained"], abs=0.01)  # one batch holds the whole split
+    embedded = []
+    embed_texts = model.embed_texts
+    monkeypatch.setattr(model, "embed_texts", lambda t: embedded.append(len(t)) or embed_texts(t))
+    first = retrieval_recall(model, dm, "test", "cpu", (1, 5, 10), batch_size=50, max_batches=1)
+    assert sum(embedded) == int((text_image < 50).sum()) < len(texts), (sum(embedded), len(texts))
+    assert first.keys() == whole.keys() and first != whole
 
 
 def _dog_or_person(dm, path):

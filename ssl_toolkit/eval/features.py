@@ -1,5 +1,6 @@
 """Frozen-feature extraction shared by the evaluators."""
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
@@ -80,16 +81,18 @@ def own_rng(seed: int, device: torch.device | str) -> Iterator[None]:
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, datamodule: InMemoryDataModule, split: str,
-                     device: torch.device | str = "cpu", batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+                     device: torch.device | str = "cpu", batch_size: int = 512,
+                     max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (in eval mode, no augmentation) over a split: ``(N, D)`` float32 features and labels.
 
     The encoder is moved to ``device`` (its normalisation buffers too) and its train/eval mode is restored
     afterwards. On CUDA the forward runs in bf16 autocast, unless :func:`eval_precision` says otherwise.
+    ``max_batches``: only the split's first this many batches (None: all of it).
     """
     encoder = encoder.to(device)
     feats, labels = [], []
     with evaluating(encoder, device):
-        for x, y in datamodule.iter_split(split, batch_size, device):
+        for x, y in itertools.islice(datamodule.iter_split(split, batch_size, device), max_batches):
             feats.append(encoder(x).float())
             labels.append(y)
     return torch.cat(feats), torch.cat(labels)

@@ -7,6 +7,7 @@ Zero-shot classification builds one classifier weight per class from prompts suc
 "a photo of a {}." (averaged over the prompt templates, Sec. 3.1.4) and picks the most similar class.
 """
 
+import itertools
 from collections.abc import Callable, Sequence
 
 import torch
@@ -100,19 +101,26 @@ def zero_shot_accuracy(image_emb: torch.Tensor, labels: torch.Tensor, class_weig
 
 @torch.no_grad()
 def embed_split(model, datamodule, split: str = "test", device: torch.device | str = "cpu",
-                batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint embeddings of a split's images (no augmentation) and their labels, in ``iter_split`` order."""
+                batch_size: int = 512, max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint embeddings of a split's images (no augmentation) and their labels, in ``iter_split`` order
+    (``max_batches``: of its first this many batches only)."""
     with evaluating(model, device):
-        out = [(model.embed_images(x), y) for x, y in datamodule.iter_split(split, batch_size, device)]
+        batches = itertools.islice(datamodule.iter_split(split, batch_size, device), max_batches)
+        out = [(model.embed_images(x), y) for x, y in batches]
     return torch.cat([e for e, _ in out]), torch.cat([y for _, y in out])
 
 
 @torch.no_grad()
 def retrieval_recall(model, datamodule, split: str = "test", device: torch.device | str = "cpu",
-                     ks: Sequence[int] = (1, 5, 10), batch_size: int = 512) -> dict[str, float]:
-    """Recall@K of a CLIP-style model (``embed_images`` / ``embed_texts``) on a caption data module's split."""
-    image_emb, _ = embed_split(model, datamodule, split, device, batch_size)
+                     ks: Sequence[int] = (1, 5, 10), batch_size: int = 512,
+                     max_batches: int | None = None) -> dict[str, float]:
+    """Recall@K of a CLIP-style model (``embed_images`` / ``embed_texts``) on a caption data module's split
+    (``max_batches``: on the images of its first this many batches and their captions only)."""
+    image_emb, _ = embed_split(model, datamodule, split, device, batch_size, max_batches)
     texts, text_image = datamodule.captions(split)
+    if max_batches is not None:
+        keep = text_image < len(image_emb)
+        texts, text_image = [t for t, k in zip(texts, keep.tolist()) if k], text_image[keep]
     tokens = model.tokenizer().encode(texts, model.text_config.context_length)  # (M, L), the model's own tokenizer
     with evaluating(model, device):
         text_emb = torch.cat([model.embed_texts(t.to(device)) for t in tokens.split(batch_size)])  # (M, E)
