@@ -198,6 +198,22 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
     err = capsys.readouterr().err
     assert "`enable_progress_bar=False` but found `TQDMProgressBar`" in err and "trainer.accelerator" not in err, err
 
+@pytest.mark.parametrize("precision,slow,note", [("bf16-mixed", True, True), ("32", True, False),
+                                                 ("bf16-mixed", False, False)])
+def test_bf16_on_a_cpu_slow_at_it_says_to_train_in_fp32(precision, slow, note, tmp_path, monkeypatch, capsys):
+    """The GPU recipes' bf16-mixed, run on a CPU without bf16 instructions (--trainer.accelerator cpu, or auto
+    without a GPU), made SimCLR's step 19x slower than fp32 without a word."""
+    from ssl_toolkit import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli, "_bf16_is_slow_on_this_cpu", lambda: slow)
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.fast_dev_run", "1",
+                 "--trainer.callbacks", "[]", "--trainer.precision", precision]) == 0
+    err = capsys.readouterr().err
+    assert ("trainer.precision bf16-mixed on a CPU without bf16 instructions" in err) is note, err
+    assert ("Add --trainer.precision 32 to train on this CPU." in err) is note, err
+
+
 
 def test_fast_dev_run_scores_the_evaluations_on_its_batches_only(cifar_small, tmp_path, monkeypatch, capsys):
     """A recipe's smoke test (`--trainer.fast_dev_run`) ran its kNN on every image of both splits, before the
