@@ -151,6 +151,25 @@ def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counte
     assert "Skipped 2 unreadable images" in caplog.text
 
 
+def test_unreadable_files_of_both_splits_are_named_in_one_run(tmp_path, caplog):
+    """train/'s bad files stopped the run before val/ was read, so val/'s were named only on the next run (after a
+    whole decode of train/ again)."""
+    root = make_folder(tmp_path / "imgs", corrupt=True)
+    (root / "val" / "dog" / "empty.jpg").write_bytes(b"")
+    with pytest.raises(ValueError, match=rf"3 of 15 images in {root / 'train'} and {root / 'val'} could not be "
+                                         "read") as e:
+        ImageFolderDataModule(str(root), image_size=8).setup()
+    assert all(name in str(e.value) for name in ("broken.jpg", "truncated.png", "empty.jpg")), e.value
+    dm = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip")
+    dm.setup()
+    assert dm.num_skipped == 3 and len(dm.splits.y_train) == 6 and dm.splits.y_test.tolist() == [0, 0, 0, 1, 1, 1]
+    (root / "val" / "dog" / "empty.jpg").unlink()
+    (root / "val" / "bird").mkdir()
+    (root / "val" / "bird" / "0.png").write_bytes((root / "val" / "dog" / "0.png").read_bytes())
+    with pytest.raises(ValueError, match=r"has classes \['bird', 'cat', 'dog'\] but train/ has \['cat', 'dog'\]"):
+        ImageFolderDataModule(str(root), image_size=8).setup()  # before any decoding: not after train/'s bad files
+
+
 def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_path):
     """Pillow's convert("RGB") clips 16-bit grey at 255 (a mid-grey ramp came out 254.5 on average) and turns
     floats black; the decoder must give what the same picture saved as 8 bits gives."""

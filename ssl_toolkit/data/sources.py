@@ -323,15 +323,6 @@ class ImageFolderDataModule(InMemoryDataModule):
             labels += [i] * len(files)
         return classes, paths, labels
 
-    def _decode_split(self, split_dir: Path, classes: list[str] | None):
-        found, paths, labels = self._files(split_dir)
-        if classes is not None and found != classes:
-            raise ValueError(f"{split_dir} has classes {found} but train/ has {classes}; both splits need the same "
-                             "class folders.")
-        x, keep, skipped = decode_images(paths, self.image_size, self.decode_workers, self.on_corrupt, str(split_dir))
-        self.num_skipped += skipped
-        return found, x, torch.tensor(labels)[keep]
-
     def _unlabelled(self, root: Path) -> Splits:
         paths = image_files(root)
         if not paths:
@@ -356,6 +347,23 @@ class ImageFolderDataModule(InMemoryDataModule):
             raise FileNotFoundError(f"{root} needs train/ and val/ (or test/) subfolders, each with one folder per "
                                     f"class; found {sorted(p.name for p in root.iterdir())}. (A folder with neither "
                                     "is read as unlabelled images.)")
-        classes, x_train, y_train = self._decode_split(train_dir, None)
-        _, x_test, y_test = self._decode_split(eval_dir, classes)
-        return Splits(x_train, y_train, x_test, y_test, classes)
+        # both splits listed and checked before either is decoded, and both decoded before their unreadable files are
+        # reported: one run names every bad file (train's alone were named first, val's only on the next run)
+        classes, train_paths, train_labels = self._files(train_dir)
+        found, test_paths, test_labels = self._files(eval_dir)
+        if found != classes:
+            raise ValueError(f"{eval_dir} has classes {found} but train/ has {classes}; both splits need the same "
+                             "class folders.")
+        splits = [(d, *decode_files(paths, self.image_size, self.decode_workers))
+                  for d, paths in ((train_dir, train_paths), (eval_dir, test_paths))]
+        bad = [b for _, _, _, split_bad in splits for b in split_bad]
+        where = " and ".join(str(d) for d, _, _, split_bad in splits if split_bad)
+        total = sum(len(keep) + len(split_bad) for _, _, keep, split_bad in splits if split_bad)
+        report_unreadable(bad, total, where, self.on_corrupt)
+        for d, x, _, _ in splits:
+            if not len(x):
+                raise ValueError(f"No readable images in {d}.")
+        self.num_skipped += len(bad)
+        (_, x_train, keep_train, _), (_, x_test, keep_test, _) = splits
+        return Splits(x_train, torch.tensor(train_labels)[keep_train], x_test, torch.tensor(test_labels)[keep_test],
+                      classes)
