@@ -285,7 +285,8 @@ SLOW_BF16 = ("SimCLR's CIFAR-10 recipe, resnet18 at batch 32 on 2 AMD EPYC cores
 
 def _bf16_is_slow_on_this_cpu() -> bool:
     """True on an x86 CPU without bf16 instructions (AVX512-BF16 or AMX), where bf16 autocast ran several times
-    slower than fp32 (:data:`SLOW_BF16`); False where it has them and where it is not known (not x86, or a torch without the checks)."""
+    slower than fp32 (:data:`SLOW_BF16`); False where it has them and where it is not known (not x86, or a torch
+    without the checks)."""
     import platform
 
     checks = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
@@ -381,8 +382,8 @@ def pretrain(args: list[str]):
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
                           "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else
                           f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
-    cli.notes.append(_slow_precision(cli.trainer))
-    for note in [n for n in cli.notes if n] if cli.trainer.is_global_zero else []:
+    notes = [*cli.notes, _slow_precision(cli.trainer)]  # the precision's line needs the trainer, made just now
+    for note in filter(None, notes) if cli.trainer.is_global_zero else []:
         print(note, file=sys.stderr)
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model

@@ -354,16 +354,15 @@ class ImageFolderDataModule(InMemoryDataModule):
         if found != classes:
             raise ValueError(f"{eval_dir} has classes {found} but train/ has {classes}; both splits need the same "
                              "class folders.")
-        splits = [(d, *decode_files(paths, self.image_size, self.decode_workers))
-                  for d, paths in ((train_dir, train_paths), (eval_dir, test_paths))]
-        bad = [b for _, _, _, split_bad in splits for b in split_bad]
-        where = " and ".join(str(d) for d, _, _, split_bad in splits if split_bad)
-        total = sum(len(keep) + len(split_bad) for _, _, keep, split_bad in splits if split_bad)
-        report_unreadable(bad, total, where, self.on_corrupt)
-        for d, x, _, _ in splits:
+        x_train, keep_train, bad_train = decode_files(train_paths, self.image_size, self.decode_workers)
+        x_test, keep_test, bad_test = decode_files(test_paths, self.image_size, self.decode_workers)
+        with_bad = {d: len(paths) for d, paths, bad in ((train_dir, train_paths, bad_train),
+                                                        (eval_dir, test_paths, bad_test)) if bad}  # split -> images
+        report_unreadable(bad_train + bad_test, sum(with_bad.values()), " and ".join(map(str, with_bad)),
+                          self.on_corrupt)
+        for d, x in ((train_dir, x_train), (eval_dir, x_test)):
             if not len(x):
                 raise ValueError(f"No readable images in {d}.")
-        self.num_skipped += len(bad)
-        (_, x_train, keep_train, _), (_, x_test, keep_test, _) = splits
+        self.num_skipped += len(bad_train) + len(bad_test)
         return Splits(x_train, torch.tensor(train_labels)[keep_train], x_test, torch.tensor(test_labels)[keep_test],
                       classes)
