@@ -4,12 +4,13 @@ The names below load with their module on first use (PEP 562), so that ``ssl-too
 ``--help`` and ``import ssl_toolkit.distributed`` do not first import Lightning, Kornia and every method (5.6 s of
 the 7.5 s that ``ssl-toolkit --help`` took). ``from ssl_toolkit import SimCLR`` works as before."""
 
-import importlib
 from typing import TYPE_CHECKING
+
+from ssl_toolkit._lazy import lazy_names
 
 __version__ = "0.1.0"
 
-_MODULES = {
+_HOME, __getattr__, __dir__ = lazy_names(__name__, {
     "ssl_toolkit.backbones": ("BackboneConfig", "Encoder", "TextConfig", "build_backbone"),
     "ssl_toolkit.compile": ("Compile",),
     "ssl_toolkit.data": ("CaptionDataModule", "CIFARDataModule", "DigitsDataModule", "ImageFolderDataModule",
@@ -18,8 +19,7 @@ _MODULES = {
     "ssl_toolkit.methods": ("BaseSSLModule", "CLIP", "CPCV2", "DINO", "MoCoV2", "OptimConfig", "SimCLR", "Colorization",
                             "Inpainting", "Jigsaw", "Rotation"),
     "ssl_toolkit.views": ("ContrastiveViews", "ViewConfig", "Views"),
-}
-_HOME = {name: module for module, names in _MODULES.items() for name in names}
+})
 
 __all__ = ["BackboneConfig", "Compile", "Encoder", "TextConfig", "build_backbone", "CaptionDataModule", "CIFARDataModule",
            "DigitsDataModule", "ImageFolderDataModule", "InMemoryDataModule", "NpzDataModule", "KNNCallback",
@@ -37,15 +37,3 @@ if TYPE_CHECKING:  # what editors and type checkers read
                                      OptimConfig, Rotation, SimCLR)
     from ssl_toolkit.views import ContrastiveViews, ViewConfig, Views
 
-
-def __getattr__(name: str):
-    module = _HOME.get(name)
-    if module is None:
-        raise AttributeError(f"module 'ssl_toolkit' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

@@ -15,10 +15,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ssl_toolkit.backbones import Encoder, build_backbone
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used, with what to do about it."""
+from ssl_toolkit.errors import CheckpointError, RunStopped
 
 
 def load_checkpoint(path: str) -> dict:
@@ -202,15 +199,6 @@ def save_final_checkpoint(trainer) -> None:
     """
     if not trainer.interrupted:
         save_last(trainer)
-
-
-class RunStopped(Exception):
-    """A run stopped on request (Ctrl-C, SIGTERM, SLURM's requeue signal) after saving a checkpoint; the message
-    says how it resumes."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum  # the shell's code for a process ended by that signal: 130, 143, 138
 
 
 class StopAndSave(Callback):

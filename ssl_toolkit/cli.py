@@ -1,4 +1,9 @@
-"""The ``ssl-toolkit`` command: ``pretrain`` (LightningCLI), ``knn`` and ``probe`` (frozen-encoder evaluation)."""
+"""The ``ssl-toolkit`` command: ``pretrain`` (LightningCLI) and the commands that evaluate, export, embed and search
+with its checkpoints.
+
+Every command but ``pretrain`` (whose parser is made from the classes) imports Lightning, Kornia and the methods only
+after parsing its flags, so that its ``--help`` and a wrong flag answer in about 2 s rather than 7 on 2 CPU cores;
+a test holds each command to it."""
 
 import argparse
 import contextvars
@@ -11,6 +16,8 @@ import time
 import warnings
 
 import torch
+
+from ssl_toolkit.errors import CheckpointError, ConfigError, NonFiniteLossError, RunStopped
 
 USAGE = """usage: ssl-toolkit COMMAND [options]
 
@@ -61,10 +68,6 @@ def print_versions() -> None:
           f"kornia {v['kornia']}\n"
           f"faiss {v['faiss'] or 'not installed'}" + (" (GPU build)" if v["faiss_gpu"] else " (CPU build)"
                                                       if v["faiss"] else ""))
-
-
-class ConfigError(ValueError):
-    """A recipe or flag that does not fit the options, with the parser's reasons."""
 
 
 def concise_config_error(message: str) -> str:
@@ -706,14 +709,14 @@ def zeroshot(args: list[str]) -> None:
 
 
 def pictures(args: list[str]) -> None:
-    from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
-    from ssl_toolkit.eval import save_pictures, view_pictures
-
     p = _eval_parser("pictures", "Write PNG grids of a checkpoint's training views (jigsaw puzzles, rotations, masked "
                                  "inputs) and, for the context encoder and colorization, their inpainting and "
                                  "colours of test images.")
     p.add_argument("--num", type=_count, default=16, help="test images to show (default 16)")
     a = p.parse_args(args)
+    from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
+    from ssl_toolkit.eval import save_pictures, view_pictures
+
     _use_precision(a)
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
@@ -726,7 +729,6 @@ def pictures(args: list[str]) -> None:
 
 
 def export(args: list[str]) -> None:
-    from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.export import FORMATS, export as export_backbone
 
     p = _parser("export", "Write a checkpoint's backbone so it loads without this toolkit, with a JSON that says how "
@@ -738,15 +740,13 @@ def export(args: list[str]) -> None:
                         "<ckpt>.onnx, <ckpt>.safetensors, <ckpt>.torchscript.pt, <ckpt>.torchvision.pth); the JSON "
                         "is that path + .json")
     a = p.parse_args(args)
+    from ssl_toolkit.checkpoint import load_checkpoint
+
     for path in export_backbone(load_checkpoint(a.ckpt), a.format, a.out or f"{a.ckpt}.{a.format}"):
         print(f"wrote {path}")
 
 
 def embed(args: list[str]) -> None:
-    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
-    from ssl_toolkit.eval.search import backbone_fingerprint, embed_paths, folder_labels, list_images, save_embeddings
-    from ssl_toolkit.export import metadata
-
     p = _parser("embed", "Embed every image of a folder (recursive) with a checkpoint's encoder: embeddings.npy "
                          "(L2-normalised), paths.txt, meta.json.")
     p.add_argument("--images", required=True, help="folder of images; a subfolder per class adds labels")
@@ -757,6 +757,10 @@ def embed(args: list[str]) -> None:
     p.add_argument("--batch-size", type=_count, default=256, help="images per forward pass")
     _add_precision(p)
     a = p.parse_args(args)
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.eval.search import backbone_fingerprint, embed_paths, folder_labels, list_images, save_embeddings
+    from ssl_toolkit.export import metadata
+
     _use_precision(a)
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
@@ -776,8 +780,6 @@ def embed(args: list[str]) -> None:
 
 
 def index(args: list[str]) -> None:
-    from ssl_toolkit.eval.search import build_index, faiss, load_embeddings, recall_against_exact, retrieval_metrics
-
     p = _parser("index", "Build a FAISS index over an embeddings folder (cosine). With class labels it also reports "
                          "leave-one-out recall@k and mAP.", ckpt=False, device=False)
     p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
@@ -787,6 +789,8 @@ def index(args: list[str]) -> None:
     p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
                                  "so building both keeps both)")
     a = p.parse_args(args)
+    from ssl_toolkit.eval.search import build_index, faiss, load_embeddings, recall_against_exact, retrieval_metrics
+
     emb, paths, meta = load_embeddings(a.embeddings)
     idx = build_index(emb, a.type, a.nlist, a.nprobe)
     out = a.out or os.path.join(a.embeddings, "index.faiss" if a.type == "flat" else "index-ivf.faiss")
@@ -808,10 +812,6 @@ def index(args: list[str]) -> None:
 
 
 def search(args: list[str]) -> None:
-    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
-    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, faiss, list_images, load_paths,
-                                         write_gallery)
-
     p = _parser("search", "Nearest images of a query image (or a folder of queries) in an index; prints them with "
                           "scores and writes a gallery.", ckpt=False)
     p.add_argument("--index", required=True, help="index file written by `ssl-toolkit index`")
@@ -821,6 +821,10 @@ def search(args: list[str]) -> None:
     p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
     _add_on_corrupt(p)
     a = p.parse_args(args)
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, faiss, list_images, load_paths,
+                                         write_gallery)
+
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
                                 "--embeddings FOLDER")
@@ -850,8 +854,6 @@ def search(args: list[str]) -> None:
 
 
 def map_(args: list[str]) -> None:
-    from ssl_toolkit.eval.search import embedding_map, load_embeddings, save_map, write_projector
-
     p = _parser("map", "A 2-D map (t-SNE or PCA, scikit-learn) of an embeddings folder as a PNG coloured by class, "
                        "and optionally the TensorBoard embedding projector with image sprites.", ckpt=False, device=False)
     p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
@@ -859,6 +861,8 @@ def map_(args: list[str]) -> None:
     p.add_argument("--out", help="PNG path (default: EMBEDDINGS/map.png)")
     p.add_argument("--tensorboard", help="also write the projector here (view with tensorboard --logdir DIR)")
     a = p.parse_args(args)
+    from ssl_toolkit.eval.search import embedding_map, load_embeddings, save_map, write_projector
+
     emb, paths, meta = load_embeddings(a.embeddings)
     start = time.perf_counter()
     xy = embedding_map(emb, a.method)
@@ -888,9 +892,6 @@ def main(argv: list[str] | None = None) -> int:
     if cmd is None:
         print(f"ssl-toolkit: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
-    from ssl_toolkit.checkpoint import CheckpointError, RunStopped
-    from ssl_toolkit.methods import NonFiniteLossError
-
     try:
         contextvars.copy_context().run(cmd, argv[1:])  # settings a command makes (eval precision) end with it
     except RunStopped as e:

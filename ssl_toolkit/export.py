@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from ssl_toolkit.backbones import RESNETS
-from ssl_toolkit.checkpoint import encoder_from_checkpoint
 
 FORMATS = ("torchvision", "safetensors", "torchscript", "onnx")
 SUFFIX = {"torchvision": ".pth", "safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
@@ -68,6 +67,8 @@ def export(ckpt: dict, fmt: str, out: str) -> list[str]:
 
     Returns the written paths.
     """
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint  # Lightning: here, so `export --help` runs without it
+
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
     b = ckpt["hyper_parameters"]["backbone"]

@@ -66,28 +66,48 @@ def test_module_apply_reaches_every_submodule():
     assert len(seen) == len(list(model.modules())) and model.view_policy in seen
 
 
-def test_every_exported_name_loads_from_the_package():
-    """The package's names load on first use: each one in ``__all__`` resolves to the object its module defines
-    (a typo in the table would surface only in a user's import), and an unknown name is an AttributeError."""
-    assert sorted(ssl_toolkit.__all__) == sorted(ssl_toolkit._HOME)
-    for name in ssl_toolkit.__all__:
-        obj = getattr(ssl_toolkit, name)
+@pytest.mark.parametrize("package", ["ssl_toolkit", "ssl_toolkit.eval"])
+def test_every_exported_name_loads_from_the_package(package):
+    """The packages' names load on first use: each one in ``__all__`` resolves to the object its module defines
+    (a typo in the table would surface only in a user's import), none is also the name of one of the package's
+    modules (importing that module would make the name read as the module), and an unknown name is an
+    AttributeError."""
+    pkg = importlib.import_module(package)
+    eager = {"ssl_toolkit": set(), "ssl_toolkit.eval": {"linear_probe", "train_linear"}}[package]
+    assert sorted(pkg.__all__) == sorted(set(pkg._HOME) | eager)
+    assert not set(pkg._HOME) & {m.name for m in pkgutil.iter_modules(pkg.__path__)}
+    for name in pkg.__all__:
+        obj = getattr(pkg, name)
         assert obj.__name__ == name and obj.__module__.startswith("ssl_toolkit.")
-    assert set(ssl_toolkit.__all__) <= set(dir(ssl_toolkit))
+    assert set(pkg.__all__) <= set(dir(pkg))
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'SimCRL'"):
+        pkg.SimCRL
     assert ssl_toolkit.SimCLR is SimCLR and ssl_toolkit.BackboneConfig is BackboneConfig
-    with pytest.raises(AttributeError, match="no attribute 'SimCRL'"):
-        ssl_toolkit.SimCRL
 
 
 def test_help_and_the_losses_do_not_import_lightning_or_kornia():
     """``ssl-toolkit --help`` imported every method, Lightning and Kornia first (7.5 s on 2 CPU cores, 2 s now), and
-    ``import ssl_toolkit.losses`` did too, though the losses need only torch."""
+    ``import ssl_toolkit.losses`` did too, though the losses need only torch. So did every command's ``--help`` and
+    a wrong flag (6.3-7 s), and main itself, for the exceptions it reports; ``pretrain`` alone needs them, since
+    its parser is made from the classes."""
     code = ("import sys, contextlib, io\n"
-            "from ssl_toolkit.cli import main\n"
+            "from ssl_toolkit.cli import COMMANDS, main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out: assert main(['--help']) == 0\n"
             "assert 'pretrain' in out.getvalue()\n"
             "import ssl_toolkit.losses, ssl_toolkit.distributed\n"
-            "print(sorted(m for m in ('pytorch_lightning', 'lightning_fabric', 'kornia', 'faiss') if m in sys.modules))")
+            "heavy = ('pytorch_lightning', 'lightning_fabric', 'kornia')\n"
+            "print(sorted(m for m in (*heavy, 'faiss') if m in sys.modules))\n"
+            "for cmd in sorted(set(COMMANDS) - {'pretrain'}):\n"
+            "    for flags in (['--help'], ['--no-such-flag']):\n"
+            "        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:\n"
+            "            try: main([cmd, *flags])\n"
+            "            except SystemExit as e: code = e.code\n"
+            "        assert code == (0 if flags == ['--help'] else 2), (cmd, flags, code)\n"
+            "        assert ('usage: ssl-toolkit ' + cmd) in out.getvalue() + err.getvalue(), (cmd, flags)\n"
+            "    print(cmd, sorted(m for m in heavy if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[]"
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == "[]"
+    assert lines[1:] == [f"{cmd} []" for cmd in sorted({"knn", "probe", "retrieval", "zeroshot", "pictures", "export",
+                                                         "embed", "index", "search", "map"})]

@@ -4,11 +4,13 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from ssl_toolkit.data.base import InMemoryDataModule
+if TYPE_CHECKING:  # only an annotation here; the module imports Lightning, which an evaluation's --help need not
+    from ssl_toolkit.data.base import InMemoryDataModule
 
 
 EVAL_PRECISIONS = ("auto", "bf16", "fp32")
@@ -80,7 +82,7 @@ def own_rng(seed: int, device: torch.device | str) -> Iterator[None]:
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, datamodule: InMemoryDataModule, split: str,
+def extract_features(encoder: nn.Module, datamodule: "InMemoryDataModule", split: str,
                      device: torch.device | str = "cpu", batch_size: int = 512,
                      max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (in eval mode, no augmentation) over a split: ``(N, D)`` float32 features and labels.

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
+from ssl_toolkit.errors import NonFiniteLossError
 from ssl_toolkit.optim import cosine_schedule, ema_update, make_optimizer
 from ssl_toolkit.views import ViewConfig, Views
 
@@ -81,10 +82,6 @@ def set_rng_states(state: dict) -> None:
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(state["python"])
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or infinite; the message names the step, the terms and the last checkpoint."""
 
 
 class HostFlag:
