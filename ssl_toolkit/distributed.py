@@ -67,6 +67,37 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def gather_uneven(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks along dim 0, in rank order, when the ranks hold different numbers of rows
+    (an evaluation's shares of a split). Each rank's rows are padded to the longest for the all-gather.
+
+    Example:
+        >>> gather_uneven(torch.ones(3, 2)).shape  # single process: unchanged
+        torch.Size([3, 2])
+    """
+    if not is_distributed():
+        return x
+    sizes = gather(torch.tensor([len(x)], device=x.device)).tolist()
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[:len(x)] = x
+    parts = gather(padded).split(max(sizes))
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+
+
+@torch.no_grad()
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers of ``module`` (batch-norm running statistics), in place.
+
+    DDP does this before each training forward; after it, each rank's forward moves its running statistics with
+    its own batch, so between steps they differ slightly across ranks. Training-mode batch norm does not read
+    them, so overwriting them changes no step; an evaluation whose ranks each encode part of the data calls this
+    first, so that all parts come from the same model."""
+    if is_distributed():
+        for b in module.buffers():
+            dist.broadcast(b, src=0)
+
+
+@torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over all ranks (a copy; ``x`` itself is not changed)."""
     if not is_distributed():

@@ -219,6 +219,79 @@ def test_a_method_step_on_two_ranks_equals_one_process_with_the_whole_batch(name
             assert close(torch.from_numpy(g[2][k]), full), k
 
 
+def _small_data(n_train: int, n_test: int):
+    """An in-memory DataModule of random 16 px images with labels."""
+    from ssl_toolkit.data import InMemoryDataModule
+    from ssl_toolkit.data.base import Splits
+
+    class Small(InMemoryDataModule):
+        name = "small"
+
+        def load(self) -> Splits:
+            g = torch.Generator().manual_seed(0)
+            x = torch.randint(0, 256, (n_train + n_test, 3, 16, 16), dtype=torch.uint8, generator=g)
+            y = torch.arange(n_train + n_test) % 3
+            return Splits(x[:n_train], y[:n_train], x[n_train:], y[n_train:], ["a", "b", "c"])
+
+    return Small()
+
+
+def _encoder():
+    from ssl_toolkit.backbones import BackboneConfig
+    from ssl_toolkit.methods import SimCLR
+
+    torch.manual_seed(0)
+    encoder = SimCLR(BackboneConfig("tiny_cnn", width=4)).encoder()
+    for m in encoder.modules():  # trained-looking batch-norm statistics, the same in every process
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return encoder
+
+
+def _features_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    from ssl_toolkit.eval.features import extract_features
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    encoder, dm = _encoder(), _small_data(37, 5)
+    if rank == 1:  # after a DDP step each rank's running statistics have moved with its own batch
+        for m in encoder.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(1.0)
+    encoded = []
+    encoder.register_forward_hook(lambda module, args, out: encoded.append(len(args[0])))
+    got = {}
+    for split, max_batches in (("train", None), ("train", 3), ("test", None)):  # 5, 3 and 1 batches of 8
+        encoded.clear()
+        x, y = extract_features(encoder, dm, split, "cpu", 8, max_batches, across_ranks=True)
+        got[split, max_batches] = (x.numpy(), y.numpy(), list(encoded))
+    results.put((rank, got))
+    dist.destroy_process_group()
+
+
+def test_evaluation_features_are_encoded_in_shares_across_ranks():
+    """Under DDP each rank of a kNN or probe evaluation encoded the whole split, so 8 GPUs took as long as one.
+    Now each encodes a contiguous share and gathers the rest: every rank gets the single process's features and
+    labels, in order, from rank 0's model (rank 1's batch-norm statistics differ), after 1/world of the work."""
+    from ssl_toolkit.eval.features import extract_features
+
+    got = _on_two_ranks(_features_worker)
+    encoder, dm = _encoder(), _small_data(37, 5)
+    # images per forward on rank 0 and rank 1: 37 training images are 5 batches of 8, the last of 5
+    shares = {("train", None): ([8, 8], [8, 8, 5]), ("train", 3): ([8], [8, 8]), ("test", None): ([5], [5])}
+    for (split, max_batches), per_rank in shares.items():
+        x, y = extract_features(encoder, dm, split, "cpu", 8, max_batches)
+        for r in range(WORLD):
+            gx, gy, encoded = got[r][0][split, max_batches]
+            assert torch.equal(torch.from_numpy(gy), y)
+            # Stated tolerance: the same batches through the same weights; only the thread count differs (1e-5).
+            assert torch.allclose(torch.from_numpy(gx), x, atol=1e-5), (split, max_batches, r)
+            assert encoded == per_rank[r], (split, max_batches, r)  # test: 1 batch for 2 ranks, each encodes it
+
+
 def test_every_collective_goes_through_the_distributed_helper():
     """No module but ``ssl_toolkit.distributed`` imports ``torch.distributed`` or calls a collective itself."""
     import ast

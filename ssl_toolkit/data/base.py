@@ -221,16 +221,27 @@ class InMemoryDataModule(pl.LightningDataModule):
             return self.train_batch(batch[0].to(device, non_blocking=True), device)
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
-    def iter_split(self, split: str, batch_size: int = 1024,
-                   device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(images, labels)`` of ``train`` or ``test`` in order, on ``device``: for evaluators.
-
-        With ``resident`` the set is cached on the device once; otherwise each batch is copied.
-        """
+    def _checked_split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
         self.setup()
+        return self._split(split)
+
+    def split_size(self, split: str) -> int:
+        """Images in ``train`` or ``test``."""
+        return len(self._checked_split(split)[1])
+
+    def iter_split(self, split: str, batch_size: int = 1024, device: torch.device | str = "cpu",
+                   batches: slice | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(images, labels)`` of ``train`` or ``test`` in order, on ``device``: for evaluators.
+
+        With ``resident`` the set is cached on the device once; otherwise each batch is copied. ``batches``: only
+        these of the split's batches (a slice of their indices; a DDP rank's share), the others not even copied.
+        """
+        x, y = self._checked_split(split)
         device = torch.device(device)
-        x, y = self._on_device(split, device) if self.resident else self._split(split)
-        for i in range(0, len(y), batch_size):
+        if self.resident:
+            x, y = self._on_device(split, device)
+        starts = range(0, len(y), batch_size)
+        for i in starts if batches is None else starts[batches]:
             yield x[i:i + batch_size].to(device, non_blocking=True), y[i:i + batch_size].to(device, non_blocking=True)

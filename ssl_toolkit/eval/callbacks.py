@@ -95,8 +95,8 @@ class PeriodicEvaluation(pl.Callback):
         if self.off or not is_due(trainer, self.every_n_epochs):
             return
         self.results["trained"] = result = self.evaluate(trainer, pl_module)
-        # Every rank scores the whole evaluation set, so the mean over ranks is the same number; syncing it
-        # (one all-reduce an evaluation) is what Lightning asks for epoch-level metrics under DDP.
+        # Every rank scores the whole evaluation set (each encoded a share of it), so the mean over ranks is the
+        # same number; syncing it (one all-reduce an evaluation) is what Lightning asks for epoch-level metrics.
         pl_module.log_dict(self.metrics(result), prog_bar=False, sync_dist=True)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -124,7 +124,8 @@ class KNNCallback(PeriodicEvaluation):
     """Weighted kNN top-1 of the frozen encoder on the datamodule's test split, logged as ``val/knn_top1``.
 
     The random-init baseline is ``val/knn_top1_init``. Features are extracted once per evaluation and
-    searched once with the largest k; results go to ``knn.json``.
+    searched once with the largest k; results go to ``knn.json``. Under DDP each rank encodes 1/world of the
+    images and all ranks search the gathered features (:func:`~ssl_toolkit.eval.features.extract_features`).
 
     Args:
         every_n_epochs: Evaluate every this many epochs.
@@ -150,8 +151,8 @@ class KNNCallback(PeriodicEvaluation):
             raise TypeError("KNNCallback needs a toolkit DataModule (with iter_split); pass one as data in the config.")
         encoder = pl_module.encoder()
         n = self.max_batches(trainer)
-        train = extract_features(encoder, dm, "train", pl_module.device, self.batch_size, n)
-        test = extract_features(encoder, dm, "test", pl_module.device, self.batch_size, n)
+        train = extract_features(encoder, dm, "train", pl_module.device, self.batch_size, n, across_ranks=True)
+        test = extract_features(encoder, dm, "test", pl_module.device, self.batch_size, n, across_ranks=True)
         return knn_accuracy(train[0], train[1], test[0], test[1], dm.num_classes, tuple(self.ks), self.temperature)
 
     def metrics(self, result: dict[int, float], suffix: str = "") -> dict[str, float]:
@@ -244,7 +245,7 @@ class OnlineProbe(PeriodicEvaluation):
 
     def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[str, float]:
         test = extract_features(self.encoder, trainer.datamodule, "test", pl_module.device, self.batch_size,
-                                self.max_batches(trainer))
+                                self.max_batches(trainer), across_ranks=True)
         self.probe.eval()
         with torch.no_grad():
             acc = topk_accuracy(self.probe(test[0]), test[1].to(test[0].device))

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ssl_toolkit.distributed import broadcast_buffers, gather_uneven, rank, world_size
+
 if TYPE_CHECKING:  # only an annotation here; the module imports Lightning, which an evaluation's --help need not
     from ssl_toolkit.data.base import InMemoryDataModule
 
@@ -84,17 +86,34 @@ def own_rng(seed: int, device: torch.device | str) -> Iterator[None]:
 @torch.no_grad()
 def extract_features(encoder: nn.Module, datamodule: "InMemoryDataModule", split: str,
                      device: torch.device | str = "cpu", batch_size: int = 512,
-                     max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     max_batches: int | None = None, across_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``encoder`` (in eval mode, no augmentation) over a split: ``(N, D)`` float32 features and labels.
 
     The encoder is moved to ``device`` (its normalisation buffers too) and its train/eval mode is restored
     afterwards. On CUDA the forward runs in bf16 autocast, unless :func:`eval_precision` says otherwise.
     ``max_batches``: only the split's first this many batches (None: all of it).
+
+    ``across_ranks`` (the callbacks, under DDP): every rank must call it, since it runs collectives. Each rank
+    encodes a contiguous share of the batches and gets the whole split's features back, in order, for 1/world of
+    the work. Rank 0's buffers (batch-norm statistics) go to every rank first, so all shares come from one model.
+    With fewer batches than ranks each rank encodes them all.
     """
     encoder = encoder.to(device)
+    batches = itertools.islice(datamodule.iter_split(split, batch_size, device), max_batches)
+    share = None
+    if across_ranks and world_size() > 1:
+        broadcast_buffers(encoder)
+        n = -(-datamodule.split_size(split) // batch_size)  # batches of the split
+        n = n if max_batches is None else min(n, max_batches)
+        if n >= world_size():
+            share = slice(rank() * n // world_size(), (rank() + 1) * n // world_size())
+            batches = datamodule.iter_split(split, batch_size, device, batches=share)
     feats, labels = [], []
     with evaluating(encoder, device):
-        for x, y in itertools.islice(datamodule.iter_split(split, batch_size, device), max_batches):
+        for x, y in batches:
             feats.append(encoder(x).float())
             labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    if share is not None:
+        feats, labels = gather_uneven(feats), gather_uneven(labels)
+    return feats, labels
