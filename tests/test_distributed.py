@@ -249,10 +249,22 @@ def _encoder():
     return encoder
 
 
+class _Joint(torch.nn.Module):
+    """A stand-in for a CLIP model's image tower: ``embed_images`` only."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def embed_images(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * self.encoder(x)
+
+
 def _features_worker(rank, init_file, results):
     import torch.distributed as dist
 
     from ssl_toolkit.eval.features import extract_features
+    from ssl_toolkit.eval.retrieval import embed_split
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -268,6 +280,9 @@ def _features_worker(rank, init_file, results):
         encoded.clear()
         x, y = extract_features(encoder, dm, split, "cpu", 8, max_batches, across_ranks=True)
         got[split, max_batches] = (x.numpy(), y.numpy(), list(encoded))
+    encoded.clear()  # CLIP's held-out images (RetrievalCallback) go the same way
+    joint = _Joint(encoder)
+    got["embed_split"] = (embed_split(joint, dm, "train", "cpu", 8, across_ranks=True)[0].numpy(), list(encoded))
     results.put((rank, got))
     dist.destroy_process_group()
 
@@ -275,7 +290,8 @@ def _features_worker(rank, init_file, results):
 def test_evaluation_features_are_encoded_in_shares_across_ranks():
     """Under DDP each rank of a kNN or probe evaluation encoded the whole split, so 8 GPUs took as long as one.
     Now each encodes a contiguous share and gathers the rest: every rank gets the single process's features and
-    labels, in order, from rank 0's model (rank 1's batch-norm statistics differ), after 1/world of the work."""
+    labels, in order, from rank 0's model (rank 1's batch-norm statistics differ), after 1/world of the work.
+    CLIP's held-out image embeddings (RetrievalCallback) take the same path."""
     from ssl_toolkit.eval.features import extract_features
 
     got = _on_two_ranks(_features_worker)
@@ -290,6 +306,10 @@ def test_evaluation_features_are_encoded_in_shares_across_ranks():
             # Stated tolerance: the same batches through the same weights; only the thread count differs (1e-5).
             assert torch.allclose(torch.from_numpy(gx), x, atol=1e-5), (split, max_batches, r)
             assert encoded == per_rank[r], (split, max_batches, r)  # test: 1 batch for 2 ranks, each encodes it
+    whole = 2 * extract_features(encoder, dm, "train", "cpu", 8)[0]
+    for r in range(WORLD):
+        gx, encoded = got[r][0]["embed_split"]
+        assert torch.allclose(torch.from_numpy(gx), whole, atol=1e-5) and encoded == shares["train", None][r]
 
 
 def test_every_collective_goes_through_the_distributed_helper():

@@ -354,7 +354,7 @@ class RetrievalCallback(PeriodicEvaluation):
             raise ValueError("RetrievalCallback needs a CLIP-style model (embed_images/embed_texts) and a "
                             "CaptionDataModule; use KNNCallback for image-only methods.")
         return retrieval_recall(pl_module, dm, "test", pl_module.device, self.ks, self.batch_size,
-                                self.max_batches(trainer))
+                                self.max_batches(trainer), across_ranks=True)
 
     def metrics(self, result: dict[str, float], suffix: str = "") -> dict[str, float]:
         return {f"val/{name}{suffix}": v for name, v in result.items()}

@@ -1,7 +1,7 @@
 """Frozen-feature extraction shared by the evaluators."""
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING
@@ -91,29 +91,41 @@ def extract_features(encoder: nn.Module, datamodule: "InMemoryDataModule", split
 
     The encoder is moved to ``device`` (its normalisation buffers too) and its train/eval mode is restored
     afterwards. On CUDA the forward runs in bf16 autocast, unless :func:`eval_precision` says otherwise.
+    ``max_batches`` and ``across_ranks``: as in :func:`encode_split`.
+    """
+    encoder = encoder.to(device)
+    return encode_split(encoder, encoder, datamodule, split, device, batch_size, max_batches, across_ranks)
+
+
+@torch.no_grad()
+def encode_split(embed: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, datamodule: "InMemoryDataModule",
+                 split: str, device: torch.device | str = "cpu", batch_size: int = 512, max_batches: int | None = None,
+                 across_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``embed`` (``model`` or one of its methods, ``model`` on ``device``) over a split's images as
+    :func:`evaluating` runs it: ``(N, D)`` float32 outputs and the labels, in ``iter_split`` order.
+
     ``max_batches``: only the split's first this many batches (None: all of it).
 
     ``across_ranks`` (the callbacks, under DDP): every rank must call it, since it runs collectives. Each rank
-    encodes a contiguous share of the batches and gets the whole split's features back, in order, for 1/world of
+    encodes a contiguous share of the batches and gets the whole split's outputs back, in order, for 1/world of
     the work. Rank 0's buffers (batch-norm statistics) go to every rank first, so all shares come from one model.
     With fewer batches than ranks each rank encodes them all.
     """
-    encoder = encoder.to(device)
     batches = itertools.islice(datamodule.iter_split(split, batch_size, device), max_batches)
     share = None
     if across_ranks and world_size() > 1:
-        broadcast_buffers(encoder)
+        broadcast_buffers(model)
         n = -(-datamodule.split_size(split) // batch_size)  # batches of the split
         n = n if max_batches is None else min(n, max_batches)
         if n >= world_size():
             share = slice(rank() * n // world_size(), (rank() + 1) * n // world_size())
             batches = datamodule.iter_split(split, batch_size, device, batches=share)
-    feats, labels = [], []
-    with evaluating(encoder, device):
+    out, labels = [], []
+    with evaluating(model, device):
         for x, y in batches:
-            feats.append(encoder(x).float())
+            out.append(embed(x).float())
             labels.append(y)
-    feats, labels = torch.cat(feats), torch.cat(labels)
+    out, labels = torch.cat(out), torch.cat(labels)
     if share is not None:
-        feats, labels = gather_uneven(feats), gather_uneven(labels)
-    return feats, labels
+        out, labels = gather_uneven(out), gather_uneven(labels)
+    return out, labels

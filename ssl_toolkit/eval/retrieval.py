@@ -7,13 +7,12 @@ Zero-shot classification builds one classifier weight per class from prompts suc
 "a photo of a {}." (averaged over the prompt templates, Sec. 3.1.4) and picks the most similar class.
 """
 
-import itertools
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-from ssl_toolkit.eval.features import evaluating
+from ssl_toolkit.eval.features import encode_split, evaluating
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -101,22 +100,22 @@ def zero_shot_accuracy(image_emb: torch.Tensor, labels: torch.Tensor, class_weig
 
 @torch.no_grad()
 def embed_split(model, datamodule, split: str = "test", device: torch.device | str = "cpu",
-                batch_size: int = 512, max_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Joint embeddings of a split's images (no augmentation) and their labels, in ``iter_split`` order
-    (``max_batches``: of its first this many batches only)."""
-    with evaluating(model, device):
-        batches = itertools.islice(datamodule.iter_split(split, batch_size, device), max_batches)
-        out = [(model.embed_images(x), y) for x, y in batches]
-    return torch.cat([e for e, _ in out]), torch.cat([y for _, y in out])
+                batch_size: int = 512, max_batches: int | None = None,
+                across_ranks: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint embeddings (float32) of a split's images (no augmentation) and their labels, in ``iter_split`` order
+    (``max_batches`` and ``across_ranks``: as in :func:`~ssl_toolkit.eval.features.encode_split`)."""
+    return encode_split(model.embed_images, model, datamodule, split, device, batch_size, max_batches, across_ranks)
 
 
 @torch.no_grad()
 def retrieval_recall(model, datamodule, split: str = "test", device: torch.device | str = "cpu",
                      ks: Sequence[int] = (1, 5, 10), batch_size: int = 512,
-                     max_batches: int | None = None) -> dict[str, float]:
+                     max_batches: int | None = None, across_ranks: bool = False) -> dict[str, float]:
     """Recall@K of a CLIP-style model (``embed_images`` / ``embed_texts``) on a caption data module's split
-    (``max_batches``: on the images of its first this many batches and their captions only)."""
-    image_emb, _ = embed_split(model, datamodule, split, device, batch_size, max_batches)
+    (``max_batches``: on the images of its first this many batches and their captions only; ``across_ranks``:
+    under DDP each rank embeds a share of the images, see :func:`~ssl_toolkit.eval.features.encode_split`, and
+    all of the captions)."""
+    image_emb, _ = embed_split(model, datamodule, split, device, batch_size, max_batches, across_ranks)
     texts, text_image = datamodule.captions(split)
     if max_batches is not None:
         keep = text_image < len(image_emb)
