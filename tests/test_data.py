@@ -207,6 +207,37 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
     assert torch.equal(x[0], x[1]) and x[0, :, :10].float().mean() == 255 and x[0, :, 10:].float().mean() == 0
 
 
+def test_large_jpegs_are_decoded_reduced_to_the_centred_square_in_every_orientation(flickr, tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    from ssl_toolkit.data.sources import decode_files
+
+    photo = Image.open(flickr / "images" / "1716445442_9cf3528342.jpg").convert("RGB")  # 500 x 375
+    stored = {1: None, 2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_90",
+              7: "TRANSVERSE", 8: "ROTATE_270"}  # how a camera stores the upright photo with each EXIF orientation
+    paths = []
+    for orientation, turn in stored.items():
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        paths.append(str(tmp_path / f"{orientation}.jpg"))
+        (photo.transpose(Image.Transpose[turn]) if turn else photo).save(paths[-1], quality=95, exif=exif)
+    scales, draft = [], JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = draft(self, mode, size)
+        scales.append(self.decoderconfig[0])
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    x, _, bad = decode_files(paths, 32, 0)
+    assert not bad and scales == [8] * 8  # 375 px decoded as 47: still >= 32
+    # the same pixels as an area average of the upright photo's centred 375 x 375 square, in every orientation
+    area = torch.from_numpy(np.array(photo.resize((32, 32), Image.BOX, box=(62.5, 0, 437.5, 375)))).permute(2, 0, 1)
+    err = (x.float() - area.float()).abs().mean((1, 2, 3))
+    assert err.max() < 6.5, err  # 5.84-6.10; 4.70 decoded whole; 11.3 resized whole, then cropped
+    assert (x[0].flip(1, 2).float() - area.float()).abs().mean() > 40  # the photo upside down: 56
+
+
 def test_image_folder_empty_class_and_missing_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="dog has no images"):
         ImageFolderDataModule(str(make_folder(tmp_path / "a", empty_class=True))).setup()
