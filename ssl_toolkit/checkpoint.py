@@ -215,6 +215,9 @@ class StopAndSave(Callback):
     :class:`RunStopped`, whose message says how it resumes. A second Ctrl-C stops at once, without saving.
     ``ssl-toolkit pretrain`` adds it to every run.
 
+    A signal that the process ignores when training starts stays ignored, as Python leaves Ctrl-C ignored in a
+    job started in the background by a script or under ``nohup``.
+
     One process only: under DDP the ranks would see a signal at different steps, so Lightning's own handling
     applies there.
     """
@@ -238,7 +241,9 @@ class StopAndSave(Callback):
         self._requeue = (env.requeue_signal if isinstance(env, SLURMEnvironment) and env.auto_requeue
                          and callable(signal.getsignal(env.requeue_signal)) else None)  # Lightning's handler is set
         self._names = {**self.SIGNALS, **({self._requeue: "SLURM's requeue signal"} if self._requeue else {})}
-        self._previous = {s: signal.signal(s, self._on_signal) for s in self._names}
+        # a signal the process was started ignoring stays ignored (`nohup ... &` runs with Ctrl-C ignored)
+        self._previous = {s: signal.signal(s, self._on_signal) for s in self._names
+                          if signal.getsignal(s) != signal.SIG_IGN}
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:

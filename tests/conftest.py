@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,15 @@ def small_cifar(src, dst, n_train=256, n_test=128):
 def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
+
+
+@pytest.fixture
+def python_ctrl_c():
+    """Ctrl-C raises KeyboardInterrupt during the test, as in a terminal, also when pytest was started with it
+    ignored (a background job of a script, ``nohup``); the handler is put back afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

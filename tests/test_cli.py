@@ -321,7 +321,7 @@ def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
 
 
 def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_models_is_refused(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, python_ctrl_c):
     """`--ckpt_path` is what the README, Ctrl-C and the non-finite-loss error tell a user to resume with."""
     import os
     import signal

@@ -293,7 +293,8 @@ def test_resuming_from_the_last_checkpoint_gives_the_uninterrupted_weights(metho
 
 
 @pytest.mark.parametrize("signals", ["SIGTERM", "SIGTERM while accumulating", "Ctrl-C twice"])
-def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl_c_at_once(signals, tmp_path):
+def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl_c_at_once(signals, tmp_path,
+                                                                                            python_ctrl_c):
     """The first Ctrl-C is in the CLI's resume test; Lightning alone would run on to the epoch's end on SIGTERM."""
     import os
     import signal
@@ -334,6 +335,32 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl
             assert torch.equal(a, b), k
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # both handlers as they were
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_ctrl_c_ignored_when_training_starts_stays_ignored_and_sigterm_still_saves(tmp_path):
+    """`nohup ssl-toolkit pretrain ... &` in a script starts the run with Ctrl-C ignored: it must not stop it."""
+    import os
+    import signal
+
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    from ssl_toolkit.checkpoint import RunStopped, StopAndSave
+
+    class Send(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 2:  # Ctrl-C in the first epoch, SIGTERM in the second
+                os.kill(os.getpid(), signal.SIGINT if trainer.current_epoch == 0 else signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        trainer = pl.Trainer(max_epochs=2, limit_train_batches=6, accelerator="cpu", logger=False,
+                             enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[Send(), StopAndSave(), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
+        with pytest.raises(RunStopped, match="SIGTERM: stopped at epoch 1, step 9. Saved"):
+            trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(tmp_path):
