@@ -21,8 +21,6 @@ import warnings
 import torch
 from torch import nn
 
-from ssl_toolkit.backbones import RESNETS
-
 FORMATS = ("torchvision", "safetensors", "torchscript", "onnx")
 SUFFIX = {"torchvision": ".pth", "safetensors": ".safetensors", "torchscript": ".pt", "onnx": ".onnx"}
 
@@ -67,7 +65,8 @@ def export(ckpt: dict, fmt: str, out: str) -> list[str]:
 
     Returns the written paths.
     """
-    from ssl_toolkit.checkpoint import encoder_from_checkpoint  # Lightning: here, so `export --help` runs without it
+    from ssl_toolkit.backbones import RESNETS  # torchvision, and
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint  # Lightning: here, so `export --help` runs without them
 
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
