@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, JpegImagePlugin
 sys.path.insert(0, os.path.dirname(__file__))
 from throughput import environment  # noqa: E402
 
-from ssl_toolkit.data.sources import decode_files, image_files  # noqa: E402
+from ssl_toolkit.data.sources import centred_square, decode_files, image_files  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,10 +41,7 @@ def area_average(paths: list[str], size: int) -> np.ndarray:
     for p in paths:
         with Image.open(p) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            w, h = im.size
-            s = min(w, h)
-            box = ((w - s) / 2, (h - s) / 2, (w + s) / 2, (h + s) / 2)
-            out.append(np.asarray(im.resize((size, size), Image.BOX, box=box), dtype=np.float32))
+            out.append(np.asarray(im.resize((size, size), Image.BOX, box=centred_square(*im.size)), dtype=np.float32))
     return np.stack(out)
 
 
@@ -72,7 +69,10 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=0, help="decoding processes (0: this one)")
     p.add_argument("--out")
     a = p.parse_args()
-    sizes = {f: Image.open(f).size for f in image_files(a.folder)}
+    sizes = {}
+    for f in image_files(a.folder):
+        with Image.open(f) as im:
+            sizes[f] = im.size
     paths = [f for f, wh in sizes.items() if min(wh) >= a.min_side]
     if not paths:
         sys.exit(f"no images under {a.folder}" + (f" with a shorter side of {a.min_side} px or more" * bool(sizes)))
@@ -80,12 +80,13 @@ def main() -> None:
     results = {}
     for size in (int(s) for s in a.sizes.split(",")):
         area = area_average(paths, size)
-        seconds, error = {"reduced": [], "whole": []}, {}
+        seconds, images = {"reduced": [], "whole": []}, {}
         for _ in range(a.rounds):
             for arm in seconds:
-                t, x = decode(paths, size, arm == "reduced", a.workers)
+                t, images[arm] = decode(paths, size, arm == "reduced", a.workers)
                 seconds[arm].append(t)
-                error[arm] = float(np.abs(x.permute(0, 2, 3, 1).numpy().astype(np.float32) - area).mean())
+        error = {arm: float(np.abs(x.permute(0, 2, 3, 1).numpy().astype(np.float32) - area).mean())
+                 for arm, x in images.items()}  # decoding is deterministic: the last round's images
         row = {arm: {"images_per_s": len(paths) / statistics.median(seconds[arm]), "seconds": seconds[arm],
                      "mean_abs_diff_from_area_average": error[arm]} for arm in seconds}
         row["speedup"] = row["reduced"]["images_per_s"] / row["whole"]["images_per_s"]

@@ -2,6 +2,7 @@ import os
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -45,13 +46,22 @@ def _seed():
     np.random.seed(0)
 
 
+@contextmanager
+def sigint(handler):
+    """Ctrl-C (SIGINT) handled by ``handler`` inside the block; the handler before is put back afterwards."""
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture
 def python_ctrl_c():
     """Ctrl-C raises KeyboardInterrupt during the test, as in a terminal, also when pytest was started with it
-    ignored (a background job of a script, ``nohup``); the handler is put back afterwards."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+    ignored (a background job of a script, ``nohup``)."""
+    with sigint(signal.default_int_handler):
+        yield
 
 
 @pytest.fixture(scope="session")

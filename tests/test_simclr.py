@@ -4,6 +4,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from conftest import sigint
 from ssl_toolkit.backbones import BackboneConfig
 from ssl_toolkit.data import DigitsDataModule
 from ssl_toolkit.methods import OptimConfig, SimCLR
@@ -351,16 +352,13 @@ def test_ctrl_c_ignored_when_training_starts_stays_ignored_and_sigterm_still_sav
             if batch_idx == 2:  # Ctrl-C in the first epoch, SIGTERM in the second
                 os.kill(os.getpid(), signal.SIGINT if trainer.current_epoch == 0 else signal.SIGTERM)
 
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
+    with sigint(signal.SIG_IGN):
         trainer = pl.Trainer(max_epochs=2, limit_train_batches=6, accelerator="cpu", logger=False,
                              enable_progress_bar=False, enable_model_summary=False,
                              callbacks=[Send(), StopAndSave(), ModelCheckpoint(dirpath=tmp_path, save_last=True)])
         with pytest.raises(RunStopped, match="SIGTERM: stopped at epoch 1, step 9. Saved"):
             trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(tmp_path):

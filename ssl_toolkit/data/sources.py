@@ -214,6 +214,12 @@ def _to_rgb(im):
     return im.convert("RGB")
 
 
+def centred_square(w: float, h: float) -> tuple[float, float, float, float]:
+    """The box ``(left, top, right, bottom)`` of the centred square of side ``min(w, h)`` in a ``w x h`` picture."""
+    side = min(w, h)
+    return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
+
+
 def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
     """Decode, turn upright by the EXIF orientation (as viewers show phone photos), and resample the centred square
     of side ``min(width, height)`` to ``size x size`` (bilinear, antialiased); return the error text on failure.
@@ -228,9 +234,7 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
         with Image.open(path) as im:
             drafted = im.draft(None, (size, size))
             # the picture's extent in decoded pixels: a reduced JPEG's last row and column can be partly padding
-            w, h = drafted[1][2:] if drafted else im.size
-            side = min(w, h)
-            box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+            box = centred_square(*(drafted[1][2:] if drafted else im.size))
             out = _to_rgb(im).resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
             turn = UPRIGHT.get(im.getexif().get(ORIENTATION, 1))
             if turn:  # the centred square turns with the picture: turn the small result, not the whole image
