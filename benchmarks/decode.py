@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, JpegImagePlugin
 sys.path.insert(0, os.path.dirname(__file__))
 from throughput import environment  # noqa: E402
 
-from ssl_toolkit.data.sources import centred_square, decode_files, image_files  # noqa: E402
+from ssl_toolkit.data.images import centred_square, decode_files, image_files  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

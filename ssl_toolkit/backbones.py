@@ -8,11 +8,11 @@ stem (3x3 stride-1 first convolution, no max-pool) follows SimCLR's CIFAR-10 set
 position embeddings interpolated for other input sizes, as DINO does for its local crops.
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 RESNETS = ("resnet18", "resnet34", "resnet50")
@@ -131,6 +131,8 @@ class ViT(nn.Module):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"ViT image_size {image_size} is not a multiple of patch_size {patch_size}.")
+        import torchvision
+
         self.vit = torchvision.models.VisionTransformer(image_size, patch_size, num_layers, num_heads, hidden_dim,
                                                         mlp_dim=4 * hidden_dim)
         self.vit.heads = nn.Identity()
@@ -173,6 +175,8 @@ def build_backbone(name: str = "resnet18", cifar_stem: bool = False, width: int 
         (512, torch.Size([2, 512]))
     """
     if name in RESNETS:
+        import torchvision  # here: tiny_cnn checkpoints embed and search without it (1.5 s of a command's start)
+
         net = getattr(torchvision.models, name)(weights=None, norm_layer=_norm_layer(norm))
         dim = net.fc.in_features
         net.fc = nn.Identity()
@@ -207,7 +211,8 @@ def feature_map(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
         >>> feature_map(net, torch.zeros(2, 3, 32, 32)).shape
         torch.Size([2, 32, 4, 4])
     """
-    if isinstance(net, torchvision.models.ResNet):
+    tv = sys.modules.get("torchvision")  # a ResNet exists only once torchvision is imported
+    if tv is not None and isinstance(net, tv.models.ResNet):
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))
     if isinstance(net, ViT):

@@ -7,29 +7,14 @@ stem, batch 512, bf16, channels_last; benchmarks/results/throughput-simclr-cuda*
 from 11.8 ms to 0.6 ms per step and the full step from 0.67x to 0.97x of the backbone-only ceiling;
 compiling the backbone as well raised the full step from 16.8k to 29.6k images/s.
 
-Evaluators (kNN, probes, pictures) run the same modules eagerly under :func:`eager`: their batch shapes
-and eval-mode BatchNorm would otherwise each cost a recompile for a pass that runs once.
+Evaluators (kNN, probes, pictures) run the same modules eagerly (``ssl_toolkit.eval.features.eager``): their
+batch shapes and eval-mode BatchNorm would otherwise each cost a recompile for a pass that runs once.
 """
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.utilities import rank_zero_info
 
 PARTS = ("views", "backbone")
-
-
-@contextmanager
-def eager() -> Iterator[None]:
-    """Run compiled modules eagerly inside this block (``torch.compiler.set_stance("force_eager")``)."""
-    set_stance = getattr(torch.compiler, "set_stance", None)  # torch >= 2.6
-    if set_stance is None:
-        yield
-        return
-    with set_stance("force_eager"):
-        yield
 
 
 def check_parts(parts: list[str]) -> None:

@@ -309,7 +309,7 @@ def test_pretrain_on_your_own_image_folder_labelled_or_not(tmp_path, monkeypatch
 
 
 def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
-    from ssl_toolkit.checkpoint import AtomicCheckpointIO
+    from ssl_toolkit.saving import AtomicCheckpointIO
 
     monkeypatch.chdir(tmp_path)
     written = []

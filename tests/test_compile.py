@@ -81,3 +81,24 @@ def test_compiled_views_match_eager_views_on_the_gpu():
     eager = policy.render(images, params)
     compiled = torch.compile(policy.render)(images, params)
     assert torch.allclose(eager, compiled, atol=1e-4)
+
+
+def test_evaluators_run_a_compiled_module_eagerly():
+    """Evaluators' batch shapes and eval-mode BatchNorm would each cost a recompile; under ``evaluating`` a compiled
+    module runs eagerly (``eager`` skips ``set_stance`` only while nothing has been compiled)."""
+    from ssl_toolkit.eval.features import evaluating
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    net.compile(backend=counting)
+    with evaluating(net, "cpu"):
+        out = net(torch.randn(5, 4))
+    assert graphs == [] and out.shape == (5, 4) and net.training
+    net(torch.randn(5, 4))
+    assert len(graphs) == 1

@@ -173,7 +173,7 @@ def test_unreadable_files_of_both_splits_are_named_in_one_run(tmp_path, caplog):
 def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_path):
     """Pillow's convert("RGB") clips 16-bit grey at 255 (a mid-grey ramp came out 254.5 on average) and turns
     floats black; the decoder must give what the same picture saved as 8 bits gives."""
-    from ssl_toolkit.data.sources import decode_images
+    from ssl_toolkit.data.images import decode_images
 
     wide = (np.arange(24 * 24, dtype=np.int64).reshape(24, 24) * 113).astype(np.uint16)  # 0 .. 64,975
     Image.fromarray(wide).save(tmp_path / "g16.png")
@@ -195,7 +195,7 @@ def test_16_bit_grey_images_keep_their_range_and_float_images_are_refused(tmp_pa
 
 
 def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
-    from ssl_toolkit.data.sources import decode_images
+    from ssl_toolkit.data.images import decode_images
 
     a = np.zeros((20, 40, 3), np.uint8)
     a[:, :20] = 255  # stored landscape, left half white
@@ -210,7 +210,7 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path):
 def test_large_jpegs_are_decoded_reduced_to_the_centred_square_in_every_orientation(flickr, tmp_path, monkeypatch):
     from PIL import JpegImagePlugin
 
-    from ssl_toolkit.data.sources import decode_files
+    from ssl_toolkit.data.images import decode_files
 
     photo = Image.open(flickr / "images" / "1716445442_9cf3528342.jpg").convert("RGB")  # 500 x 375
     stored = {1: None, 2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_90",

@@ -66,14 +66,14 @@ def test_module_apply_reaches_every_submodule():
     assert len(seen) == len(list(model.modules())) and model.view_policy in seen
 
 
-@pytest.mark.parametrize("package", ["ssl_toolkit", "ssl_toolkit.eval"])
+@pytest.mark.parametrize("package", ["ssl_toolkit", "ssl_toolkit.data", "ssl_toolkit.eval"])
 def test_every_exported_name_loads_from_the_package(package):
     """The packages' names load on first use: each one in ``__all__`` resolves to the object its module defines
     (a typo in the table would surface only in a user's import), none is also the name of one of the package's
     modules (importing that module would make the name read as the module), and an unknown name is an
     AttributeError."""
     pkg = importlib.import_module(package)
-    eager = {"ssl_toolkit": set(), "ssl_toolkit.eval": {"linear_probe", "train_linear"}}[package]
+    eager = {"ssl_toolkit": set(), "ssl_toolkit.data": set(), "ssl_toolkit.eval": {"linear_probe", "train_linear"}}[package]
     assert sorted(pkg.__all__) == sorted(set(pkg._HOME) | eager)
     assert not set(pkg._HOME) & {m.name for m in pkgutil.iter_modules(pkg.__path__)}
     for name in pkg.__all__:
@@ -111,3 +111,17 @@ def test_help_and_the_losses_do_not_import_lightning_kornia_or_torchvision():
     assert lines[0] == "[]"
     assert lines[1:] == [f"{cmd} []" for cmd in sorted({"knn", "probe", "retrieval", "zeroshot", "pictures", "export",
                                                          "embed", "index", "search", "map"})]
+
+
+def test_the_checkpoint_module_still_answers_for_what_moved_to_saving():
+    """Writing checkpoints (Lightning) moved to ssl_toolkit.saving so that reading them needs no Lightning; a run
+    config written before names ``ssl_toolkit.checkpoint.AtomicCheckpointIO`` as its plugin, and resolves as before."""
+    import ssl_toolkit.checkpoint as checkpoint
+    import ssl_toolkit.saving as saving
+    from ssl_toolkit.checkpoint import import_class
+
+    assert sorted(checkpoint._HOME) == ["AtomicCheckpointIO", "StopAndSave", "keep_stopped_epoch_open",
+                                        "save_final_checkpoint", "save_last"]
+    for name in checkpoint._HOME:
+        assert getattr(checkpoint, name) is getattr(saving, name) and name in checkpoint.__all__
+    assert import_class("ssl_toolkit.checkpoint.AtomicCheckpointIO") is saving.AtomicCheckpointIO

@@ -180,7 +180,8 @@ def test_reading_the_last_steps_finite_flag_does_not_wait_for_work_queued_after_
 
 
 def test_a_checkpoint_write_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    from ssl_toolkit.checkpoint import AtomicCheckpointIO, load_checkpoint
+    from ssl_toolkit.checkpoint import load_checkpoint
+    from ssl_toolkit.saving import AtomicCheckpointIO
 
     model = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
                    proj_out_dim=8)
@@ -302,7 +303,8 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl
 
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-    from ssl_toolkit.checkpoint import RunStopped, StopAndSave
+    from ssl_toolkit.errors import RunStopped
+    from ssl_toolkit.saving import StopAndSave
 
     accumulate = 2 if "accumulating" in signals else 1
 
@@ -345,7 +347,8 @@ def test_ctrl_c_ignored_when_training_starts_stays_ignored_and_sigterm_still_sav
 
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
-    from ssl_toolkit.checkpoint import RunStopped, StopAndSave
+    from ssl_toolkit.errors import RunStopped
+    from ssl_toolkit.saving import StopAndSave
 
     class Send(Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -392,7 +395,8 @@ def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(
 def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
-    from ssl_toolkit.checkpoint import load_checkpoint, save_final_checkpoint
+    from ssl_toolkit.checkpoint import load_checkpoint
+    from ssl_toolkit.saving import save_final_checkpoint
 
     m = tiny()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_epochs=2)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
-from ssl_toolkit.data.sources import decode_images
+from ssl_toolkit.data.images import decode_images
 from ssl_toolkit.data.tokenizer import CaptionTokenizer
 
 

@@ -2,7 +2,6 @@
 
 import logging
 import os
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,18 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
+from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
+                                     report_unreadable)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-SPLIT_FOLDERS = ("train", "val", "test")  # a labelled image folder: train/<class>/*, and val/<class>/* or test/
-
-
-def image_files(folder: str | Path) -> list[str]:
-    """Every image file under ``folder`` (by extension; subfolders included, symlinked folders not followed),
-    sorted."""
-    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
-                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
 
 
 def _to_nchw(x: np.ndarray, key: str, source: str) -> torch.Tensor:
@@ -189,105 +180,6 @@ class NpzDataModule(InMemoryDataModule):
             raise ValueError(f"{self.path}: labels must lie in [0, {len(classes) - 1}] (one per class name); "
                              f"got [{low}, {n_cls - 1}].")
         return y_train, y_test, classes
-
-
-ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 flipped and/or rotated, undone by these (as ImageOps.exif_transpose)
-UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
-           7: "TRANSVERSE", 8: "ROTATE_90"}
-WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # Pillow's 16-bit (and 32-bit integer) grey images
-
-
-def _to_rgb(im):
-    """``im`` as 8-bit RGB. Pillow's own ``convert("RGB")`` clips 16-bit grey (microscopy, medical, depth) at 255,
-    so nearly every pixel turns white, and turns float images black. 16-bit grey keeps its high byte (``v >> 8``),
-    as Pillow already does for 16-bit RGB on load; float and out-of-range 32-bit images are refused."""
-    from PIL import Image
-
-    if im.mode in WIDE_GREY_MODES:
-        a = np.asarray(im).astype(np.int64)  # (H, W)
-        if a.size and (a.min() < 0 or a.max() > 65535):
-            raise ValueError(f"32-bit integer image with values in [{a.min()}, {a.max()}], outside 16-bit "
-                             "[0, 65535]; save it as 8- or 16-bit")
-        return Image.fromarray((a >> 8).astype(np.uint8)).convert("RGB")
-    if im.mode == "F":
-        raise ValueError("floating-point image (Pillow mode F): its range is unknown; save it as 8- or 16-bit")
-    return im.convert("RGB")
-
-
-def centred_square(w: float, h: float) -> tuple[float, float, float, float]:
-    """The box ``(left, top, right, bottom)`` of the centred square of side ``min(w, h)`` in a ``w x h`` picture."""
-    side = min(w, h)
-    return (w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2
-
-
-def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
-    """Decode, turn upright by the EXIF orientation (as viewers show phone photos), and resample the centred square
-    of side ``min(width, height)`` to ``size x size`` (bilinear, antialiased); return the error text on failure.
-
-    A JPEG much larger than ``size`` is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, Pillow's
-    ``draft``), as long as both sides stay at least ``size``: about 2x faster for photos at 32-64 px, for pixels
-    about one level (of 255) further on average from an area average of the whole image (``benchmarks/decode.py``)."""
-    from PIL import Image
-
-    path, size = args
-    try:
-        with Image.open(path) as im:
-            drafted = im.draft(None, (size, size))
-            # the picture's extent in decoded pixels: a reduced JPEG's last row and column can be partly padding
-            box = centred_square(*(drafted[1][2:] if drafted else im.size))
-            out = _to_rgb(im).resize((size, size), Image.BILINEAR, box=box, reducing_gap=None)
-            turn = UPRIGHT.get(im.getexif().get(ORIENTATION, 1))
-            if turn:  # the centred square turns with the picture: turn the small result, not the whole image
-                out = out.transpose(Image.Transpose[turn])
-            return np.asarray(out, dtype=np.uint8)
-    except Exception as e:  # PIL raises many types for corrupt, truncated or unknown files
-        return f"{type(e).__name__}: {e}"
-
-
-def decode_files(paths: list[str], size: int,
-                 workers: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """Decode ``paths`` (in ``workers`` processes) to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped.
-
-    Returns the readable images, their indices in ``paths``, and ``(path, reason)`` for each file that could not be
-    read; what to do about those is the caller's (``report_unreadable``).
-    """
-    jobs = [(p, size) for p in paths]
-    if workers > 0:
-        with ProcessPoolExecutor(workers) as ex:
-            decoded = list(ex.map(_decode_one, jobs, chunksize=256))
-    else:
-        decoded = [_decode_one(j) for j in jobs]
-    bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str)]
-    keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
-    x = (torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous() if keep
-         else torch.empty(0, 3, size, size, dtype=torch.uint8))  # (N, 3, S, S)
-    return x, torch.tensor(keep, dtype=torch.long), bad
-
-
-def report_unreadable(bad: list[tuple[str, str]], total: int, where: str, on_corrupt: str,
-                      skip: str = "data.on_corrupt=skip") -> None:
-    """Stop with the list of unreadable files (``on_corrupt='fail'``, ``skip`` names the setting that leaves them out)
-    or log them (``'skip'``)."""
-    if bad and on_corrupt == "fail":
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + more
-        raise ValueError(f"{len(bad)} of {total} images in {where} could not be read:\n{listing}\n"
-                         f"Fix or delete them, or set {skip} to leave them out.")
-    if bad:
-        log.warning("Skipped %d unreadable images in %s: %s", len(bad), where, ", ".join(p for p, _ in bad[:20]))
-
-
-def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
-                  where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``decode_files``, then unreadable or missing files stop with their list when ``on_corrupt='fail'``; with
-    ``'skip'`` they are left out and logged. Returns the images, the indices of ``paths`` kept, and how many were
-    skipped.
-    """
-    x, keep, bad = decode_files(paths, size, workers)
-    report_unreadable(bad, len(paths), where, on_corrupt)
-    if not len(keep):
-        raise ValueError(f"No readable images in {where}.")
-    return x, keep, len(bad)
 
 
 class ImageFolderDataModule(InMemoryDataModule):

@@ -15,8 +15,8 @@ import urllib.parse
 import numpy as np
 import torch
 
-from ssl_toolkit.data.sources import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
-                                      report_unreadable)
+from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
+                                     report_unreadable)
 from ssl_toolkit.eval.features import evaluating
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 

@@ -274,7 +274,7 @@ class BaseSSLModule(pl.LightningModule):
                 self.log("train/ema_momentum", m, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        from ssl_toolkit.checkpoint import keep_stopped_epoch_open
+        from ssl_toolkit.saving import keep_stopped_epoch_open
 
         self.check_finite()  # never write weights a non-finite loss has touched
         if self._trainer is not None:
