@@ -831,6 +831,8 @@ def search(args: list[str]) -> None:
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
                                 "--embeddings FOLDER")
+    if not os.path.exists(a.query):  # was "1 of 1 images could not be read ... or set --on-corrupt skip"
+        raise FileNotFoundError(f"--query {a.query!r} does not exist. Pass an image, or a folder of images.")
     with open(a.index + ".json") as f:
         info = json.load(f)
     given = a.ckpt or info["checkpoint"]
@@ -869,7 +871,7 @@ def map_(args: list[str]) -> None:
     emb, paths, meta = load_embeddings(a.embeddings)
     start = time.perf_counter()
     xy = embedding_map(emb, a.method)
-    title = f"{os.path.basename(meta['method'])} {meta['backbone']['name']}: {len(paths)} images ({a.method})"
+    title = f"{meta['method'].rpartition('.')[2]} {meta['backbone']['name']}: {len(paths)} images ({a.method})"
     out = save_map(xy, a.out or os.path.join(a.embeddings, "map.png"), meta["labels"], meta["classes"], title)
     print(f"wrote {out} ({a.method} in {time.perf_counter() - start:.1f} s)")
     if a.tensorboard:

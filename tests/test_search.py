@@ -165,6 +165,16 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     assert f"1 of 2 images in {broken} could not be read" in err and "--on-corrupt skip" in err, err
     assert main(["search", "--index", index, "--query", str(broken), "--on-corrupt", "skip", "-k", "1"]) == 0
     assert "query: " + str(broken / "ok.png") in capsys.readouterr().out
+    (tmp_path / "allbad").mkdir()
+    (tmp_path / "allbad" / "bad.jpg").write_bytes(b"not a jpeg")
+    for command in (["embed", "--ckpt", ckpt, "--images", str(tmp_path / "allbad"), "--out", str(tmp_path / "c")],
+                    ["search", "--index", index, "--query", str(tmp_path / "allbad" / "bad.jpg")]):
+        assert main([*command, "--on-corrupt", "skip"]) == 1  # both went on with nothing: 0 embeddings, no query
+        assert "None of the 1 images in" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
+    assert main(["search", "--index", index, "--query", str(broken / "typo.png")]) == 1
+    assert capsys.readouterr().err.strip().endswith(f"error: --query '{broken / 'typo.png'}' does not exist. Pass an "
+                                                    "image, or a folder of images.")
     with pytest.raises(SystemExit):  # argparse's usage error; it was faiss's bare AssertionError
         main(["search", "--index", index, "--query", str(broken / "ok.png"), "-k", "0"])
     assert "argument -k: needs a whole number >= 1; got '0'" in capsys.readouterr().err

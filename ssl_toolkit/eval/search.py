@@ -66,7 +66,7 @@ def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: t
             for x in images.split(batch_size):
                 feats.append(torch.nn.functional.normalize(encoder(x.to(device)).float(), dim=1).cpu())
     report_unreadable(bad, len(paths), where, on_corrupt, "--on-corrupt skip")
-    if not feats:
+    if not kept:  # not `feats`: an empty chunk splits into one empty batch, and it had written empty embeddings
         raise ValueError(f"None of the {len(paths)} images in {where} could be read.")
     return torch.cat(feats), kept
 
