@@ -11,6 +11,7 @@ import argparse
 import contextvars
 import glob
 import json
+import logging
 import os
 import re
 import sys
@@ -341,6 +342,12 @@ def _first_missing(path: str) -> str | None:
     return missing
 
 
+def _not_an_advert(record: logging.LogRecord) -> bool:
+    """False for Lightning's "💡 Tip: ... try installing litlogger / litmodels" lines, which advertise its cloud
+    services on every run rather than say something about the run."""
+    return not record.getMessage().startswith("💡 Tip:")
+
+
 def pretrain(args: list[str]):
     """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer."""
     from jsonargparse import ArgumentError
@@ -369,6 +376,7 @@ def pretrain(args: list[str]):
             _log_to_resumed_run(self.config)
 
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_an_advert)  # once: the same filter
     # Lightning 2.6 calls a torch.utils._pytree API that newer torch deprecates, once per run: not the user's to fix.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:

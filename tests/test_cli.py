@@ -16,19 +16,27 @@ def quickstart(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("quickstart")
     proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return cwd, proc.stdout
+    return cwd, proc.stdout, proc.stderr
 
 
 def test_quickstart_trained_encoder_beats_random_init_by_the_measured_margin(quickstart):
-    _, out = quickstart
+    _, out, _ = quickstart
     init, trained = map(float, re.search(r"k=20\s+random init ([\d.]+)% -> trained ([\d.]+)%", out).groups())
     # Measured on 2 CPU cores (seed 0, 25deb58): 83.52% at random init -> 97.59% after 40 epochs (+14.07 points).
     assert trained - init >= 11.0, out
     assert trained >= 95.0, out
 
 
+def test_pretrain_prints_no_lightning_adverts(quickstart):
+    """Lightning 2.6 logs "💡 Tip: For seamless cloud logging ... try installing litlogger" (and litmodels) on every
+    run: advertising, not about the run; the toolkit's console leaves it out."""
+    _, out, err = quickstart
+    assert "Tip:" not in out + err and "litlogger" not in out + err, err[-3000:]
+    assert "GPU available: False" in err  # Lightning's own info lines are kept
+
+
 def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys):
-    cwd, out = quickstart
+    cwd, out, _ = quickstart
     ckpt = re.search(r"checkpoint: (\S+)", out).group(1)
     knn = run_cli("knn", "--ckpt", ckpt, "--k", "20", "--out", "knn.json", cwd=cwd)
     assert knn.returncode == 0, knn.stderr[-2000:]
