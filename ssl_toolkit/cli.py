@@ -779,7 +779,7 @@ def embed(args: list[str]) -> None:
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     start = time.perf_counter()
     emb, kept = embed_paths(encoder_from_checkpoint(ckpt), paths, size, device, a.batch_size, a.workers, a.on_corrupt,
-                            where=a.images)
+                            where=a.images, progress=True)
     labelled = folder_labels(a.images, kept)
     meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
             "fingerprint": backbone_fingerprint(ckpt), "images": os.path.abspath(a.images), "image_size": size,

@@ -183,7 +183,7 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     assert list_images(str(root / "images"))[0].endswith(".png")
 
 
-def test_embedding_lists_every_unreadable_file_not_the_first_chunks(tmp_path):
+def test_embedding_lists_every_unreadable_file_not_the_first_chunks(tmp_path, capsys):
     """Images are embedded a chunk at a time; a failing run names the unreadable files of every chunk, so one
     fix-and-rerun suffices (it used to stop at the first chunk with a bad file and name only those)."""
     names = ["a.png", "bad1.jpg", "b.png", "c.png", "d.png", "bad2.png"]
@@ -197,8 +197,16 @@ def test_embedding_lists_every_unreadable_file_not_the_first_chunks(tmp_path):
     net = Encoder(backbone, (0.5,) * 3, (0.25,) * 3)
     with pytest.raises(ValueError, match=r"2 of 6 images in here could not be read:\n.*bad1.jpg.*\n.*bad2.png"):
         embed_paths(net, paths, 8, chunk=2, where="here")
-    emb, kept = embed_paths(net, paths, 8, chunk=2, on_corrupt="skip")
+    capsys.readouterr()
+    emb, kept = embed_paths(net, paths, 8, chunk=2, on_corrupt="skip", progress=True)
     assert emb.shape == (4, dim) and kept == [p for p in paths if "bad" not in p]
+    lines = capsys.readouterr().err.splitlines()  # embed's progress: a line a chunk (silent before, for any size)
+    assert [re.sub(r"\d[\d,]* a second, about \d+ s left", "R", line) for line in lines] == [
+        "2 of 6 images read, R (1 unreadable)", "4 of 6 images read, R (1 unreadable)",
+        lines[2]], lines
+    assert re.fullmatch(r"6 of 6 images read, [\d,]+ a second \(2 unreadable\)", lines[2])
+    embed_paths(net, paths[:2], 8, chunk=2, on_corrupt="skip", progress=True)  # one chunk: nothing to report
+    assert capsys.readouterr().err == ""
 
 
 def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):
