@@ -10,6 +10,7 @@ than 6.5; a test holds them to it too."""
 import argparse
 import contextvars
 import glob
+import importlib
 import json
 import logging
 import os
@@ -106,7 +107,6 @@ def _accepted(owner) -> dict:
 def _did_you_mean(message: str) -> list[str]:
     """``Did you mean ...?`` for the unknown key or class name of a jsonargparse error, when a close one exists."""
     import difflib
-    import importlib
     import typing
 
     from ssl_toolkit.checkpoint import import_class
@@ -359,6 +359,12 @@ def pretrain(args: list[str]):
     from ssl_toolkit.distributed import end_process_group
     from ssl_toolkit.methods import BaseSSLModule
     from ssl_toolkit.saving import StopAndSave, save_final_checkpoint
+
+    # LightningCLI knows (lists in --help, resolves by short name: `--data NpzDataModule`,
+    # `--trainer.callbacks+=OnlineProbe`) the subclasses imported, and the packages' names load on first use
+    for module in ("ssl_toolkit.data.sources", "ssl_toolkit.data.captions", "ssl_toolkit.eval.callbacks",
+                   "ssl_toolkit.eval.pictures", "ssl_toolkit.compile"):
+        importlib.import_module(module)
 
     class PretrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):  # run=False leaves out fit's own --ckpt_path; resuming needs it

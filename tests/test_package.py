@@ -3,6 +3,7 @@
 import importlib
 import inspect
 import pkgutil
+import re
 import subprocess
 import sys
 
@@ -73,7 +74,8 @@ def test_every_exported_name_loads_from_the_package(package):
     modules (importing that module would make the name read as the module), and an unknown name is an
     AttributeError."""
     pkg = importlib.import_module(package)
-    eager = {"ssl_toolkit": set(), "ssl_toolkit.data": set(), "ssl_toolkit.eval": {"linear_probe", "train_linear"}}[package]
+    eager = {"ssl_toolkit": set(), "ssl_toolkit.data": set(),
+             "ssl_toolkit.eval": {"linear_probe", "train_linear"}}[package]
     assert sorted(pkg.__all__) == sorted(set(pkg._HOME) | eager)
     assert not set(pkg._HOME) & {m.name for m in pkgutil.iter_modules(pkg.__path__)}
     for name in pkg.__all__:
@@ -111,6 +113,32 @@ def test_help_and_the_losses_do_not_import_lightning_kornia_or_torchvision():
     assert lines[0] == "[]"
     assert lines[1:] == [f"{cmd} []" for cmd in sorted({"knn", "probe", "retrieval", "zeroshot", "pictures", "export",
                                                          "embed", "index", "search", "map"})]
+
+
+def test_pretrain_knows_every_datamodule_and_callback_in_a_fresh_process():
+    """LightningCLI lists and resolves by short name the subclasses that are imported. ssl_toolkit.data's names load
+    on first use, and with only InMemoryDataModule imported, `--data NpzDataModule` was "not accessible or invalid"
+    and `--help` listed no DataModule (unless the recipe named one by its path); nor did it list the toolkit's
+    callbacks (since the top package's names load on first use), which resolved only when the recipe imported them."""
+    code = ("import sys, contextlib, io\n"
+            "from ssl_toolkit.cli import main\n"
+            "for args in (['--help'], ['--model', 'SimCLR', '--data', 'NpzDataModule', '--data.path', 'x.npz',\n"
+            "                          '--trainer.callbacks+=OnlineProbe', '--print_config']):\n"
+            "    with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+            "        try: main(['pretrain', *args])\n"
+            "        except SystemExit as e: assert e.code == 0, e.code\n"
+            "    print(out.getvalue())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    listed = re.search(r"known subclasses: ssl_toolkit.InMemoryDataModule,([^)]*)\)", done.stdout).group(1).split()
+    assert sorted(c.strip(",") for c in listed) == [f"ssl_toolkit.{c}DataModule" for c in
+                                                    ("CIFAR", "Caption", "Digits", "ImageFolder", "Npz")], listed
+    assert "data:\n  class_path: ssl_toolkit.NpzDataModule\n  init_args:\n    path: x.npz\n" in done.stdout
+    assert "  callbacks:\n  - class_path: ssl_toolkit.eval.OnlineProbe\n" in done.stdout
+    callbacks = done.stdout[done.stdout.index("--trainer.callbacks CALLBACKS, "):]  # the option, not the usage
+    callbacks = re.sub(r"\s+", "", callbacks[:callbacks.index("--trainer.fast_dev_run")])  # help wraps mid-name
+    for name in ("KNNCallback", "OnlineProbe", "RetrievalCallback", "CollapseMonitor", "PicturesCallback", "Compile"):
+        assert re.search(rf"ssl_toolkit\.(eval\.)?{name}[,)]", callbacks), (name, callbacks)
 
 
 def test_the_checkpoint_module_still_answers_for_what_moved_to_saving():
