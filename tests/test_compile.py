@@ -88,17 +88,28 @@ def test_evaluators_run_a_compiled_module_eagerly():
     module runs eagerly (``eager`` skips ``set_stance`` only while nothing has been compiled)."""
     from ssl_toolkit.eval.features import evaluating
 
+    class Net(torch.nn.Module):  # its own forward: torch 2.11 does not trace an nn.Sequential of built-in layers
+        def __init__(self):
+            super().__init__()
+            self.fc, self.bn = torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)
+
+        def forward(self, x):
+            return self.bn(self.fc(x))
+
+    def compiled(graphs):
+        torch._dynamo.reset()
+        net = Net()
+        net.compile(backend=lambda gm, example_inputs: graphs.append(gm) or gm.forward)
+        net(torch.randn(5, 4))  # training: traced once
+        assert len(graphs) == 1
+        return net
+
     graphs = []
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
-    torch._dynamo.reset()
-    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
-    net.compile(backend=counting)
+    net = compiled(graphs)
     with evaluating(net, "cpu"):
-        out = net(torch.randn(5, 4))
-    assert graphs == [] and out.shape == (5, 4) and net.training
-    net(torch.randn(5, 4))
-    assert len(graphs) == 1
+        out = net(torch.randn(3, 4))  # eval mode, another batch size
+    assert len(graphs) == 1 and out.shape == (3, 4) and net.training
+    graphs = []
+    net = compiled(graphs).eval()
+    net(torch.randn(3, 4))  # the same call outside `evaluating`: a second graph
+    assert len(graphs) == 2
