@@ -361,10 +361,11 @@ def pretrain(args: list[str]):
     from ssl_toolkit.saving import StopAndSave, save_final_checkpoint
 
     # LightningCLI knows (lists in --help, resolves by short name: `--data NpzDataModule`,
-    # `--trainer.callbacks+=OnlineProbe`) the subclasses imported, and the packages' names load on first use
-    for module in ("ssl_toolkit.data.sources", "ssl_toolkit.data.captions", "ssl_toolkit.eval.callbacks",
-                   "ssl_toolkit.eval.pictures", "ssl_toolkit.compile"):
-        importlib.import_module(module)
+    # `--trainer.callbacks+=OnlineProbe`) only the subclasses imported, and the packages' names load on first use:
+    # import every module their lazy tables name, so a DataModule or callback added to a table is known too
+    for package in ("ssl_toolkit", "ssl_toolkit.data", "ssl_toolkit.eval"):
+        for module in sorted(set(importlib.import_module(package)._HOME.values())):
+            importlib.import_module(module)
 
     class PretrainCLI(LightningCLI):
         def add_arguments_to_parser(self, parser):  # run=False leaves out fit's own --ckpt_path; resuming needs it
