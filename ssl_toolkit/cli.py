@@ -786,7 +786,7 @@ def embed(args: list[str]) -> None:
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     start = time.perf_counter()
     emb, kept = embed_paths(encoder_from_checkpoint(ckpt), paths, size, device, a.batch_size, a.workers, a.on_corrupt,
-                            where=a.images, progress=True)
+                            where=a.images)
     labelled = folder_labels(a.images, kept)
     meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
             "fingerprint": backbone_fingerprint(ckpt), "images": os.path.abspath(a.images), "image_size": size,
@@ -900,6 +900,17 @@ COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retri
             "map": map_}
 
 
+def _run(cmd, args: list[str]) -> None:
+    """Every command but ``pretrain`` (Lightning shows training's progress) says how far its long loops are on
+    stderr: feature extraction, the augmented probe, embedding a folder (``reporting_progress``)."""
+    if cmd is pretrain:
+        return cmd(args)
+    from ssl_toolkit.eval.features import reporting_progress
+
+    with reporting_progress():
+        return cmd(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -913,7 +924,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ssl-toolkit: unknown command {argv[0]!r}.\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
-        contextvars.copy_context().run(cmd, argv[1:])  # settings a command makes (eval precision) end with it
+        contextvars.copy_context().run(_run, cmd, argv[1:])  # what a command sets (eval precision) ends with it
     except RunStopped as e:
         print(f"ssl-toolkit {argv[0]}: {e}", file=sys.stderr)
         return e.exit_code

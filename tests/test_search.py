@@ -14,6 +14,7 @@ from PIL import Image
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import NpzDataModule
+from ssl_toolkit.eval.features import reporting_progress
 from ssl_toolkit.eval.search import (build_index, embed_paths, faiss, list_images, load_embeddings, retrieval_metrics,
                                      write_gallery)
 from ssl_toolkit.methods import SimCLR
@@ -198,14 +199,17 @@ def test_embedding_lists_every_unreadable_file_not_the_first_chunks(tmp_path, ca
     with pytest.raises(ValueError, match=r"2 of 6 images in here could not be read:\n.*bad1.jpg.*\n.*bad2.png"):
         embed_paths(net, paths, 8, chunk=2, where="here")
     capsys.readouterr()
-    emb, kept = embed_paths(net, paths, 8, chunk=2, on_corrupt="skip", progress=True)
+    with reporting_progress():  # as the command line runs it
+        emb, kept = embed_paths(net, paths, 8, chunk=2, on_corrupt="skip")
     assert emb.shape == (4, dim) and kept == [p for p in paths if "bad" not in p]
     lines = capsys.readouterr().err.splitlines()  # embed's progress: a line a chunk (silent before, for any size)
     assert [re.sub(r"\d[\d,]* a second, about \d+ s left", "R", line) for line in lines] == [
         "2 of 6 images read, R (1 unreadable)", "4 of 6 images read, R (1 unreadable)",
         lines[2]], lines
     assert re.fullmatch(r"6 of 6 images read, [\d,]+ a second \(2 unreadable\)", lines[2])
-    embed_paths(net, paths[:2], 8, chunk=2, on_corrupt="skip", progress=True)  # one chunk: nothing to report
+    with reporting_progress():
+        embed_paths(net, paths[:2], 8, chunk=2, on_corrupt="skip")  # one chunk: nothing to report
+    embed_paths(net, paths, 8, chunk=2, on_corrupt="skip")  # outside reporting_progress: silent
     assert capsys.readouterr().err == ""
 
 

@@ -182,7 +182,7 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     as they are (no augmentation). The backbone runs every epoch, so this costs ``epochs`` passes of it; the
     fast protocol (:func:`linear_probe_sweep`) runs it once.
     """
-    from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
+    from ssl_toolkit.eval.features import Progress, evaluating, extract_features, own_rng
     from ssl_toolkit.views import functional as VF
 
     if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1:
@@ -197,8 +197,10 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     with own_rng(seed, device):  # the probe's init and crops do not move the caller's random streams
         clf = bn_linear(dim, datamodule.num_classes).to(device)
         opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * math.ceil(len(y_all) / batch_size))
-        for _ in range(epochs):
+        steps = epochs * math.ceil(len(y_all) / batch_size)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        report, step = Progress(steps, "steps", "augmented probe"), 0
+        for epoch in range(epochs):
             for idx in torch.randperm(len(y_all)).split(batch_size):
                 x = x_all[idx].to(device).float() / 255.0  # (b, 3, H, W) in [0, 1]
                 boxes = VF.sample_crop_boxes(len(x), x.shape[-2], x.shape[-1], scale, (3 / 4, 4 / 3), device=device)
@@ -211,6 +213,8 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
                 loss.backward()
                 opt.step()
                 sched.step()
+                step += 1
+                report(step, f" (epoch {epoch + 1} of {epochs})")
     test_x, test_y = extract_features(encoder, datamodule, "test", device, batch_size)
     clf.eval()
     with torch.no_grad():

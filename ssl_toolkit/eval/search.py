@@ -10,8 +10,6 @@ import hashlib
 import html
 import json
 import os
-import sys
-import time
 import urllib.parse
 
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 
 from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
                                      report_unreadable)
-from ssl_toolkit.eval.features import evaluating
+from ssl_toolkit.eval.features import Progress, evaluating
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 
 
@@ -47,19 +45,18 @@ def backbone_fingerprint(ckpt: dict) -> str:
 @torch.no_grad()
 def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: torch.device | str = "cpu",
                 batch_size: int = 256, workers: int = 0, on_corrupt: str = "fail",
-                chunk: int = 4096, where: str = "the images",
-                progress: bool = False) -> tuple[torch.Tensor, list[str]]:
+                chunk: int = 4096, where: str = "the images") -> tuple[torch.Tensor, list[str]]:
     """L2-normalised ``(N, D)`` float32 embeddings of the images at ``paths`` and the paths kept.
 
     Images are decoded ``chunk`` at a time (memory stays bounded), shorter side resized to ``size`` and
     centre-cropped, as ImageFolderDataModule does. Unreadable files stop it with the list of all of them, every
     chunk's (``on_corrupt='fail'``: once one is found the rest is only decoded, not embedded), or are left out and
-    logged (``'skip'``). With ``progress``, a line on stderr after each chunk says how far it is, when there are
-    several.
+    logged (``'skip'``). Under :func:`~ssl_toolkit.eval.features.reporting_progress`, a line on stderr after each
+    chunk says how far it is, when there are several.
     """
     encoder = encoder.to(device)
     feats, kept, bad = [], [], []
-    began = time.perf_counter()
+    report = Progress(len(paths), "images read", every=0)
     with evaluating(encoder, device):
         for start in range(0, len(paths), chunk):
             part = paths[start:start + chunk]
@@ -69,12 +66,8 @@ def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: t
                 kept += [part[i] for i in keep.tolist()]  # to list every unreadable file at once
                 for x in images.split(batch_size):
                     feats.append(torch.nn.functional.normalize(encoder(x.to(device)).float(), dim=1).cpu())
-            done = start + len(part)
-            if progress and len(paths) > chunk:
-                rate = done / (time.perf_counter() - began)
-                left = f", about {(len(paths) - done) / rate:.0f} s left" if done < len(paths) else ""
-                print(f"{done:,} of {len(paths):,} images read, {rate:,.0f} a second{left}"
-                      + (f" ({len(bad):,} unreadable)" if bad else ""), file=sys.stderr, flush=True)
+            if len(paths) > chunk:
+                report(start + len(part), f" ({len(bad):,} unreadable)" if bad else "")
     report_unreadable(bad, len(paths), where, on_corrupt, "--on-corrupt skip")
     if not kept:  # not `feats`: an empty chunk splits into one empty batch, and it had written empty embeddings
         raise ValueError(f"None of the {len(paths)} images in {where} could be read.")
