@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 from ssl_toolkit.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
+from ssl_toolkit.data.images import report_unreadable
 
 
 def test_digits_is_offline_rgb_uint8_with_a_fixed_split():
@@ -149,6 +150,12 @@ def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counte
     dm.setup()
     assert dm.num_skipped == 2 and len(dm.splits.y_train) == 6
     assert "Skipped 2 unreadable images" in caplog.text
+    caplog.clear()  # one of them, and many: the count reads right and the log line says how many it leaves out
+    report_unreadable([("a.jpg", "cannot identify image")], 8, "imgs", "skip")
+    report_unreadable([(f"{i}.jpg", "truncated") for i in range(25)], 30, "imgs", "skip")
+    assert caplog.messages[-2:] == ["Skipped 1 unreadable image in imgs: a.jpg",
+                                    "Skipped 25 unreadable images in imgs: "
+                                    + ", ".join(f"{i}.jpg" for i in range(20)) + " and 5 more"]
 
 
 def test_unreadable_files_of_both_splits_are_named_in_one_run(tmp_path, caplog):

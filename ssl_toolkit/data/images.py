@@ -102,13 +102,14 @@ def report_unreadable(bad: list[tuple[str, str]], total: int, where: str, on_cor
                       skip: str = "data.on_corrupt=skip") -> None:
     """Stop with the list of unreadable files (``on_corrupt='fail'``, ``skip`` names the setting that leaves them out)
     or log them (``'skip'``)."""
+    more = f"{len(bad) - 20} more" if len(bad) > 20 else ""
     if bad and on_corrupt == "fail":
-        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + more
+        listing = "\n".join(f"  {p}: {r}" for p, r in bad[:20]) + (f"\n  ... and {more}" if more else "")
         raise ValueError(f"{len(bad)} of {total} images in {where} could not be read:\n{listing}\n"
                          f"Fix or delete them, or set {skip} to leave them out.")
     if bad:
-        log.warning("Skipped %d unreadable images in %s: %s", len(bad), where, ", ".join(p for p, _ in bad[:20]))
+        log.warning("Skipped %d unreadable image%s in %s: %s%s", len(bad), "s" * (len(bad) > 1), where,
+                    ", ".join(p for p, _ in bad[:20]), f" and {more}" if more else "")
 
 
 def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
