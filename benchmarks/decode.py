@@ -17,7 +17,6 @@ Writes ``benchmarks/results/decode-cpu.json`` with the commit, device and versio
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -28,7 +27,7 @@ import torch
 from PIL import Image, ImageOps, JpegImagePlugin
 
 sys.path.insert(0, os.path.dirname(__file__))
-from throughput import environment  # noqa: E402
+from throughput import environment, write_record  # noqa: E402
 
 from ssl_toolkit.data.images import centred_square, decode_files, image_files  # noqa: E402
 
@@ -98,9 +97,7 @@ def main() -> None:
               "min_side": a.min_side, "images": len(paths), "workers": a.workers, "rounds": a.rounds,
               "image_sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common()}, "by_size": results}
     out = a.out or os.path.join(os.path.dirname(__file__), "results", "decode-cpu.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
+    write_record(record, out)
     print(f"-> {out}")
 
 

@@ -30,7 +30,7 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 sys.path.insert(0, os.path.dirname(__file__))
-from throughput import environment, sync  # noqa: E402
+from throughput import environment, sync, write_record  # noqa: E402
 
 from ssl_toolkit.backbones import BackboneConfig  # noqa: E402
 from ssl_toolkit.data import DigitsDataModule  # noqa: E402
@@ -114,9 +114,7 @@ def main() -> None:
               "lightning_overhead_ms": ms["lightning"] - ms["plain"],
               "lightning_overhead_ms_log_every_step": ms["lightning_log_every_step"] - ms["plain"]}
     out = a.out or os.path.join(os.path.dirname(__file__), "results", f"loop-overhead-{device.type}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(record, f, indent=2)
+    write_record(record, out)
     print(json.dumps({k: round(v, 2) for k, v in ms.items()}), f"-> {out}")
 
 

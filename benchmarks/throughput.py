@@ -95,6 +95,13 @@ def environment(device: torch.device) -> dict:
             **versions(), "cpu_count": os.cpu_count()}
 
 
+def write_record(record: dict, out: str) -> None:
+    """A result record as indented JSON at ``out``, its folder made if needed."""
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(record, f, indent=2)
+
+
 class PeerViews(torch.utils.data.Dataset):
     """Two SimCLR views per image made by torchvision transforms on PIL images in DataLoader workers: the
     pipeline of lightly and solo-learn's CPU path (RandomResizedCrop, flip, ColorJitter p=0.8, grayscale p=0.2)."""
@@ -294,9 +301,7 @@ def main() -> None:
         record = {**env, "command": " ".join(sys.argv), **measure(method, a, device, peer if method == "simclr" else None)}
         tag = f"-{a.tag}" if a.tag else ""
         out = a.out or os.path.join(os.path.dirname(__file__), "results", f"throughput-{method}-{device.type}{tag}.json")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        with open(out, "w") as f:
-            json.dump(record, f, indent=2)
+        write_record(record, out)
         print(f"wrote {out}", flush=True)
         summary[method] = record
     if len(methods) > 1:

@@ -7,6 +7,7 @@ Lightning-free, so that ``embed`` and ``search`` read images without importing i
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +85,24 @@ def decode_files(paths: list[str], size: int,
 
     Returns the readable images, their indices in ``paths``, and ``(path, reason)`` for each file that could not be
     read; what to do about those is the caller's (``report_unreadable``).
+
+    Each image goes into the result as it arrives, so memory peaks at about the result's size (``N * 3 * size^2``
+    bytes). Collecting the decoded arrays, stacking them and making them channels-first had peaked at 3x it: 1.8 GB
+    for CIFAR-10's 50,000 training images at 64 px, now 0.6 GB. With unreadable files the result is the front of a
+    buffer sized for every file.
     """
-    jobs = [(p, size) for p in paths]
-    if workers > 0:
-        with ProcessPoolExecutor(workers) as ex:
-            decoded = list(ex.map(_decode_one, jobs, chunksize=256))
-    else:
-        decoded = [_decode_one(j) for j in jobs]
-    bad = [(p, r) for p, r in zip(paths, decoded) if isinstance(r, str)]
-    keep = [i for i, r in enumerate(decoded) if not isinstance(r, str)]
-    x = (torch.from_numpy(np.stack([decoded[i] for i in keep])).permute(0, 3, 1, 2).contiguous() if keep
-         else torch.empty(0, 3, size, size, dtype=torch.uint8))  # (N, 3, S, S)
+    x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
+    rows, keep, bad = x.numpy(), [], []  # rows: the same memory, written by numpy (a decoded array is read-only)
+    with ProcessPoolExecutor(workers) if workers > 0 else nullcontext() as pool:
+        jobs = [(p, size) for p in paths]
+        decoded = pool.map(_decode_one, jobs, chunksize=256) if pool else map(_decode_one, jobs)
+        for i, (path, image) in enumerate(zip(paths, decoded)):
+            if isinstance(image, str):
+                bad.append((path, image))
+            else:
+                rows[len(keep)] = image.transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
+                keep.append(i)
+    x = x[:len(keep)]
     return x, torch.tensor(keep, dtype=torch.long), bad
 
 
