@@ -901,11 +901,10 @@ COMMANDS = {"pretrain": pretrain, "knn": knn, "probe": probe, "retrieval": retri
 
 
 def _run(cmd, args: list[str]) -> None:
-    """Every command but ``pretrain`` (Lightning shows training's progress) says how far its long loops are on
-    stderr: feature extraction, the augmented probe, embedding a folder (``reporting_progress``)."""
-    if cmd is pretrain:
-        return cmd(args)
-    from ssl_toolkit.eval.features import reporting_progress
+    """Every command says how far its long loops are on stderr (``reporting_progress``): decoding an image folder,
+    feature extraction, the augmented probe, embedding a folder. (Lightning shows training's own progress, and the
+    training callbacks' evaluations stay silent.)"""
+    from ssl_toolkit.progress import reporting_progress
 
     with reporting_progress():
         return cmd(args)

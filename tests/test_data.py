@@ -301,3 +301,21 @@ def test_decoding_a_folder_holds_the_images_once(tmp_path):
     assert torch.equal(x[:, 0, 0, 0], torch.arange(600) % 256) and torch.equal(x.amin((1, 2, 3)), x.amax((1, 2, 3)))
     # 460 KB of images: the old way peaked at 2.7x that in numpy arrays alone; now Pillow's ~0.1 MB for one image
     assert peak < x.numel() / 2, (peak, x.numel())
+
+
+def test_decoding_a_large_folder_says_how_far_it_is(tmp_path, monkeypatch, capsys):
+    """A folder of 100,000 photos takes minutes to decode before the first step, in silence before. Under the
+    command line (reporting_progress) each split's decoding prints a line at most every 10 s (every image here)."""
+    import re
+
+    from ssl_toolkit import progress
+
+    root = make_folder(tmp_path / "imgs")
+    ImageFolderDataModule(str(root), image_size=8).setup()
+    assert capsys.readouterr().err == ""  # a library call: silent
+    monkeypatch.setattr(progress, "PROGRESS_EVERY", 0)
+    with progress.reporting_progress():
+        ImageFolderDataModule(str(root), image_size=8, num_workers=2).setup()
+    lines = [re.sub(r"\d[\d,]* a second(, about \d+ s left)?", "R", line)
+             for line in capsys.readouterr().err.splitlines()]
+    assert lines == [f"{root / split}: {i} of 6 images decoded, R" for split in ("train", "val") for i in range(1, 7)]

@@ -349,13 +349,13 @@ def test_ivf_knn_reports_its_recall_and_stays_close_to_exact():
 
 
 def test_progress_lines_read_as_times_a_person_reads(monkeypatch, capsys):
-    from ssl_toolkit.eval import features
-    from ssl_toolkit.eval.features import Progress, duration, reporting_progress
+    from ssl_toolkit import progress
+    from ssl_toolkit.progress import Progress, duration, reporting_progress
 
     assert [duration(s) for s in (0.4, 42, 99.4, 1000, 5960, 7500)] == ["0 s", "42 s", "99 s", "17 min", "99 min",
                                                                          "2 h 5 min"]
     clock = iter([0.0, 30.0, 36.0, 50.0, 90.0])  # made at 0; calls at 30, 36 (within 10 s: no line), 50, 90
-    monkeypatch.setattr(features.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: next(clock))
     with reporting_progress():
         report = Progress(3, "epochs", "probe")
         for done in (1, 1, 2, 3):

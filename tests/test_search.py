@@ -14,10 +14,10 @@ from PIL import Image
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import NpzDataModule
-from ssl_toolkit.eval.features import reporting_progress
 from ssl_toolkit.eval.search import (build_index, embed_paths, faiss, list_images, load_embeddings, retrieval_metrics,
                                      write_gallery)
 from ssl_toolkit.methods import SimCLR
+from ssl_toolkit.progress import reporting_progress
 from ssl_toolkit.views import ViewConfig
 
 

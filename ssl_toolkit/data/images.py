@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssl_toolkit.progress import Progress
+
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -79,12 +81,14 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
-def decode_files(paths: list[str], size: int,
-                 workers: int) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+def decode_files(paths: list[str], size: int, workers: int,
+                 label: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
     """Decode ``paths`` (in ``workers`` processes) to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped.
 
     Returns the readable images, their indices in ``paths``, and ``(path, reason)`` for each file that could not be
-    read; what to do about those is the caller's (``report_unreadable``).
+    read; what to do about those is the caller's (``report_unreadable``). With ``label`` (the folder, say), a long
+    decoding says how far it is (:class:`~ssl_toolkit.progress.Progress`): ``photos/train: 12,288 of 130,000 images
+    decoded, 1,920 a second, about 61 s left``.
 
     Each image goes into the result as it arrives, so memory peaks at about the result's size (``N * 3 * size^2``
     bytes). Collecting the decoded arrays, stacking them and making them channels-first had peaked at 3x it: 1.8 GB
@@ -93,6 +97,7 @@ def decode_files(paths: list[str], size: int,
     """
     x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     rows, keep, bad = x.numpy(), [], []  # rows: the same memory, written by numpy (a decoded array is read-only)
+    report = Progress(len(paths), "images decoded", label) if label else lambda done: None
     with ProcessPoolExecutor(workers) if workers > 0 else nullcontext() as pool:
         jobs = [(p, size) for p in paths]
         decoded = pool.map(_decode_one, jobs, chunksize=256) if pool else map(_decode_one, jobs)
@@ -102,6 +107,7 @@ def decode_files(paths: list[str], size: int,
             else:
                 rows[len(keep)] = image.transpose(2, 0, 1)  # (S, S, 3) -> (3, S, S)
                 keep.append(i)
+            report(i + 1)
     x = x[:len(keep)]
     return x, torch.tensor(keep, dtype=torch.long), bad
 
@@ -126,7 +132,7 @@ def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
     ``'skip'`` they are left out and logged. Returns the images, the indices of ``paths`` kept, and how many were
     skipped.
     """
-    x, keep, bad = decode_files(paths, size, workers)
+    x, keep, bad = decode_files(paths, size, workers, where)
     report_unreadable(bad, len(paths), where, on_corrupt)
     if not len(keep):
         raise ValueError(f"No readable images in {where}.")

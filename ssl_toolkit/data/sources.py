@@ -257,8 +257,8 @@ class ImageFolderDataModule(InMemoryDataModule):
         if found != classes:
             raise ValueError(f"{eval_dir} has classes {found} but train/ has {classes}; both splits need the same "
                              "class folders.")
-        x_train, keep_train, bad_train = decode_files(train_paths, self.image_size, self.decode_workers)
-        x_test, keep_test, bad_test = decode_files(test_paths, self.image_size, self.decode_workers)
+        x_train, keep_train, bad_train = decode_files(train_paths, self.image_size, self.decode_workers, str(train_dir))
+        x_test, keep_test, bad_test = decode_files(test_paths, self.image_size, self.decode_workers, str(eval_dir))
         with_bad = {d: len(paths) for d, paths, bad in ((train_dir, train_paths, bad_train),
                                                         (eval_dir, test_paths, bad_test)) if bad}  # split -> images
         report_unreadable(bad_train + bad_test, sum(with_bad.values()), " and ".join(map(str, with_bad)),

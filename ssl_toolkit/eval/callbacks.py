@@ -9,6 +9,7 @@ import torch
 
 from ssl_toolkit.distributed import all_reduce_mean
 from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
+from ssl_toolkit.progress import reporting_progress
 from ssl_toolkit.eval.knn import knn_accuracy
 from ssl_toolkit.eval.linear_probe import bn_linear, topk_accuracy
 
@@ -67,6 +68,11 @@ class PeriodicEvaluation(pl.Callback):
     def evaluate(self, trainer: pl.Trainer, pl_module) -> dict:
         raise NotImplementedError(f"{type(self).__name__} must implement evaluate().")
 
+    def quietly_evaluate(self, trainer: pl.Trainer, pl_module) -> dict:
+        """:meth:`evaluate` without progress lines: they would break into the training's progress bar."""
+        with reporting_progress(False):
+            return self.evaluate(trainer, pl_module)
+
     def metrics(self, result: dict, suffix: str = "") -> dict[str, float]:
         """Logged names and values of one result; ``suffix`` is ``_init`` for the baseline."""
         raise NotImplementedError(f"{type(self).__name__} must implement metrics().")
@@ -81,7 +87,7 @@ class PeriodicEvaluation(pl.Callback):
         # A resumed run starts from trained weights: its baseline comes from the checkpoint (state_dict), or, from a
         # checkpoint written before the results were saved there, is left out rather than measured on them.
         if self.baseline and "init" not in self.results and trainer.ckpt_path is None:
-            self.results["init"] = self.evaluate(trainer, pl_module)
+            self.results["init"] = self.quietly_evaluate(trainer, pl_module)
             if trainer.logger is not None:
                 trainer.logger.log_metrics(self.metrics(self.results["init"], "_init"), step=0)
 
@@ -94,7 +100,7 @@ class PeriodicEvaluation(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if self.off or not is_due(trainer, self.every_n_epochs):
             return
-        self.results["trained"] = result = self.evaluate(trainer, pl_module)
+        self.results["trained"] = result = self.quietly_evaluate(trainer, pl_module)
         # Every rank scores the whole evaluation set (each encoded a share of it), so the mean over ranks is the
         # same number; syncing it (one all-reduce an evaluation) is what Lightning asks for epoch-level metrics.
         pl_module.log_dict(self.metrics(result), prog_bar=False, sync_dist=True)

@@ -182,7 +182,8 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     as they are (no augmentation). The backbone runs every epoch, so this costs ``epochs`` passes of it; the
     fast protocol (:func:`linear_probe_sweep`) runs it once.
     """
-    from ssl_toolkit.eval.features import Progress, evaluating, extract_features, own_rng
+    from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
+    from ssl_toolkit.progress import Progress
     from ssl_toolkit.views import functional as VF
 
     if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1:

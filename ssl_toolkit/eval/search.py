@@ -17,7 +17,8 @@ import torch
 
 from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
                                      report_unreadable)
-from ssl_toolkit.eval.features import Progress, evaluating
+from ssl_toolkit.eval.features import evaluating
+from ssl_toolkit.progress import Progress
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
 
 
@@ -51,7 +52,7 @@ def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: t
     Images are decoded ``chunk`` at a time (memory stays bounded), shorter side resized to ``size`` and
     centre-cropped, as ImageFolderDataModule does. Unreadable files stop it with the list of all of them, every
     chunk's (``on_corrupt='fail'``: once one is found the rest is only decoded, not embedded), or are left out and
-    logged (``'skip'``). Under :func:`~ssl_toolkit.eval.features.reporting_progress`, a line on stderr after each
+    logged (``'skip'``). Under :func:`~ssl_toolkit.progress.reporting_progress`, a line on stderr after each
     chunk says how far it is, when there are several.
     """
     encoder = encoder.to(device)
