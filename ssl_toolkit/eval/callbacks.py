@@ -9,9 +9,9 @@ import torch
 
 from ssl_toolkit.distributed import all_reduce_mean
 from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
-from ssl_toolkit.progress import reporting_progress
 from ssl_toolkit.eval.knn import knn_accuracy
 from ssl_toolkit.eval.linear_probe import bn_linear, topk_accuracy
+from ssl_toolkit.progress import reporting_progress
 
 
 def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:

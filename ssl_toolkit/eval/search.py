@@ -18,8 +18,8 @@ import torch
 from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
                                      report_unreadable)
 from ssl_toolkit.eval.features import evaluating
-from ssl_toolkit.progress import Progress
 from ssl_toolkit.eval.knn import faiss, make_index, neighbour_recall
+from ssl_toolkit.progress import Progress
 
 
 def list_images(folder: str) -> list[str]:
