@@ -13,6 +13,14 @@ at 32 px (2.7x) and 1,792 MiB for the 703 MiB set at 64 px (2.5x; 3.0x for the t
 goes into the set as it arrives.
 
 Writes ``benchmarks/results/folder-memory-cpu.json`` with the commit, device and versions.
+
+``--ranks N`` measures what the DDP ranks of one node hold: N processes set up the folder at once and read every
+image (as training does), first each decoding its own copy (no ``data.cache_dir``), then mapping one cache entry
+that one process wrote before (what Lightning's ``prepare_data`` does on each node). The node's memory is the sum
+over the ranks of their private memory's rise plus their proportional share (PSS) of the mapped entry, read from
+``/proc/<pid>/smaps`` while all N hold the set. Writes ``benchmarks/results/folder-memory-ranks-cpu.json``.
+
+  python benchmarks/folder_memory.py --ranks 4
 """
 
 import argparse
@@ -21,6 +29,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -47,19 +56,120 @@ def measure(folder: str, size: int, workers: int) -> dict:
             "set_mib": round(data, 1), "peak_rise_mib": round(rise, 1), "peak_over_set": round(rise / data, 2)}
 
 
+def save(a, rows: list[dict], name: str) -> None:
+    """Write ``rows`` with the commit, device and versions to ``--out`` or ``benchmarks/results/<name>``."""
+    record = {**environment(torch.device("cpu")), "command": " ".join(sys.argv), "folder": os.path.normpath(a.folder),
+              "workers": a.workers, "results": rows}
+    out = a.out or os.path.join(os.path.dirname(__file__), "results", name)
+    write_record(record, out)
+    print(f"-> {out}")
+
+
+def hold(folder: str, size: int, workers: int, cache: str | None) -> None:
+    """One rank: set up the folder (through ``cache``, if given) and read every image (timed together), report, and
+    hold the set until told (a line on stdin), so that every rank is measured while all of them hold theirs."""
+    from ssl_toolkit.data import ImageFolderDataModule
+
+    anon = memory(os.getpid())["anon_mib"]
+    dm = ImageFolderDataModule(folder, image_size=size, num_workers=workers, cache_dir=cache)
+    start = time.perf_counter()
+    dm.setup()
+    s = dm.splits
+    s.x_train.amax(), s.x_test.amax()  # every page read, as the training batches will (a sum would copy to int64)
+    print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "anon_before_mib": anon,
+                      "set_mib": round((s.x_train.numel() + s.x_test.numel()) / 2 ** 20, 1),
+                      "images": len(s.y_train) + len(s.y_test)}), flush=True)
+    sys.stdin.readline()
+
+
+def memory(pid: int, under: str | None = None) -> dict:
+    """A process's private (anonymous) memory, and its proportional share of the files it maps from ``under``, in
+    MiB (``/proc/<pid>/smaps``)."""
+    anon = mapped = 0
+    path = ""
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5:  # a mapping's header: address perms offset dev inode [path]
+                path = fields[5] if len(fields) > 5 else ""
+            elif fields[0] == "Anonymous:":
+                anon += int(fields[1])
+            elif fields[0] == "Pss:" and under and path.startswith(under):
+                mapped += int(fields[1])
+    return {"anon_mib": round(anon / 1024, 1), "mapped_pss_mib": round(mapped / 1024, 1)}
+
+
+def ranks(folder: str, size: int, workers: int, n: int, cache: str | None) -> dict:
+    """``n`` processes holding the folder at ``size`` at once: the node's memory and each rank's setup time."""
+    cmd = [sys.executable, __file__, "--folder", folder, "--workers", str(workers), "--hold", str(size)]
+    procs = [subprocess.Popen(cmd + (["--cache", cache] if cache else []), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) for _ in range(n)]
+    try:
+        reports = [json.loads(p.stdout.readline()) for p in procs]
+        held = [memory(p.pid, cache) for p in procs]
+    finally:
+        for p in procs:
+            p.communicate("\n")
+    node = sum(h["anon_mib"] - r["anon_before_mib"] + h["mapped_pss_mib"] for r, h in zip(reports, held))
+    set_mib = reports[0]["set_mib"]
+    return {"ranks": n, "cache": cache is not None, "images": reports[0]["images"], "set_mib": set_mib,
+            "setup_seconds": [r["seconds"] for r in reports], "node_mib": round(node, 1),
+            "node_over_set": round(node / set_mib, 2),
+            "per_rank": [{"private_rise_mib": round(h["anon_mib"] - r["anon_before_mib"], 1),
+                          "mapped_pss_mib": h["mapped_pss_mib"]} for r, h in zip(reports, held)]}
+
+
+def node_memory(a) -> None:
+    """``--ranks``: each size without a cache, then with one (written once first, timed), N ranks at once."""
+    rows = []
+    for size in map(int, a.sizes.split(",")):
+        rows.append(ranks(a.folder, size, a.workers, a.ranks, None))
+        with tempfile.TemporaryDirectory(dir=a.cache_parent) as cache:
+            build = [sys.executable, __file__, "--folder", a.folder, "--workers", str(a.workers), "--build",
+                     str(size), "--cache", cache]
+            start = time.perf_counter()
+            subprocess.run(build, check=True)
+            written = time.perf_counter() - start
+            rows.append({**ranks(a.folder, size, a.workers, a.ranks, cache), "write_seconds": round(written, 2),
+                         "entry_mib": round(sum(f.stat().st_size for f in os.scandir(next(os.scandir(cache)).path))
+                                            / 2 ** 20, 1)})
+        for r in rows[-2:]:
+            how = (f"one cache entry (written once in {r['write_seconds']} s, {r['entry_mib']} MiB on disk)"
+                   if r["cache"] else "each decoding its own copy")
+            print(f"{r['ranks']} ranks, {r['images']:,} images at {size} px, {how}: node memory {r['node_mib']} MiB "
+                  f"({r['node_over_set']}x the {r['set_mib']} MiB set); setup "
+                  f"{min(r['setup_seconds'])}-{max(r['setup_seconds'])} s a rank")
+    save(a, rows, "folder-memory-ranks-cpu.json")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", default=os.path.join(ROOT, "data", "cifar10-folder"))
     p.add_argument("--sizes", default="32,64")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default 2)")
+    p.add_argument("--ranks", type=int, help="measure N processes holding the folder at once, without and with "
+                                              "data.cache_dir (DDP ranks of one node)")
+    p.add_argument("--cache_parent", help="where --ranks puts its temporary cache (default: the system's temp folder)")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)  # one size, in a fresh process
+    p.add_argument("--hold", type=int, help=argparse.SUPPRESS)  # one rank of --ranks
+    p.add_argument("--build", type=int, help=argparse.SUPPRESS)  # write --ranks' cache entry
+    p.add_argument("--cache", help=argparse.SUPPRESS)
     p.add_argument("--out")
     a = p.parse_args()
     if a.child:
         print(json.dumps(measure(a.folder, a.child, a.workers)))
         return
+    if a.hold:
+        return hold(a.folder, a.hold, a.workers, a.cache)
+    if a.build:
+        from ssl_toolkit.data import ImageFolderDataModule
+
+        dm = ImageFolderDataModule(a.folder, image_size=a.build, num_workers=a.workers, cache_dir=a.cache)
+        return dm.prepare_data()
     if not os.path.isdir(a.folder):
         sys.exit(f"{a.folder} does not exist; unpack CIFAR-10 as an image folder first (see --help).")
+    if a.ranks:
+        return node_memory(a)
     rows = []
     for size in map(int, a.sizes.split(",")):
         out = subprocess.run([sys.executable, __file__, "--folder", a.folder, "--workers", str(a.workers),
@@ -68,11 +178,7 @@ def main() -> None:
         r = rows[-1]
         print(f"{r['images']:,} images at {size} px: {r['seconds']} s, set {r['set_mib']} MiB, "
               f"peak rise {r['peak_rise_mib']} MiB ({r['peak_over_set']}x)")
-    record = {**environment(torch.device("cpu")), "command": " ".join(sys.argv), "folder": os.path.normpath(a.folder),
-              "workers": a.workers, "results": rows}
-    out = a.out or os.path.join(os.path.dirname(__file__), "results", "folder-memory-cpu.json")
-    write_record(record, out)
-    print(f"-> {out}")
+    save(a, rows, "folder-memory-cpu.json")
 
 
 if __name__ == "__main__":

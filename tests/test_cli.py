@@ -1,6 +1,7 @@
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -319,11 +320,9 @@ def test_a_diverging_run_stops_with_the_step_and_no_traceback(tmp_path, monkeypa
     assert (tmp_path / "runs" / "quickstart" / "version_0" / "config.yaml").exists()  # it had trained: kept
 
 
-def test_pretrain_on_your_own_image_folder_labelled_or_not(tmp_path, monkeypatch, capsys):
-    """The README's "Your own images". Labelled (train/<class>/, val/<class>/): it did not train one batch before
-    (the folder module's own `_split` shadowed the base's: a TypeError at the kNN baseline). Unlabelled (loose images
-    in nested folders, what pretraining is for): it trains with the recipe's kNN monitor switched off, and its
-    encoder, scored afterwards on the labelled copy, beats the random init."""
+def digits_as_image_folders(root: Path) -> None:
+    """scikit-learn's digits as PNGs: labelled, ``root/labelled/{train,val}/<digit>/``, and the training images
+    alone, unlabelled, in folders that are not classes, ``root/photos/roll{0,1,2}/``."""
     from PIL import Image
 
     from ssl_toolkit.data import DigitsDataModule
@@ -334,18 +333,28 @@ def test_pretrain_on_your_own_image_folder_labelled_or_not(tmp_path, monkeypatch
     for split, x, y in (("train", s.x_train, s.y_train), ("val", s.x_test, s.y_test)):
         for i, (image, label) in enumerate(zip(x, y.tolist())):
             png = Image.fromarray(image.permute(1, 2, 0).numpy())
-            (tmp_path / "labelled" / split / str(label)).mkdir(parents=True, exist_ok=True)
-            png.save(tmp_path / "labelled" / split / str(label) / f"{i}.png")
-            if split == "train":  # the same training images without labels, in folders that are not classes
-                (tmp_path / "photos" / f"roll{i % 3}").mkdir(parents=True, exist_ok=True)
-                png.save(tmp_path / "photos" / f"roll{i % 3}" / f"{i}.png")
+            (root / "labelled" / split / str(label)).mkdir(parents=True, exist_ok=True)
+            png.save(root / "labelled" / split / str(label) / f"{i}.png")
+            if split == "train":
+                (root / "photos" / f"roll{i % 3}").mkdir(parents=True, exist_ok=True)
+                png.save(root / "photos" / f"roll{i % 3}" / f"{i}.png")
+
+
+def test_pretrain_on_your_own_image_folder_labelled_or_not(tmp_path, monkeypatch, capsys):
+    """The README's "Your own images". Labelled (train/<class>/, val/<class>/): it did not train one batch before
+    (the folder module's own `_split` shadowed the base's: a TypeError at the kNN baseline). Unlabelled (loose images
+    in nested folders, what pretraining is for): it trains with the recipe's kNN monitor switched off, and its
+    encoder, scored afterwards on the labelled copy, beats the random init. The unlabelled run decodes through a
+    cache (data.cache_dir), which the run's Lightning fills in prepare_data."""
+    digits_as_image_folders(tmp_path)
     monkeypatch.chdir(tmp_path)
     pretrain = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"),
                 "--data", "ssl_toolkit.data.ImageFolderDataModule", "--trainer.max_epochs"]
     assert main(pretrain + ["1", "--data.root", "labelled"]) == 0
     init = float(re.search(r"k=20\s+random init ([\d.]+)%", capsys.readouterr().out).group(1))
     with pytest.warns(UserWarning, match="KNNCallback is off for this run: photos has no class labels"):
-        assert main(pretrain + ["8", "--data.root", "photos"]) == 0
+        assert main(pretrain + ["8", "--data.root", "photos", "--data.cache_dir", "cache"]) == 0
+    assert [p.name.split("-")[:2] for p in (tmp_path / "cache").iterdir()] == [["photos", "32px"]]
     run = tmp_path / "runs" / "quickstart" / "version_1"
     assert not (run / "knn.json").exists()
     ckpt = str(run / "checkpoints" / "last.ckpt")
@@ -566,10 +575,15 @@ def test_multi_gpu_scripts_give_valid_pretrain_flags(script, tmp_path, monkeypat
 
 
 def test_pretrain_runs_under_ddp_with_two_cpu_processes(tmp_path):
+    """On an image folder with data.cache_dir: the first rank decodes it into the cache (prepare_data, before either
+    rank's setup) and both map the one entry, where each rank had decoded and held a copy of its own."""
+    digits_as_image_folders(tmp_path)
     proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
                    "--trainer.strategy", "ddp", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3",
-                   cwd=tmp_path, warnings=True)
+                   "--data", "ssl_toolkit.data.ImageFolderDataModule", "--data.root", "labelled",
+                   "--data.cache_dir", "cache", cwd=tmp_path, warnings=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name.split("-")[:2] for p in (tmp_path / "cache").iterdir()] == [["labelled", "32px"]]
     assert "MEMBER: 2/2" in proc.stderr + proc.stdout  # two processes joined one process group (gloo on CPU)
     assert "kNN top-1" in proc.stdout
     assert "sync_dist=True" not in proc.stderr  # Lightning's warning on the kNN monitor's epoch-level metrics

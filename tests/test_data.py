@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -319,3 +321,83 @@ def test_decoding_a_large_folder_says_how_far_it_is(tmp_path, monkeypatch, capsy
     lines = [re.sub(r"\d[\d,]* a second(, about \d+ s left)?", "R", line)
              for line in capsys.readouterr().err.splitlines()]
     assert lines == [f"{root / split}: {i} of 6 images decoded, R" for split in ("train", "val") for i in range(1, 7)]
+
+
+def _mapped(path) -> bool:
+    """Whether this process has ``path`` memory-mapped (Linux)."""
+    return str(path) in Path("/proc/self/maps").read_text()
+
+
+def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, monkeypatch, caplog):
+    """With data.cache_dir the decoded images go to .npy files that later runs (and the DDP ranks of a node, which
+    decoded and held a copy each: 8 on an 8-GPU node) map instead of decoding. The unreadable files are remembered:
+    a run on the cache stops with their list, or skips them, as one that decodes does."""
+    from ssl_toolkit.data import cache
+
+    root, store = make_folder(tmp_path / "imgs", corrupt=True), tmp_path / "cache"
+    plain = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip")
+    plain.setup()
+    decodes = []
+    decode_files = cache.decode_files
+    monkeypatch.setattr(cache, "decode_files", lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
+    first = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2, cache_dir=str(store))
+    first.prepare_data()  # Lightning: once per node, before each rank's setup
+    first.setup()
+    assert decodes == [8, 6]  # train/ (with its 2 unreadable files) and val/, once
+    entries = list(store.iterdir())
+    assert len(entries) == 1 and entries[0].name.startswith("imgs-8px-") and _mapped(entries[0] / "0.npy")
+    for dm in (first, ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2,
+                                            cache_dir=str(store))):
+        dm.setup()
+        assert dm.num_skipped == 2 and dm.splits.classes == plain.splits.classes
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            assert torch.equal(getattr(dm.splits, name), getattr(plain.splits, name)), name
+        x, _ = next(iter(dm.train_dataloader()))
+        assert x.shape == (2, 3, 8, 8)
+    assert decodes == [8, 6] and "Skipped 2 unreadable images" in caplog.text
+    with pytest.raises(ValueError, match=r"2 of 8 images.*could not be read") as e:
+        ImageFolderDataModule(str(root), image_size=8, cache_dir=str(store)).setup()
+    assert "broken.jpg" in str(e.value) and "truncated.png" in str(e.value) and decodes == [8, 6]
+
+    # a changed file (or size) is a new entry, decoded afresh; the unchanged old one stays
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "val" / "dog" / "2.png")
+    changed = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", cache_dir=str(store))
+    changed.setup()
+    assert decodes == [8, 6, 8, 6] and len(list(store.iterdir())) == 2
+    assert changed.splits.x_test[-1].max() == 0 and torch.equal(changed.splits.x_test[:-1], plain.splits.x_test[:-1])
+    ImageFolderDataModule(str(root), image_size=16, on_corrupt="skip", cache_dir=str(store)).setup()
+    assert decodes == [8, 6] * 3 and len(list(store.iterdir())) == 3
+
+    # unlabelled: one part, and "test" is the training set itself
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        Image.fromarray(np.full((12, 18, 3), 50 * i, np.uint8)).save(photos / f"{i}.jpg")
+    for _ in range(2):
+        dm = ImageFolderDataModule(str(photos), image_size=8, cache_dir=str(store))
+        dm.setup()
+        assert dm.num_classes == 0 and dm.splits.x_test is dm.splits.x_train and dm.splits.x_train.shape[0] == 3
+    assert decodes == [8, 6] * 3 + [3]
+
+
+def test_a_damaged_or_unwritable_cache_costs_a_decode_not_the_run(tmp_path, caplog):
+    root = make_folder(tmp_path / "imgs")
+    plain = ImageFolderDataModule(str(root), image_size=8)
+    plain.setup()
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    dm = ImageFolderDataModule(str(root), image_size=8, cache_dir=str(blocked))
+    dm.setup()
+    assert torch.equal(dm.splits.x_train, plain.splits.x_train)
+    assert f"Could not cache the decoded images of {root} in {blocked}" in caplog.text
+
+    store = tmp_path / "cache"
+    ImageFolderDataModule(str(root), image_size=8, cache_dir=str(store)).setup()
+    (entry,) = store.iterdir()
+    (entry / "1.npy").write_bytes((entry / "1.npy").read_bytes()[:200])  # cut short: a full disk, a killed copy
+    caplog.clear()
+    dm = ImageFolderDataModule(str(root), image_size=8, cache_dir=str(store))
+    dm.setup()
+    assert "is incomplete or damaged" in caplog.text
+    assert torch.equal(dm.splits.x_test, plain.splits.x_test) and _mapped(entry / "1.npy")
+    assert [p.name for p in store.iterdir()] == [entry.name]  # rewritten in place, no partial entry left

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
-from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, decode_images, image_files,
-                                     report_unreadable)
+from ssl_toolkit.data.cache import Decoded, decode_cached
+from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, image_files, report_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -199,10 +199,13 @@ class ImageFolderDataModule(InMemoryDataModule):
         batch_size: Images per step per device.
         num_workers: Processes used to decode (and DataLoader workers; 0 decodes in this process).
         resident: Keep the decoded set on the accelerator.
+        cache_dir: Keep the decoded images in this folder, as ``.npy`` files that every later run with the same files
+            (names, sizes, modification times) and image size maps instead of decoding, and that the DDP ranks of a
+            node share: one copy in memory, not one per GPU. ``None``: decode on every run, in each process.
     """
 
     def __init__(self, root: str, image_size: int = 32, on_corrupt: str = "fail", batch_size: int = 256,
-                 num_workers: int = 0, resident: bool = False):
+                 num_workers: int = 0, resident: bool = False, cache_dir: str | None = None):
         super().__init__(batch_size, 0, resident)
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip'; got {on_corrupt!r}.")
@@ -211,6 +214,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         self.save_hyperparameters()
         self.root, self.image_size, self.on_corrupt = root, image_size, on_corrupt
         self.decode_workers, self.name, self.num_skipped = num_workers, os.path.basename(os.path.normpath(root)), 0
+        self.cache_dir = cache_dir
 
     def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
         classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -226,18 +230,9 @@ class ImageFolderDataModule(InMemoryDataModule):
             labels += [i] * len(files)
         return classes, paths, labels
 
-    def _unlabelled(self, root: Path) -> Splits:
-        paths = image_files(root)
-        if not paths:
-            raise FileNotFoundError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) and no train/ and val/ "
-                                    "subfolders. Point data.root at a folder of images (unlabelled) or at one with "
-                                    "train/<class>/* and val/<class>/* (labelled).")
-        x, _, self.num_skipped = decode_images(paths, self.image_size, self.decode_workers, self.on_corrupt, str(root))
-        log.info("%s: %d unlabelled images (no train/ and val/ class folders)", root, len(x))
-        y = torch.zeros(len(x), dtype=torch.long)
-        return Splits(x, y, x, y, [])  # no classes; "test" is the training set itself, no copy
-
-    def load(self) -> Splits:
+    def _listing(self) -> tuple[list[str] | None, list[tuple[str, list[str], list[int]]]]:
+        """The class names (``None``: unlabelled) and each split's ``(folder, files, labels)``: train/ and val/ (or
+        test/), or the root alone. Every check on the folders runs here, before anything is decoded."""
         root = Path(self.root)
         if not root.is_dir():
             raise FileNotFoundError(f"Image folder {os.path.abspath(self.root)!r} does not exist. Set data.root to a "
@@ -245,7 +240,12 @@ class ImageFolderDataModule(InMemoryDataModule):
         train_dir = root / SPLIT_FOLDERS[0]
         eval_dir = next((root / d for d in SPLIT_FOLDERS[1:] if (root / d).is_dir()), None)
         if not train_dir.is_dir() and eval_dir is None:
-            return self._unlabelled(root)
+            paths = image_files(root)
+            if not paths:
+                raise FileNotFoundError(f"{root} has no images ({', '.join(IMAGE_EXTENSIONS)}) and no train/ and val/ "
+                                        "subfolders. Point data.root at a folder of images (unlabelled) or at one "
+                                        "with train/<class>/* and val/<class>/* (labelled).")
+            return None, [(str(root), paths, [0] * len(paths))]
         if not train_dir.is_dir() or eval_dir is None:
             raise FileNotFoundError(f"{root} needs train/ and val/ (or test/) subfolders, each with one folder per "
                                     f"class; found {sorted(p.name for p in root.iterdir())}. (A folder with neither "
@@ -257,15 +257,36 @@ class ImageFolderDataModule(InMemoryDataModule):
         if found != classes:
             raise ValueError(f"{eval_dir} has classes {found} but train/ has {classes}; both splits need the same "
                              "class folders.")
-        x_train, keep_train, bad_train = decode_files(train_paths, self.image_size, self.decode_workers, str(train_dir))
-        x_test, keep_test, bad_test = decode_files(test_paths, self.image_size, self.decode_workers, str(eval_dir))
-        with_bad = {d: len(paths) for d, paths, bad in ((train_dir, train_paths, bad_train),
-                                                        (eval_dir, test_paths, bad_test)) if bad}  # split -> images
-        report_unreadable(bad_train + bad_test, sum(with_bad.values()), " and ".join(map(str, with_bad)),
+        return classes, [(str(train_dir), train_paths, train_labels), (str(eval_dir), test_paths, test_labels)]
+
+    def _decoded(self, splits: list[tuple[str, list[str], list[int]]]) -> list[Decoded]:
+        """Each split's images, indices kept and unreadable files: decoded, or from ``cache_dir``."""
+        parts = [(folder, paths) for folder, paths, _ in splits]
+        if self.cache_dir:
+            return decode_cached(self.root, parts, self.image_size, self.decode_workers, self.cache_dir)
+        return [decode_files(paths, self.image_size, self.decode_workers, folder) for folder, paths in parts]
+
+    def prepare_data(self) -> None:
+        """With ``cache_dir``, decode the folder into the cache if it is not there yet. Lightning calls this once per
+        node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding."""
+        if self.cache_dir:
+            self._decoded(self._listing()[1])
+
+    def load(self) -> Splits:
+        classes, splits = self._listing()
+        decoded = self._decoded(splits)
+        with_bad = {folder: len(paths) for (folder, paths, _), (_, _, bad) in zip(splits, decoded) if bad}
+        report_unreadable([b for _, _, bad in decoded for b in bad], sum(with_bad.values()), " and ".join(with_bad),
                           self.on_corrupt)
-        for d, x in ((train_dir, x_train), (eval_dir, x_test)):
+        for (folder, _, _), (x, _, _) in zip(splits, decoded):
             if not len(x):
-                raise ValueError(f"No readable images in {d}.")
-        self.num_skipped += len(bad_train) + len(bad_test)
-        return Splits(x_train, torch.tensor(train_labels)[keep_train], x_test, torch.tensor(test_labels)[keep_test],
+                raise ValueError(f"No readable images in {folder}.")
+        self.num_skipped = sum(len(bad) for _, _, bad in decoded)
+        if classes is None:
+            x = decoded[0][0]
+            log.info("%s: %d unlabelled images (no train/ and val/ class folders)", self.root, len(x))
+            y = torch.zeros(len(x), dtype=torch.long)
+            return Splits(x, y, x, y, [])  # no classes; "test" is the training set itself, no copy
+        (x_train, keep_train, _), (x_test, keep_test, _) = decoded
+        return Splits(x_train, torch.tensor(splits[0][2])[keep_train], x_test, torch.tensor(splits[1][2])[keep_test],
                       classes)
