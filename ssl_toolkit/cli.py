@@ -793,7 +793,8 @@ def embed(args: list[str]) -> None:
             "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None,
             "precision": a.precision}
     save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
-    print(f"embedded {len(kept)} images ({len(paths) - len(kept)} skipped) to {emb.shape[1]}-d in "
+    n = len(kept)
+    print(f"embedded {n:,} image{'s' * (n != 1)} ({len(paths) - n:,} skipped) to {emb.shape[1]}-d in "
           f"{time.perf_counter() - start:.1f} s{f'; {len(labelled[0])} classes' if labelled else ''}: wrote {a.out}")
 
 
