@@ -17,15 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_toolkit.data.images import decode_files
+from ssl_toolkit.data.images import Decoded, decode_files
 
 log = logging.getLogger(__name__)
 
 # Bump when decoding a file gives other pixels (geometry, colour handling, resampling): older entries no longer match.
 DECODE_VERSION = 1
-
-Decoded = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]  # images, indices kept, (path, reason) unreadable
-
 
 def entry_name(root: str, parts: list[tuple[str, list[str]]], size: int) -> str:
     """The cache entry of these files decoded at ``size``: ``<root's name>-<size>px-<16 hex digits>``."""

@@ -81,8 +81,10 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
         return f"{type(e).__name__}: {e}"
 
 
-def decode_files(paths: list[str], size: int, workers: int,
-                 label: str | None = None) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+Decoded = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]  # images, indices kept, (path, reason) unreadable
+
+
+def decode_files(paths: list[str], size: int, workers: int, label: str | None = None) -> Decoded:
     """Decode ``paths`` (in ``workers`` processes) to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped.
 
     Returns the readable images, their indices in ``paths``, and ``(path, reason)`` for each file that could not be

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
-from ssl_toolkit.data.cache import Decoded, decode_cached
-from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, decode_files, image_files, report_unreadable
+from ssl_toolkit.data.cache import decode_cached
+from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, Decoded, decode_files, image_files,
+                                     report_unreadable)
 
 log = logging.getLogger(__name__)
 
