@@ -40,6 +40,13 @@ from throughput import environment, write_record  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def held(s) -> tuple[int, float]:
+    """The images a DataModule's splits hold, and their MiB: each once (an unlabelled folder's test split is its
+    training set, the same tensor)."""
+    splits = [(s.x_train, s.y_train)] + ([(s.x_test, s.y_test)] if s.x_test is not s.x_train else [])
+    return sum(len(y) for _, y in splits), sum(x.numel() for x, _ in splits) / 2 ** 20
+
+
 def measure(folder: str, size: int, workers: int) -> dict:
     """Set up the folder at ``size`` in this process: seconds, the set's MiB and the peak memory rise in MiB."""
     from ssl_toolkit.data import ImageFolderDataModule
@@ -51,8 +58,8 @@ def measure(folder: str, size: int, workers: int) -> dict:
     seconds = time.perf_counter() - start
     rise = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     s = dm.splits
-    data = (s.x_train.numel() + s.x_test.numel()) / 2 ** 20
-    return {"image_size": size, "images": len(s.y_train) + len(s.y_test), "seconds": round(seconds, 2),
+    images, data = held(s)
+    return {"image_size": size, "images": images, "seconds": round(seconds, 2),
             "set_mib": round(data, 1), "peak_rise_mib": round(rise, 1), "peak_over_set": round(rise / data, 2)}
 
 
@@ -76,9 +83,9 @@ def hold(folder: str, size: int, workers: int, cache: str | None) -> None:
     dm.setup()
     s = dm.splits
     s.x_train.amax(), s.x_test.amax()  # every page read, as the training batches will (a sum would copy to int64)
-    print(json.dumps({"seconds": round(time.perf_counter() - start, 2), "anon_before_mib": anon,
-                      "set_mib": round((s.x_train.numel() + s.x_test.numel()) / 2 ** 20, 1),
-                      "images": len(s.y_train) + len(s.y_test)}), flush=True)
+    seconds, (images, data) = time.perf_counter() - start, held(s)
+    print(json.dumps({"seconds": round(seconds, 2), "anon_before_mib": anon, "set_mib": round(data, 1),
+                      "images": images}), flush=True)
     sys.stdin.readline()
 
 
@@ -110,13 +117,13 @@ def ranks(folder: str, size: int, workers: int, n: int, cache: str | None) -> di
     finally:
         for p in procs:
             p.communicate("\n")
-    node = sum(h["anon_mib"] - r["anon_before_mib"] + h["mapped_pss_mib"] for r, h in zip(reports, held))
+    per_rank = [{"private_rise_mib": round(h["anon_mib"] - r["anon_before_mib"], 1),
+                 "mapped_pss_mib": h["mapped_pss_mib"]} for r, h in zip(reports, held)]
+    node = sum(r["private_rise_mib"] + r["mapped_pss_mib"] for r in per_rank)
     set_mib = reports[0]["set_mib"]
     return {"ranks": n, "cache": cache is not None, "images": reports[0]["images"], "set_mib": set_mib,
             "setup_seconds": [r["seconds"] for r in reports], "node_mib": round(node, 1),
-            "node_over_set": round(node / set_mib, 2),
-            "per_rank": [{"private_rise_mib": round(h["anon_mib"] - r["anon_before_mib"], 1),
-                          "mapped_pss_mib": h["mapped_pss_mib"]} for r, h in zip(reports, held)]}
+            "node_over_set": round(node / set_mib, 2), "per_rank": per_rank}
 
 
 def node_memory(a) -> None:
