@@ -9,6 +9,7 @@ than 6.5; a test holds them to it too."""
 
 import argparse
 import contextvars
+import functools
 import glob
 import importlib
 import json
@@ -465,10 +466,10 @@ def resolve_data(spec: str | None, ckpt: dict):
     return dm
 
 
-def _count(text: str) -> int:
-    """argparse type of sizes and counts (batch size, k, epochs, IVF cells): a whole number >= 1."""
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"needs a whole number >= 1; got {text!r}")
+def _count(text: str, least: int = 1) -> int:
+    """argparse type of sizes and counts (batch size, k, epochs, IVF cells): a whole number >= 1 (``least``)."""
+    if not text.strip().isdigit() or int(text) < least:
+        raise argparse.ArgumentTypeError(f"needs a whole number >= {least}; got {text!r}")
     return int(text)
 
 
@@ -771,7 +772,8 @@ def embed(args: list[str]) -> None:
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision")
     _add_on_corrupt(p)
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: this process)")
+    p.add_argument("--workers", type=functools.partial(_count, least=0),
+                   help="decoding processes (default: one per CPU core; 0: this process)")
     p.add_argument("--batch-size", type=_count, default=256, help="images per forward pass")
     _add_precision(p)
     a = p.parse_args(args)

@@ -190,6 +190,8 @@ def test_caption_csv_errors_say_what_to_fix(tmp_path):
         CaptionDataModule(str(tmp_path / "nowhere")).setup()
     with pytest.raises(ValueError, match="leaves no training images"):
         CaptionDataModule(str(tmp_path / "a"), val_images=5, on_corrupt="skip").setup()
+    with pytest.raises(ValueError, match="data.num_workers must be >= 0, or null for one decoding process per CPU"):
+        CaptionDataModule(str(tmp_path / "a"), num_workers=-2)
 
 
 # ---- method ------------------------------------------------------------------------------------------------

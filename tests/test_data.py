@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from ssl_toolkit.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
+from ssl_toolkit.data import images
 from ssl_toolkit.data.images import report_unreadable
 
 
@@ -143,11 +144,12 @@ def test_an_image_folder_without_train_and_val_is_unlabelled(tmp_path):
         ImageFolderDataModule(str(tmp_path / "empty")).setup()
 
 
-def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counted(tmp_path, caplog):
+def test_image_folder_corrupt_files_fail_with_the_list_or_are_skipped_and_counted(tmp_path, caplog, monkeypatch):
     root = make_folder(tmp_path / "imgs", corrupt=True)
     with pytest.raises(ValueError, match=r"2 of 8 images.*could not be read") as e:
         ImageFolderDataModule(str(root), image_size=8).setup()
     assert "broken.jpg" in str(e.value) and "truncated.png" in str(e.value) and "on_corrupt=skip" in str(e.value)
+    monkeypatch.setattr(images, "IMAGES_PER_PROCESS", 1)  # decoded in 2 other processes, as a large folder is
     dm = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", num_workers=2)
     dm.setup()
     assert dm.num_skipped == 2 and len(dm.splits.y_train) == 6
@@ -316,11 +318,60 @@ def test_decoding_a_large_folder_says_how_far_it_is(tmp_path, monkeypatch, capsy
     ImageFolderDataModule(str(root), image_size=8).setup()
     assert capsys.readouterr().err == ""  # a library call: silent
     monkeypatch.setattr(progress, "PROGRESS_EVERY", 0)
+    monkeypatch.setattr(images, "IMAGES_PER_PROCESS", 1)  # decoded in 2 other processes, as a large folder is
     with progress.reporting_progress():
         ImageFolderDataModule(str(root), image_size=8, num_workers=2).setup()
     lines = [re.sub(r"\d[\d,]* a second(, about \d+ s left)?", "R", line)
              for line in capsys.readouterr().err.splitlines()]
     assert lines == [f"{root / split}: {i} of 6 images decoded, R" for split in ("train", "val") for i in range(1, 7)]
+
+
+def test_a_folder_is_decoded_on_every_core_unless_it_is_small(tmp_path, monkeypatch):
+    """Decoding took one process unless data.num_workers was set: hours for an ImageNet-sized folder on a node of
+    dozens of cores. By default (``None``) it takes one process per core this process may run on, shared out among
+    the DDP ranks of a node when they all decode (no cache); a set too small to repay starting a pool is decoded
+    here."""
+    from types import SimpleNamespace
+
+    pools = []
+    real_pool = images.ProcessPoolExecutor
+    monkeypatch.setattr(images, "ProcessPoolExecutor", lambda n: pools.append(n) or real_pool(n))
+    monkeypatch.setattr(images.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(images.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    root = make_folder(tmp_path / "imgs")  # 6 images a split
+    here = ImageFolderDataModule(str(root), image_size=8, num_workers=0)
+    here.setup()
+    assert pools == []
+    ImageFolderDataModule(str(root), image_size=8).setup()
+    assert pools == [], "6 images: a pool of processes costs more than it saves"
+
+    monkeypatch.setattr(images, "IMAGES_PER_PROCESS", 1)  # as if every split were large
+    dm = ImageFolderDataModule(str(root), image_size=8)
+    dm.setup()
+    assert pools == [4, 4]  # one per core, each split
+    assert torch.equal(dm.splits.x_train, here.splits.x_train) and torch.equal(dm.splits.x_test, here.splits.x_test)
+    for workers, expected in ((0, []), (1, []), (3, [3, 3])):  # as set; one other process is no faster than this one
+        pools.clear()
+        ImageFolderDataModule(str(root), image_size=8, num_workers=workers).setup()
+        assert pools == expected, workers
+
+    ddp = SimpleNamespace(num_devices=2)  # setup under DDP: both ranks of the node decode at once, 2 cores each
+    for cache_dir, expected in ((None, [2, 2]), (str(tmp_path / "cache"), [4, 4])):
+        pools.clear()
+        dm = ImageFolderDataModule(str(root), image_size=8, cache_dir=cache_dir)
+        dm.trainer = ddp
+        dm.prepare_data()  # with a cache, one process per node decodes, with every core, before the ranks' setup
+        dm.setup()  # which maps the entry
+        assert pools == expected, cache_dir
+    pools.clear()
+    monkeypatch.setattr(images.os, "cpu_count", lambda: 16)  # bound to 4 of 16 cores (SLURM binds each rank):
+    dm = ImageFolderDataModule(str(root), image_size=8)  # those are its own share
+    dm.trainer = ddp
+    dm.setup()
+    assert pools == [4, 4]
+    with pytest.raises(ValueError, match=r"data.num_workers must be >= 0, or null for one decoding process per CPU "
+                                         r"core; got -1"):
+        ImageFolderDataModule(str(root), num_workers=-1)
 
 
 def _mapped(path) -> bool:

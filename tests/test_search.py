@@ -149,6 +149,9 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     assert main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "b"),
                  "--on-corrupt", "skip"]) == 0
     assert "embedded 1 image (1 skipped) to 64-d" in capsys.readouterr().out  # "1 images" before
+    with pytest.raises(SystemExit):  # a negative count of processes decoded here, as 0 did
+        main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "b"), "--workers", "-1"])
+    assert "argument --workers: needs a whole number >= 0; got '-1'" in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "meta.json").read_text())["skipped"] == 1
     assert main(["index", "--embeddings", str(tmp_path / "b")]) == 0
     other = checkpoint(tmp_path / "other.ckpt", NpzDataModule(str(cifar_small), batch_size=64), seed=1)

@@ -14,6 +14,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from ssl_toolkit.data.images import cpu_cores
+
 
 @dataclass
 class Splits:
@@ -147,6 +149,21 @@ class InMemoryDataModule(pl.LightningDataModule):
     def load(self) -> Splits:
         """Decode the dataset into uint8 tensors; called once, by :meth:`setup`."""
         raise NotImplementedError(f"{type(self).__name__} must implement load().")
+
+    def decoding_workers(self, workers: int | None, alone: bool = False) -> int:
+        """The processes that decode a folder of images: ``workers`` (a subclass's ``data.num_workers``), or for
+        ``None`` one per CPU core this process may use, shared with the other ranks of the node when they decode at
+        the same time (``setup`` under DDP), all of them when it decodes ``alone`` (``prepare_data``, which
+        Lightning runs on one process per node)."""
+        if workers is not None:
+            return workers
+        return cpu_cores(1 if alone or self.trainer is None else self.trainer.num_devices)
+
+    @staticmethod
+    def check_decoding_workers(workers: int | None) -> None:
+        if workers is not None and workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, or null for one decoding process per CPU core; "
+                             f"got {workers}.")
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:

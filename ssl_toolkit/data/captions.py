@@ -61,15 +61,18 @@ class CaptionDataModule(InMemoryDataModule):
         on_corrupt: ``fail`` stops on missing or unreadable images with their list; ``skip`` drops them
             (and their captions) and logs which.
         batch_size: Image-caption pairs per step per device.
-        num_workers: Processes used to decode the images.
+        num_workers: Processes that decode the images. ``None``: one per CPU core (under DDP, each rank of the node
+            its share); 0: this process.
         resident: Keep images and tokens on the accelerator.
     """
 
     def __init__(self, root: str, captions: str = "captions.txt", images: str = "images", image_size: int = 64,
                  val_images: int = 200, split_seed: int = 0, tokenizer: str | None = None, vocab_size: int = 4096,
                  context_length: int = 77, image_column: str = "image", caption_column: str = "caption",
-                 on_corrupt: str = "fail", batch_size: int = 256, num_workers: int = 0, resident: bool = False):
+                 on_corrupt: str = "fail", batch_size: int = 256, num_workers: int | None = None,
+                 resident: bool = False):
         super().__init__(batch_size, 0, resident)
+        self.check_decoding_workers(num_workers)
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip'; got {on_corrupt!r}.")
         if image_size < 1 or val_images < 1 or context_length < 2:
@@ -103,7 +106,8 @@ class CaptionDataModule(InMemoryDataModule):
         gone = set(missing)
         names = [n for n in names if n not in gone]
         x, keep, skipped = decode_images([str(root / self.images_dir / n) for n in names], self.image_size,
-                                         self.decode_workers, self.on_corrupt, str(root / self.images_dir))
+                                         self.decoding_workers(self.decode_workers), self.on_corrupt,
+                                         str(root / self.images_dir))
         self.num_skipped = len(missing) + skipped
         names = [names[i] for i in keep.tolist()]
         if self.val_images >= len(names):

@@ -84,8 +84,29 @@ def _decode_one(args: tuple[str, int]) -> np.ndarray | str:
 Decoded = tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]  # images, indices kept, (path, reason) unreadable
 
 
-def decode_files(paths: list[str], size: int, workers: int, label: str | None = None) -> Decoded:
-    """Decode ``paths`` (in ``workers`` processes) to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped.
+IMAGES_PER_PROCESS = 256  # fewer images than this per decoding process: starting the pool (30-40 ms) costs more
+
+
+def cpu_cores(sharing: int = 1) -> int:
+    """The CPU cores this process may run on (its affinity: what ``taskset``, cgroups or SLURM allow), divided
+    among ``sharing`` processes that decode at the same time (the DDP ranks of a node without a cache). A process
+    bound to fewer cores than the machine has is taken to have its own share (SLURM binds each task), not divided."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // sharing) if cores >= (os.cpu_count() or 1) else cores
+
+
+def decoding_processes(workers: int | None, images: int) -> int:
+    """The processes that decode ``images`` images: ``workers`` (``None``: one per CPU core, :func:`cpu_cores`), at
+    most one per ``IMAGES_PER_PROCESS`` images; 0 when that leaves fewer than 2, meaning this process decodes (a
+    pool of one decodes no faster than this process, and costs its start; ``benchmarks/decode_workers.py``)."""
+    n = min(cpu_cores() if workers is None else workers, images // IMAGES_PER_PROCESS)
+    return n if n >= 2 else 0
+
+
+def decode_files(paths: list[str], size: int, workers: int | None = None, label: str | None = None) -> Decoded:
+    """Decode ``paths`` to uint8 ``(N, 3, size, size)``, shorter side resized, centre-cropped, in ``workers``
+    processes (``None``: one per CPU core; 0: this process; a small set always in this process,
+    :func:`decoding_processes`).
 
     Returns the readable images, their indices in ``paths``, and ``(path, reason)`` for each file that could not be
     read; what to do about those is the caller's (``report_unreadable``). With ``label`` (the folder, say), a long
@@ -100,9 +121,12 @@ def decode_files(paths: list[str], size: int, workers: int, label: str | None = 
     x = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     rows, keep, bad = x.numpy(), [], []  # rows: the same memory, written by numpy (a decoded array is read-only)
     report = Progress(len(paths), "images decoded", label) if label else lambda done: None
-    with ProcessPoolExecutor(workers) if workers > 0 else nullcontext() as pool:
+    workers = decoding_processes(workers, len(paths))
+    with ProcessPoolExecutor(workers) if workers else nullcontext() as pool:
         jobs = [(p, size) for p in paths]
-        decoded = pool.map(_decode_one, jobs, chunksize=256) if pool else map(_decode_one, jobs)
+        # about 4 chunks a process, so that they finish together; at most 256 images, so that results stream in
+        chunk = min(256, -(-len(paths) // (4 * max(workers, 1))))
+        decoded = pool.map(_decode_one, jobs, chunksize=chunk) if pool else map(_decode_one, jobs)
         for i, (path, image) in enumerate(zip(paths, decoded)):
             if isinstance(image, str):
                 bad.append((path, image))
@@ -128,7 +152,7 @@ def report_unreadable(bad: list[tuple[str, str]], total: int, where: str, on_cor
                     ", ".join(p for p, _ in bad[:20]), f" and {more}" if more else "")
 
 
-def decode_images(paths: list[str], size: int, workers: int, on_corrupt: str,
+def decode_images(paths: list[str], size: int, workers: int | None, on_corrupt: str,
                   where: str) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``decode_files``, then unreadable or missing files stop with their list when ``on_corrupt='fail'``; with
     ``'skip'`` they are left out and logged. Returns the images, the indices of ``paths`` kept, and how many were

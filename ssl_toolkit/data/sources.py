@@ -198,7 +198,9 @@ class ImageFolderDataModule(InMemoryDataModule):
         on_corrupt: ``fail`` stops with the list of unreadable files; ``skip`` leaves them out,
             logs how many and which, and counts them in ``num_skipped``.
         batch_size: Images per step per device.
-        num_workers: Processes used to decode (and DataLoader workers; 0 decodes in this process).
+        num_workers: Processes that decode the images. ``None``: one per CPU core (under DDP, each rank of the node
+            its share, unless ``cache_dir`` lets one process decode for all); 0: this process. Batches need no
+            DataLoader workers: they are index operations on the decoded set.
         resident: Keep the decoded set on the accelerator.
         cache_dir: Keep the decoded images in this folder, as ``.npy`` files that every later run with the same files
             (names, sizes, modification times) and image size maps instead of decoding, and that the DDP ranks of a
@@ -206,8 +208,9 @@ class ImageFolderDataModule(InMemoryDataModule):
     """
 
     def __init__(self, root: str, image_size: int = 32, on_corrupt: str = "fail", batch_size: int = 256,
-                 num_workers: int = 0, resident: bool = False, cache_dir: str | None = None):
+                 num_workers: int | None = None, resident: bool = False, cache_dir: str | None = None):
         super().__init__(batch_size, 0, resident)
+        self.check_decoding_workers(num_workers)
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip'; got {on_corrupt!r}.")
         if image_size < 1:
@@ -260,18 +263,19 @@ class ImageFolderDataModule(InMemoryDataModule):
                              "class folders.")
         return classes, [(str(train_dir), train_paths, train_labels), (str(eval_dir), test_paths, test_labels)]
 
-    def _decoded(self, splits: list[tuple[str, list[str], list[int]]]) -> list[Decoded]:
+    def _decoded(self, splits: list[tuple[str, list[str], list[int]]], alone: bool = False) -> list[Decoded]:
         """Each split's images, indices kept and unreadable files: decoded, or from ``cache_dir``."""
         parts = [(folder, paths) for folder, paths, _ in splits]
+        workers = self.decoding_workers(self.decode_workers, alone)
         if self.cache_dir:
-            return decode_cached(self.root, parts, self.image_size, self.decode_workers, self.cache_dir)
-        return [decode_files(paths, self.image_size, self.decode_workers, folder) for folder, paths in parts]
+            return decode_cached(self.root, parts, self.image_size, workers, self.cache_dir)
+        return [decode_files(paths, self.image_size, workers, folder) for folder, paths in parts]
 
     def prepare_data(self) -> None:
         """With ``cache_dir``, decode the folder into the cache if it is not there yet. Lightning calls this once per
         node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding."""
         if self.cache_dir:
-            self._decoded(self._listing()[1])
+            self._decoded(self._listing()[1], alone=True)
 
     def load(self) -> Splits:
         classes, splits = self._listing()

@@ -45,7 +45,7 @@ def backbone_fingerprint(ckpt: dict) -> str:
 
 @torch.no_grad()
 def embed_paths(encoder: torch.nn.Module, paths: list[str], size: int, device: torch.device | str = "cpu",
-                batch_size: int = 256, workers: int = 0, on_corrupt: str = "fail",
+                batch_size: int = 256, workers: int | None = None, on_corrupt: str = "fail",
                 chunk: int = 4096, where: str = "the images") -> tuple[torch.Tensor, list[str]]:
     """L2-normalised ``(N, D)`` float32 embeddings of the images at ``paths`` and the paths kept.
 
