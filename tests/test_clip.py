@@ -194,6 +194,74 @@ def test_caption_csv_errors_say_what_to_fix(tmp_path):
         CaptionDataModule(str(tmp_path / "a"), num_workers=-2)
 
 
+def _mapped_from(x: torch.Tensor, path) -> bool:
+    """Whether ``x``'s memory lies in this process's mapping of the file ``path`` (Linux): a view, not a copy."""
+    from pathlib import Path
+
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= x.data_ptr() < end:
+                return True
+    return False
+
+
+def test_a_cached_caption_set_is_decoded_once_and_its_splits_are_mapped(tmp_path, monkeypatch, caplog):
+    """data.cache_dir, as for image folders: one process per node decodes (prepare_data), every run and every DDP
+    rank maps the entry. Each split was a copy gathered from the whole decoded set (two copies at the peak, one per
+    rank after); the split is now drawn before decoding and each split is decoded as one array, so the training and
+    held-out images are the mapped files themselves."""
+    from ssl_toolkit.data import cache
+
+    names = [f"{i}.jpg" for i in range(12)]
+    root = write_captions(tmp_path / "set", [(n, f"caption {c} of photo {n}") for n in names for c in range(2)],
+                          images=names)
+    plain = CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300)
+    plain.setup()
+    decodes = []
+    decode_files = cache.decode_files
+    monkeypatch.setattr(cache, "decode_files", lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
+    store = tmp_path / "cache"
+    for run in range(2):
+        dm = CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300, cache_dir=str(store))
+        dm.prepare_data()
+        dm.setup()
+        assert decodes == [3, 9], run  # the held-out and the training images, once
+        (entry,) = store.iterdir()
+        assert entry.name.startswith("set-16px-")
+        assert _mapped_from(dm.splits.x_test, entry / "0.npy") and _mapped_from(dm.splits.x_train, entry / "1.npy")
+        assert not _mapped_from(dm.splits.x_train.clone(), entry / "1.npy")  # a copy is not
+        for name in ("x_train", "x_test"):
+            assert torch.equal(getattr(dm.splits, name), getattr(plain.splits, name)), name
+        for split in ("train", "test"):
+            assert dm.captions(split)[0] == plain.captions(split)[0]
+            assert torch.equal(dm.tokens[split], plain.tokens[split])
+    CaptionDataModule(str(root), image_size=16, val_images=4, vocab_size=300, cache_dir=str(store)).setup()
+    assert decodes == [3, 9, 4, 8] and len(list(store.iterdir())) == 2  # another split: another entry
+
+    # an unreadable held-out image: left out of its split (one short), the other images keep theirs
+    held_out = plain.captions("test")[0][0].split()[-1]
+    (root / "images" / held_out).write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=rf"1 of 12 images in .*images could not be read:\n.*{held_out}"):
+        CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300, cache_dir=str(store)).setup()
+    assert decodes == [3, 9, 4, 8, 3, 9]  # a changed file: a new entry
+    for _ in range(2):  # read from that entry, which remembers the unreadable file
+        dm = CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300, on_corrupt="skip",
+                               cache_dir=str(store))
+        dm.setup()
+        assert dm.num_skipped == 1 and len(dm.splits.x_test) == 2 and held_out not in " ".join(dm.texts["test"])
+        assert torch.equal(dm.splits.x_train, plain.splits.x_train) and dm.texts["train"] == plain.texts["train"]
+    assert decodes == [3, 9, 4, 8, 3, 9]
+    assert "Skipped 1 unreadable image in" in caplog.text
+    for n in names:
+        if n != held_out and f"photo {n}" in " ".join(plain.texts["test"]):
+            (root / "images" / n).write_bytes(b"")
+    with pytest.raises(ValueError, match=r"None of the held-out images in .* could be read \(change "
+                                         r"data.split_seed or data.val_images"):
+        CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300, on_corrupt="skip").setup()
+
+
 # ---- method ------------------------------------------------------------------------------------------------
 
 def test_clip_refuses_data_without_captions_and_a_too_small_text_tower(flickr):

@@ -1,5 +1,5 @@
-"""Decoded image folders kept on disk: a folder is decoded once, and later runs, and every DDP rank of a node,
-memory-map the same file instead of each decoding it and holding its own copy.
+"""Decoded image folders (and caption sets' images) kept on disk: a folder is decoded once, and later runs, and
+every DDP rank of a node, memory-map the same file instead of each decoding it and holding its own copy.
 
 Lightning-free, like :mod:`ssl_toolkit.data.images`. A cached set is keyed by the decoding (``DECODE_VERSION``,
 Pillow's version, the image size) and by each file's path under the root, size and modification time, so a changed,
@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 # Bump when decoding a file gives other pixels (geometry, colour handling, resampling): older entries no longer match.
 DECODE_VERSION = 1
+
 
 def entry_name(root: str, parts: list[tuple[str, list[str]]], size: int) -> str:
     """The cache entry of these files decoded at ``size``: ``<root's name>-<size>px-<16 hex digits>``."""
@@ -89,15 +90,17 @@ def _write(entry: Path, decoded: list[Decoded], parts: list[tuple[str, list[str]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def decode_cached(root: str, parts: list[tuple[str, list[str]]], size: int, workers: int,
-                  cache_dir: str) -> list[Decoded]:
+def decode_cached(root: str, parts: list[tuple[str, list[str]]], size: int, workers: int | None,
+                  cache_dir: str | None) -> list[Decoded]:
     """``decode_files`` of each ``(folder, paths)`` part, through an entry in ``cache_dir``: mapped from there when
-    these files were decoded at ``size`` before, else decoded, written there, and mapped.
+    these files were decoded at ``size`` before, else decoded, written there, and mapped. No ``cache_dir``: decoded.
 
     Memory-mapped, the images live in the page cache, once however many processes read them (the DDP ranks of a
     node), and on disk between runs. A damaged entry is decoded again; an entry that cannot be written (no space, no
     permission) leaves a warning and this run keeps its images in memory, as without a cache.
     """
+    if not cache_dir:
+        return [decode_files(paths, size, workers, folder) for folder, paths in parts]
     entry = Path(cache_dir).expanduser() / entry_name(root, parts, size)
     if entry.is_dir():
         try:

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
-from ssl_toolkit.data.images import decode_images
+from ssl_toolkit.data.cache import decode_cached
+from ssl_toolkit.data.images import Decoded, report_unreadable
 from ssl_toolkit.data.tokenizer import CaptionTokenizer
 
 
@@ -51,7 +52,9 @@ class CaptionDataModule(InMemoryDataModule):
         captions: The CSV under ``root``, with a header naming the image and caption columns.
         images: Folder under ``root`` holding the images the CSV names.
         image_size: Side of the stored images (shorter side resized, centre-cropped).
-        val_images: Images held out for evaluation (all their captions go with them); 200 for Flickr8k-1k.
+        val_images: Images held out for evaluation (all their captions go with them); 200 for Flickr8k-1k. They are
+            picked among the files the CSV names that exist, before decoding: with ``on_corrupt=skip`` an
+            unreadable one leaves the held-out set one short, and the others keep their split.
         split_seed: Seed of the image permutation that picks the held-out images.
         tokenizer: A ``tokenizer.json`` to use; empty trains a byte-level BPE on the training captions.
         vocab_size: Size of the trained BPE (must not exceed the model's ``text.vocab_size``).
@@ -62,15 +65,18 @@ class CaptionDataModule(InMemoryDataModule):
             (and their captions) and logs which.
         batch_size: Image-caption pairs per step per device.
         num_workers: Processes that decode the images. ``None``: one per CPU core (under DDP, each rank of the node
-            its share); 0: this process.
+            its share, unless ``cache_dir`` lets one process decode for all); 0: this process.
         resident: Keep images and tokens on the accelerator.
+        cache_dir: Keep the decoded images in this folder, as ``.npy`` files that later runs with the same files
+            (names, sizes, modification times), image size and split map instead of decoding, and that the DDP
+            ranks of a node share: one copy in memory, not one per GPU (as ``ImageFolderDataModule``'s).
     """
 
     def __init__(self, root: str, captions: str = "captions.txt", images: str = "images", image_size: int = 64,
                  val_images: int = 200, split_seed: int = 0, tokenizer: str | None = None, vocab_size: int = 4096,
                  context_length: int = 77, image_column: str = "image", caption_column: str = "caption",
                  on_corrupt: str = "fail", batch_size: int = 256, num_workers: int | None = None,
-                 resident: bool = False):
+                 resident: bool = False, cache_dir: str | None = None):
         super().__init__(batch_size, 0, resident)
         self.check_decoding_workers(num_workers)
         if on_corrupt not in ("fail", "skip"):
@@ -83,14 +89,17 @@ class CaptionDataModule(InMemoryDataModule):
         self.image_size, self.val_images, self.split_seed = image_size, val_images, split_seed
         self.tokenizer_file, self.vocab_size, self.context_length = tokenizer, vocab_size, context_length
         self.columns, self.on_corrupt, self.decode_workers = (image_column, caption_column), on_corrupt, num_workers
-        self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
+        self.name, self.num_skipped, self.cache_dir = os.path.basename(os.path.normpath(root)), 0, cache_dir
         self.tokenizer: CaptionTokenizer | None = None
         self.texts: dict[str, list[str]] = {}
         self.caption_image: dict[str, torch.Tensor] = {}  # per split: (M,) image index of each caption
         self.tokens: dict[str, torch.Tensor] = {}  # per split: (M, L) token ids, captions grouped by image
         self.offsets: dict[str, torch.Tensor] = {}  # per split: (N + 1,) first caption of each image
 
-    def load(self) -> Splits:
+    def _listing(self) -> tuple[dict[str, list[str]], list[str], list[str], int]:
+        """Each image's captions, the held-out and the training images (names, sorted) and how many the CSV names
+        that are not there. The split is drawn here, before decoding, so that each split is decoded (and cached)
+        as one array: no copy gathers it from the whole set."""
         root = Path(self.root)
         rows = read_captions(str(root / self.captions_file), *self.columns)
         by_image: dict[str, list[str]] = {}
@@ -105,27 +114,47 @@ class CaptionDataModule(InMemoryDataModule):
                 "files, delete their rows, or set data.on_corrupt=skip to leave them out.")
         gone = set(missing)
         names = [n for n in names if n not in gone]
-        x, keep, skipped = decode_images([str(root / self.images_dir / n) for n in names], self.image_size,
-                                         self.decoding_workers(self.decode_workers), self.on_corrupt,
-                                         str(root / self.images_dir))
-        self.num_skipped = len(missing) + skipped
-        names = [names[i] for i in keep.tolist()]
         if self.val_images >= len(names):
             raise ValueError(f"data.val_images={self.val_images} leaves no training images ({len(names)} in all); "
                              "lower it.")
         perm = torch.randperm(len(names), generator=torch.Generator().manual_seed(self.split_seed))
-        split_idx = {"test": perm[:self.val_images].sort().values, "train": perm[self.val_images:].sort().values}
-        for split, idx in split_idx.items():
-            self.texts[split] = [c for i in idx.tolist() for c in by_image[names[i]]]  # grouped by image
+        test, train = (sorted(perm[:self.val_images].tolist()), sorted(perm[self.val_images:].tolist()))
+        return by_image, [names[i] for i in test], [names[i] for i in train], len(missing)
+
+    def _decoded(self, splits: list[list[str]], alone: bool = False) -> list[Decoded]:
+        """The images of each split of names: decoded, or from ``cache_dir``."""
+        folder = str(Path(self.root) / self.images_dir)
+        return decode_cached(self.root, [(folder, [os.path.join(folder, n) for n in names]) for names in splits],
+                             self.image_size, self.decoding_workers(self.decode_workers, alone), self.cache_dir)
+
+    def prepare_data(self) -> None:
+        """With ``cache_dir``, decode the images into the cache if they are not there yet (once per node, before
+        every rank's ``setup``; see ``ImageFolderDataModule.prepare_data``)."""
+        if self.cache_dir:
+            _, test, train, _ = self._listing()
+            self._decoded([test, train], alone=True)
+
+    def load(self) -> Splits:
+        by_image, test, train, missing = self._listing()
+        (x_test, keep_test, bad_test), (x_train, keep_train, bad_train) = self._decoded([test, train])
+        where = str(Path(self.root) / self.images_dir)
+        report_unreadable(bad_test + bad_train, len(test) + len(train), where, self.on_corrupt)
+        self.num_skipped = missing + len(bad_test) + len(bad_train)
+        names = {"train": [train[i] for i in keep_train.tolist()], "test": [test[i] for i in keep_test.tolist()]}
+        for split, kept in names.items():
+            if not kept:
+                raise ValueError(f"None of the {'training' if split == 'train' else 'held-out'} images in {where} "
+                                 "could be read" + (" (change data.split_seed or data.val_images to hold out "
+                                                    "others)." if split == "test" else "."))
+            self.texts[split] = [c for n in kept for c in by_image[n]]  # grouped by image
         self.tokenizer = (CaptionTokenizer.from_file(self.tokenizer_file) if self.tokenizer_file
                           else CaptionTokenizer.train(self.texts["train"], self.vocab_size))
-        for split, idx in split_idx.items():
-            counts = torch.tensor([len(by_image[names[i]]) for i in idx.tolist()])
+        for split, kept in names.items():
+            counts = torch.tensor([len(by_image[n]) for n in kept])
             self.tokens[split] = self.tokenizer.encode(self.texts[split], self.context_length)  # (M, L)
-            self.caption_image[split] = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (M,)
+            self.caption_image[split] = torch.repeat_interleave(torch.arange(len(kept)), counts)  # (M,)
             self.offsets[split] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (N + 1,)
-        return Splits(x[split_idx["train"]], torch.arange(len(split_idx["train"])), x[split_idx["test"]],
-                      torch.arange(len(split_idx["test"])), [])
+        return Splits(x_train, torch.arange(len(x_train)), x_test, torch.arange(len(x_test)), [])
 
     def train_batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Images of ``idx`` and one caption drawn uniformly among each image's captions."""

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 
 from ssl_toolkit.data.base import InMemoryDataModule, Splits
 from ssl_toolkit.data.cache import decode_cached
-from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, Decoded, decode_files, image_files,
-                                     report_unreadable)
+from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, Decoded, image_files, report_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -265,11 +264,8 @@ class ImageFolderDataModule(InMemoryDataModule):
 
     def _decoded(self, splits: list[tuple[str, list[str], list[int]]], alone: bool = False) -> list[Decoded]:
         """Each split's images, indices kept and unreadable files: decoded, or from ``cache_dir``."""
-        parts = [(folder, paths) for folder, paths, _ in splits]
-        workers = self.decoding_workers(self.decode_workers, alone)
-        if self.cache_dir:
-            return decode_cached(self.root, parts, self.image_size, workers, self.cache_dir)
-        return [decode_files(paths, self.image_size, workers, folder) for folder, paths in parts]
+        return decode_cached(self.root, [(folder, paths) for folder, paths, _ in splits], self.image_size,
+                             self.decoding_workers(self.decode_workers, alone), self.cache_dir)
 
     def prepare_data(self) -> None:
         """With ``cache_dir``, decode the folder into the cache if it is not there yet. Lightning calls this once per
