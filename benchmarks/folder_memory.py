@@ -21,6 +21,11 @@ over the ranks of their private memory's rise plus their proportional share (PSS
 ``/proc/<pid>/smaps`` while all N hold the set. Writes ``benchmarks/results/folder-memory-ranks-cpu.json``.
 
   python benchmarks/folder_memory.py --ranks 4
+
+A folder with a ``captions.txt`` is a caption set (CLIP's ``CaptionDataModule``: the images the CSV names, split into
+training and held-out images) and is measured the same way; its results go to ``...-captions.json``:
+
+  python benchmarks/folder_memory.py --folder ../shared/datasets/flickr8k-1k --sizes 64,224
 """
 
 import argparse
@@ -47,11 +52,21 @@ def held(s) -> tuple[int, float]:
     return sum(len(y) for _, y in splits), sum(x.numel() for x, _ in splits) / 2 ** 20
 
 
+def captions(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, "captions.txt"))
+
+
+def datamodule(folder: str, size: int, workers: int, cache: str | None = None):
+    """The DataModule of ``folder``: a caption set's when it holds ``captions.txt``, else an image folder's."""
+    from ssl_toolkit.data import CaptionDataModule, ImageFolderDataModule
+
+    kind = CaptionDataModule if captions(folder) else ImageFolderDataModule
+    return kind(folder, image_size=size, num_workers=workers, cache_dir=cache)
+
+
 def measure(folder: str, size: int, workers: int) -> dict:
     """Set up the folder at ``size`` in this process: seconds, the set's MiB and the peak memory rise in MiB."""
-    from ssl_toolkit.data import ImageFolderDataModule
-
-    dm = ImageFolderDataModule(folder, image_size=size, num_workers=workers)
+    dm = datamodule(folder, size, workers)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     start = time.perf_counter()
     dm.setup()
@@ -67,6 +82,8 @@ def save(a, rows: list[dict], name: str) -> None:
     """Write ``rows`` with the commit, device and versions to ``--out`` or ``benchmarks/results/<name>``."""
     record = {**environment(torch.device("cpu")), "command": " ".join(sys.argv), "folder": os.path.normpath(a.folder),
               "workers": a.workers, "results": rows}
+    if captions(a.folder):
+        name = name.replace(".json", "-captions.json")
     out = a.out or os.path.join(os.path.dirname(__file__), "results", name)
     write_record(record, out)
     print(f"-> {out}")
@@ -75,10 +92,8 @@ def save(a, rows: list[dict], name: str) -> None:
 def hold(folder: str, size: int, workers: int, cache: str | None) -> None:
     """One rank: set up the folder (through ``cache``, if given) and read every image (timed together), report, and
     hold the set until told (a line on stdin), so that every rank is measured while all of them hold theirs."""
-    from ssl_toolkit.data import ImageFolderDataModule
-
     anon = memory(os.getpid())["anon_mib"]
-    dm = ImageFolderDataModule(folder, image_size=size, num_workers=workers, cache_dir=cache)
+    dm = datamodule(folder, size, workers, cache)
     start = time.perf_counter()
     dm.setup()
     s = dm.splits
@@ -169,10 +184,7 @@ def main() -> None:
     if a.hold:
         return hold(a.folder, a.hold, a.workers, a.cache)
     if a.build:
-        from ssl_toolkit.data import ImageFolderDataModule
-
-        dm = ImageFolderDataModule(a.folder, image_size=a.build, num_workers=a.workers, cache_dir=a.cache)
-        return dm.prepare_data()
+        return datamodule(a.folder, a.build, a.workers, a.cache).prepare_data()
     if not os.path.isdir(a.folder):
         sys.exit(f"{a.folder} does not exist; unpack CIFAR-10 as an image folder first (see --help).")
     if a.ranks:
