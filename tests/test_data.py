@@ -431,6 +431,33 @@ def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, monk
     assert decodes == [8, 6] * 3 + [3]
 
 
+def test_a_write_clears_what_killed_writers_on_this_host_left(tmp_path, caplog):
+    """A writer killed mid-write (SIGKILL, out of memory, a job's time limit) left its partial entry in the cache for
+    good: up to a whole decoded set on disk each time. The next write on that host removes the partial entries whose
+    process is gone; a live writer's, and other hosts' (a shared filesystem), stay."""
+    import logging
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    root, store = make_folder(tmp_path / "imgs"), tmp_path / "cache"
+    host = socket.gethostname()
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    left_by = {"killed": f"imgs-8px-0123456789abcdef.partial-{host}-{gone.pid}-00ff00ff",
+               "running": f"imgs-8px-0123456789abcdef.partial-{host}-{os.getpid()}-00ff00ff",
+               "other host": f"imgs-8px-0123456789abcdef.partial-elsewhere-{gone.pid}-00ff00ff"}
+    for name in left_by.values():
+        (store / name).mkdir(parents=True)
+        (store / name / "0.npy").write_bytes(bytes(1000))
+    with caplog.at_level(logging.INFO, logger="ssl_toolkit.data.cache"):
+        ImageFolderDataModule(str(root), image_size=8, cache_dir=str(store)).setup()
+    left = {p.name for p in store.iterdir()}
+    assert left_by["killed"] not in left and {left_by["running"], left_by["other host"]} <= left and len(left) == 3
+    assert f"Removed 1 partial cache entry that killed writers left in {store}: {left_by['killed']}" in caplog.text
+
+
 def test_a_damaged_or_unwritable_cache_costs_a_decode_not_the_run(tmp_path, caplog):
     root = make_folder(tmp_path / "imgs")
     plain = ImageFolderDataModule(str(root), image_size=8)

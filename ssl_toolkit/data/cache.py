@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -65,10 +66,33 @@ def _load(entry: Path, parts: list[tuple[str, list[str]]], size: int) -> list[De
     return out
 
 
+def _remove_abandoned(cache_dir: Path) -> None:
+    """Remove the partial entries (``<entry>.partial-<host>-<pid>-<hex>``) that writers on this host left when they
+    were killed mid-write (SIGKILL, out of memory, a job's time limit): those whose process is gone. Other hosts'
+    (a cache on a shared filesystem) are left to them."""
+    host, removed = socket.gethostname(), []
+    for p in cache_dir.glob(f"*.partial-{host}-*"):
+        writer, pid, _ = p.name.rsplit("-", 2)
+        if not (writer.endswith(f".partial-{host}") and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+        except OSError:  # alive, another user's
+            pass
+    if removed:
+        log.info("Removed %d partial cache entr%s that killed writers left in %s: %s", len(removed),
+                 "ies" if len(removed) > 1 else "y", cache_dir, ", ".join(removed))
+
+
 def _write(entry: Path, decoded: list[Decoded], parts: list[tuple[str, list[str]]]) -> None:
     """Write the entry under a temporary name and rename it into place, so that a reader sees all of it or none. If
     another process wrote it first, its entry stands."""
-    tmp = entry.with_name(f"{entry.name}.partial-{os.getpid()}-{secrets.token_hex(4)}")
+    if entry.parent.is_dir():
+        _remove_abandoned(entry.parent)
+    tmp = entry.with_name(f"{entry.name}.partial-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
     try:
         tmp.mkdir(parents=True)
         for k, (x, _, _) in enumerate(decoded):
