@@ -222,12 +222,16 @@ def test_a_cached_caption_set_is_decoded_once_and_its_splits_are_mapped(tmp_path
     decodes = []
     decode_files = cache.decode_files
     monkeypatch.setattr(cache, "decode_files", lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
+    keyed = []  # each key lists and stats every file
+    entry_name = cache.entry_name
+    monkeypatch.setattr(cache, "entry_name", lambda *a: keyed.append(a[0]) or entry_name(*a))
     store = tmp_path / "cache"
     for run in range(2):
         dm = CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300, cache_dir=str(store))
         dm.prepare_data()
         dm.setup()
         assert decodes == [3, 9], run  # the held-out and the training images, once
+        assert len(keyed) == run + 1  # setup reuses what prepare_data listed and mapped
         (entry,) = store.iterdir()
         assert entry.name.startswith("set-16px-")
         assert _mapped_from(dm.splits.x_test, entry / "0.npy") and _mapped_from(dm.splits.x_train, entry / "1.npy")

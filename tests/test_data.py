@@ -391,10 +391,14 @@ def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, monk
     decodes = []
     decode_files = cache.decode_files
     monkeypatch.setattr(cache, "decode_files", lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
+    keyed = []  # each key lists and stats every file
+    entry_name = cache.entry_name
+    monkeypatch.setattr(cache, "entry_name", lambda *a: keyed.append(a[0]) or entry_name(*a))
     first = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2, cache_dir=str(store))
     first.prepare_data()  # Lightning: once per node, before each rank's setup
     first.setup()
     assert decodes == [8, 6]  # train/ (with its 2 unreadable files) and val/, once
+    assert keyed == [str(root)]  # setup reuses what prepare_data listed and mapped, where it listed all again
     entries = list(store.iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("imgs-8px-") and _mapped(entries[0] / "0.npy")
     for dm in (first, ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2,

@@ -90,6 +90,7 @@ class CaptionDataModule(InMemoryDataModule):
         self.tokenizer_file, self.vocab_size, self.context_length = tokenizer, vocab_size, context_length
         self.columns, self.on_corrupt, self.decode_workers = (image_column, caption_column), on_corrupt, num_workers
         self.name, self.num_skipped, self.cache_dir = os.path.basename(os.path.normpath(root)), 0, cache_dir
+        self._prepared = None  # what prepare_data listed and mapped, for this process's setup
         self.tokenizer: CaptionTokenizer | None = None
         self.texts: dict[str, list[str]] = {}
         self.caption_image: dict[str, torch.Tensor] = {}  # per split: (M,) image index of each caption
@@ -129,14 +130,20 @@ class CaptionDataModule(InMemoryDataModule):
 
     def prepare_data(self) -> None:
         """With ``cache_dir``, decode the images into the cache if they are not there yet (once per node, before
-        every rank's ``setup``; see ``ImageFolderDataModule.prepare_data``)."""
+        every rank's ``setup``, which in this process reuses what this listed and mapped; see
+        ``ImageFolderDataModule.prepare_data``)."""
         if self.cache_dir:
-            _, test, train, _ = self._listing()
-            self._decoded([test, train], alone=True)
+            listing = self._listing()
+            self._prepared = listing, self._decoded(list(listing[1:3]), alone=True)
 
     def load(self) -> Splits:
-        by_image, test, train, missing = self._listing()
-        (x_test, keep_test, bad_test), (x_train, keep_train, bad_train) = self._decoded([test, train])
+        if self._prepared:
+            (by_image, test, train, missing), decoded = self._prepared
+            self._prepared = None
+        else:
+            by_image, test, train, missing = self._listing()
+            decoded = self._decoded([test, train])
+        (x_test, keep_test, bad_test), (x_train, keep_train, bad_train) = decoded
         where = str(Path(self.root) / self.images_dir)
         report_unreadable(bad_test + bad_train, len(test) + len(train), where, self.on_corrupt)
         self.num_skipped = missing + len(bad_test) + len(bad_train)

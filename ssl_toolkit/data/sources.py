@@ -217,7 +217,7 @@ class ImageFolderDataModule(InMemoryDataModule):
         self.save_hyperparameters()
         self.root, self.image_size, self.on_corrupt = root, image_size, on_corrupt
         self.decode_workers, self.name, self.num_skipped = num_workers, os.path.basename(os.path.normpath(root)), 0
-        self.cache_dir = cache_dir
+        self.cache_dir, self._prepared = cache_dir, None
 
     def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
         classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -269,13 +269,20 @@ class ImageFolderDataModule(InMemoryDataModule):
 
     def prepare_data(self) -> None:
         """With ``cache_dir``, decode the folder into the cache if it is not there yet. Lightning calls this once per
-        node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding."""
+        node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding.
+        This process keeps what it listed and mapped for its own ``setup``, which need not list and stat every file
+        again."""
         if self.cache_dir:
-            self._decoded(self._listing()[1], alone=True)
+            listing = self._listing()
+            self._prepared = listing, self._decoded(listing[1], alone=True)
 
     def load(self) -> Splits:
-        classes, splits = self._listing()
-        decoded = self._decoded(splits)
+        if self._prepared:
+            (classes, splits), decoded = self._prepared
+            self._prepared = None
+        else:
+            classes, splits = self._listing()
+            decoded = self._decoded(splits)
         with_bad = {folder: len(paths) for (folder, paths, _), (_, _, bad) in zip(splits, decoded) if bad}
         report_unreadable([b for _, _, bad in decoded for b in bad], sum(with_bad.values()), " and ".join(with_bad),
                           self.on_corrupt)
