@@ -324,6 +324,13 @@ def test_decoding_a_large_folder_says_how_far_it_is(tmp_path, monkeypatch, capsy
     lines = [re.sub(r"\d[\d,]* a second(, about \d+ s left)?", "R", line)
              for line in capsys.readouterr().err.splitlines()]
     assert lines == [f"{root / split}: {i} of 6 images decoded, R" for split in ("train", "val") for i in range(1, 7)]
+    # with a cache, a hit decodes nothing but still looks up every file: millions take minutes on a network disk
+    ImageFolderDataModule(str(root), image_size=8, cache_dir=str(tmp_path / "cache")).setup()
+    with progress.reporting_progress():
+        ImageFolderDataModule(str(root), image_size=8, cache_dir=str(tmp_path / "cache")).setup()
+    lines = [re.sub(r"\d[\d,]* a second(, about \d+ s left)?", "R", line)
+             for line in capsys.readouterr().err.splitlines()]
+    assert lines == [f"{root}: {i} of 12 files checked against the cache, R" for i in range(1, 13)]
 
 
 def test_a_folder_is_decoded_on_every_core_unless_it_is_small(tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ssl_toolkit.data.images import Decoded, decode_files
+from ssl_toolkit.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +28,18 @@ DECODE_VERSION = 1
 
 
 def entry_name(root: str, parts: list[tuple[str, list[str]]], size: int) -> str:
-    """The cache entry of these files decoded at ``size``: ``<root's name>-<size>px-<16 hex digits>``."""
+    """The cache entry of these files decoded at ``size``: ``<root's name>-<size>px-<16 hex digits>``. Every file is
+    looked up (``stat``), so a long listing says how far it is (minutes for millions of files on a network
+    filesystem)."""
     from PIL import __version__ as pillow
 
     h = hashlib.sha256(f"decode {DECODE_VERSION} pillow {pillow} size {size}\n".encode())
+    report, done = Progress(sum(len(paths) for _, paths in parts), "files checked against the cache", root), 0
     for folder, paths in parts:
         h.update(f"part {os.path.relpath(folder, root)} {len(paths)}\n".encode())
         for p in paths:
+            done += 1
+            report(done)
             try:
                 st = os.stat(p)
                 stamp = f"{st.st_size} {st.st_mtime_ns}"
