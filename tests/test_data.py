@@ -333,7 +333,7 @@ def test_decoding_a_large_folder_says_how_far_it_is(tmp_path, monkeypatch, capsy
     assert lines == [f"{root}: {i} of 12 files checked against the cache, R" for i in range(1, 13)]
 
 
-def test_a_folder_is_decoded_on_every_core_unless_it_is_small(tmp_path, monkeypatch):
+def test_a_folder_is_decoded_on_every_core_unless_it_is_small(tmp_path, monkeypatch, caplog):
     """Decoding took one process unless data.num_workers was set: hours for an ImageNet-sized folder on a node of
     dozens of cores. By default (``None``) it takes one process per core this process may run on, shared out among
     the DDP ranks of a node when they all decode (no cache); a set too small to repay starting a pool is decoded
@@ -365,11 +365,14 @@ def test_a_folder_is_decoded_on_every_core_unless_it_is_small(tmp_path, monkeypa
     ddp = SimpleNamespace(num_devices=2)  # setup under DDP: both ranks of the node decode at once, 2 cores each
     for cache_dir, expected in ((None, [2, 2]), (str(tmp_path / "cache"), [4, 4])):
         pools.clear()
+        caplog.clear()
         dm = ImageFolderDataModule(str(root), image_size=8, cache_dir=cache_dir)
         dm.trainer = ddp
         dm.prepare_data()  # with a cache, one process per node decodes, with every core, before the ranks' setup
         dm.setup()  # which maps the entry
         assert pools == expected, cache_dir
+        hint = "Each of the 2 processes on this node decodes imgs and holds its own copy; set data.cache_dir"
+        assert (hint in caplog.text) == (cache_dir is None), caplog.text  # a copy per rank: how to share one
     pools.clear()
     monkeypatch.setattr(images.os, "cpu_count", lambda: 16)  # bound to 4 of 16 cores (SLURM binds each rank):
     dm = ImageFolderDataModule(str(root), image_size=8)  # those are its own share
@@ -406,6 +409,8 @@ def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, monk
     first.setup()
     assert decodes == [8, 6]  # train/ (with its 2 unreadable files) and val/, once
     assert keyed == [str(root)]  # setup reuses what prepare_data listed and mapped, where it listed all again
+    first.prepare_data()  # a second fit with the same DataModule: set up already, nothing to list, nothing held
+    assert keyed == [str(root)]
     entries = list(store.iterdir())
     assert len(entries) == 1 and entries[0].name.startswith("imgs-8px-") and _mapped(entries[0] / "0.npy")
     for dm in (first, ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2,

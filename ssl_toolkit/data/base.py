@@ -7,6 +7,7 @@ the batch's indices, because 2-16 CPU workers cannot feed a GPU at CIFAR scale.
 """
 
 import itertools
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -15,6 +16,9 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from ssl_toolkit.data.images import cpu_cores
+from ssl_toolkit.distributed import rank
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -158,6 +162,14 @@ class InMemoryDataModule(pl.LightningDataModule):
         if workers is not None:
             return workers
         return cpu_cores(1 if alone or self.trainer is None else self.trainer.num_devices)
+
+    def warn_unshared(self, cache_dir: str | None) -> None:
+        """Under DDP without a ``cache_dir``, each rank of a node decodes the set and holds its own copy: say so,
+        and how to share one (rank 0 only)."""
+        devices = self.trainer.num_devices if self.trainer is not None else 1
+        if devices > 1 and not cache_dir and rank() == 0:
+            log.warning("Each of the %d processes on this node decodes %s and holds its own copy; set data.cache_dir "
+                        "to a folder to decode it once per node and share one copy.", devices, self.name)
 
     @staticmethod
     def check_decoding_workers(workers: int | None) -> None:

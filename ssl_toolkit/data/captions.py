@@ -124,6 +124,8 @@ class CaptionDataModule(InMemoryDataModule):
 
     def _decoded(self, splits: list[list[str]], alone: bool = False) -> list[Decoded]:
         """The images of each split of names: decoded, or from ``cache_dir``."""
+        if not alone:
+            self.warn_unshared(self.cache_dir)
         folder = str(Path(self.root) / self.images_dir)
         return decode_cached(self.root, [(folder, [os.path.join(folder, n) for n in names]) for names in splits],
                              self.image_size, self.decoding_workers(self.decode_workers, alone), self.cache_dir)
@@ -132,7 +134,7 @@ class CaptionDataModule(InMemoryDataModule):
         """With ``cache_dir``, decode the images into the cache if they are not there yet (once per node, before
         every rank's ``setup``, which in this process reuses what this listed and mapped; see
         ``ImageFolderDataModule.prepare_data``)."""
-        if self.cache_dir:
+        if self.cache_dir and self.splits is None:
             listing = self._listing()
             self._prepared = listing, self._decoded(list(listing[1:3]), alone=True)
 

@@ -264,6 +264,8 @@ class ImageFolderDataModule(InMemoryDataModule):
 
     def _decoded(self, splits: list[tuple[str, list[str], list[int]]], alone: bool = False) -> list[Decoded]:
         """Each split's images, indices kept and unreadable files: decoded, or from ``cache_dir``."""
+        if not alone:
+            self.warn_unshared(self.cache_dir)
         return decode_cached(self.root, [(folder, paths) for folder, paths, _ in splits], self.image_size,
                              self.decoding_workers(self.decode_workers, alone), self.cache_dir)
 
@@ -271,8 +273,8 @@ class ImageFolderDataModule(InMemoryDataModule):
         """With ``cache_dir``, decode the folder into the cache if it is not there yet. Lightning calls this once per
         node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding.
         This process keeps what it listed and mapped for its own ``setup``, which need not list and stat every file
-        again."""
-        if self.cache_dir:
+        again. Once this process is set up, the entry is there: nothing to do."""
+        if self.cache_dir and self.splits is None:
             listing = self._listing()
             self._prepared = listing, self._decoded(listing[1], alone=True)
 
