@@ -43,6 +43,9 @@
 #   evalprec  ~1 min  eval_precision.py: kNN top-1 of the newest time-to-accuracy checkpoint with features
 #                     extracted in fp32 and in bf16 (the evaluators' default on CUDA); simclr runs it itself when its
 #                     call has a minute left, else run this right after simclr, moco or dino (same warm machine)
+#   node      ~3 min  CPU work on the GPU machine's 16 cores (no GPU needed): decode_workers.py (images/s by
+#                     decoding processes; the default takes every core) and folder_memory.py --ranks 8 (8 DDP ranks'
+#                     memory with and without data.cache_dir) on CIFAR-10 as 60,000 JPEGs; results *-gpunode.json
 #   tests     ~1 min  the tests marked `cuda` (CI has no GPU and skips them): kNN, views and compiled views on the
 #                     GPU, the views without a host sync, the non-finite flag without a wait, the online probe's
 #                     stream, and DINO's gradient clipping with the fused and multi-tensor optimizers in bf16 and in
@@ -62,7 +65,7 @@ setup() {
 }
 
 collect() {  # results back through the device tool, and their tables in the call's output
-    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json "$OUT"/ 2>/dev/null; fi
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*cuda*.json benchmarks/results/*gpunode*.json "$OUT"/ 2>/dev/null; fi
     python3 benchmarks/report.py --device cuda --newer /tmp/stage-start
 }
 
@@ -153,6 +156,11 @@ stage() {
                 --epochs 20 --knn-every 20 --probe --tag 20ep
         done ;;
     evalprec) evalprec 120 latest ;;
+    node)
+        [ -d data/cifar10-folder ] || python3 .carry/cifar10/unpack.py data/cifar10-folder --imagefolder || exit 1
+        timeout 150 python3 benchmarks/decode_workers.py --out benchmarks/results/decode-workers-gpunode.json
+        timeout 300 python3 benchmarks/folder_memory.py --ranks 8 --sizes 32 \
+            --out benchmarks/results/folder-memory-ranks-gpunode.json ;;
     tests) timeout 300 python3 -m pytest -q -rs -m cuda $(grep -l "mark.cuda" tests/test_*.py) ;;
     *) echo "unknown stage $1 (speed audit eager compiled1 compiled2 simclr parity decay suspects reference reference200 moco dino pretext evalprec tests)" >&2; return 2 ;;
     esac
