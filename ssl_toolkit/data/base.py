@@ -15,7 +15,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from ssl_toolkit.data.images import cpu_cores
+from ssl_toolkit.data.cache import decode_cached
+from ssl_toolkit.data.images import Decoded, cpu_cores
 from ssl_toolkit.distributed import rank
 
 log = logging.getLogger(__name__)
@@ -154,29 +155,6 @@ class InMemoryDataModule(pl.LightningDataModule):
         """Decode the dataset into uint8 tensors; called once, by :meth:`setup`."""
         raise NotImplementedError(f"{type(self).__name__} must implement load().")
 
-    def decoding_workers(self, workers: int | None, alone: bool = False) -> int:
-        """The processes that decode a folder of images: ``workers`` (a subclass's ``data.num_workers``), or for
-        ``None`` one per CPU core this process may use, shared with the other ranks of the node when they decode at
-        the same time (``setup`` under DDP), all of them when it decodes ``alone`` (``prepare_data``, which
-        Lightning runs on one process per node)."""
-        if workers is not None:
-            return workers
-        return cpu_cores(1 if alone or self.trainer is None else self.trainer.num_devices)
-
-    def warn_unshared(self, cache_dir: str | None) -> None:
-        """Under DDP without a ``cache_dir``, each rank of a node decodes the set and holds its own copy: say so,
-        and how to share one (rank 0 only)."""
-        devices = self.trainer.num_devices if self.trainer is not None else 1
-        if devices > 1 and not cache_dir and rank() == 0:
-            log.warning("Each of the %d processes on this node decodes %s and holds its own copy; set data.cache_dir "
-                        "to a folder to decode it once per node and share one copy.", devices, self.name)
-
-    @staticmethod
-    def check_decoding_workers(workers: int | None) -> None:
-        if workers is not None and workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, or null for one decoding process per CPU core; "
-                             f"got {workers}.")
-
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
@@ -274,3 +252,51 @@ class InMemoryDataModule(pl.LightningDataModule):
         starts = range(0, len(y), batch_size)
         for i in starts if batches is None else starts[batches]:
             yield x[i:i + batch_size].to(device, non_blocking=True), y[i:i + batch_size].to(device, non_blocking=True)
+
+
+class DecodesFiles:
+    """What the DataModules of image files (ImageFolderDataModule, CaptionDataModule) share: decoding in processes
+    (``data.num_workers``), through a cache of decoded images (``data.cache_dir``) that one process per node fills
+    in ``prepare_data``. A mixin, not a subclass of InMemoryDataModule, so that LightningCLI does not offer it as
+    a dataset. The class sets ``root`` and ``image_size``, calls :meth:`init_decoding`, and implements ``_listing()``
+    (every check on the files, before anything is decoded) and ``_parts(listing)`` (the ``(folder, paths)`` to
+    decode); ``load`` starts from :meth:`listed_and_decoded`."""
+
+    def init_decoding(self, num_workers: int | None, cache_dir: str | None) -> None:
+        if num_workers is not None and num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, or null for one decoding process per CPU core; "
+                             f"got {num_workers}.")
+        self.decode_workers, self.cache_dir = num_workers, cache_dir
+        self._prepared = None  # what prepare_data listed and mapped, for this process's setup
+
+    def _ranks_on_node(self) -> int:
+        return self.trainer.num_devices if self.trainer is not None else 1
+
+    def _decoded(self, listing, alone: bool = False) -> list[Decoded]:
+        """Each part's images, indices kept and unreadable files: decoded, or from ``cache_dir``. The processes:
+        ``data.num_workers``, or for ``None`` one per CPU core this process may use, shared with the other ranks of
+        the node when they decode at the same time (``setup`` under DDP without a cache, which is said once), all of
+        them when it decodes ``alone`` (``prepare_data``, which Lightning runs on one process per node)."""
+        ranks = 1 if alone else self._ranks_on_node()
+        if ranks > 1 and not self.cache_dir and rank() == 0:
+            log.warning("Each of the %d processes on this node decodes %s and holds its own copy; set data.cache_dir "
+                        "to a folder to decode it once per node and share one copy.", ranks, self.name)
+        workers = cpu_cores(ranks) if self.decode_workers is None else self.decode_workers
+        return decode_cached(self.root, self._parts(listing), self.image_size, workers, self.cache_dir)
+
+    def prepare_data(self) -> None:
+        """With ``cache_dir``, decode the files into the cache if they are not there yet. Lightning calls this once per
+        node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding.
+        This process keeps what it listed and mapped for its own ``setup``, which need not list and stat every file
+        again. Once this process is set up, the entry is there: nothing to do."""
+        if self.cache_dir and self.splits is None:
+            listing = self._listing()
+            self._prepared = listing, self._decoded(listing, alone=True)
+
+    def listed_and_decoded(self) -> tuple:
+        """``(listing, decoded)``: what ``prepare_data`` kept, or listed and decoded now."""
+        if self._prepared:
+            prepared, self._prepared = self._prepared, None
+            return prepared
+        listing = self._listing()
+        return listing, self._decoded(listing)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ssl_toolkit.data.base import InMemoryDataModule, Splits
-from ssl_toolkit.data.cache import decode_cached
-from ssl_toolkit.data.images import Decoded, report_unreadable
+from ssl_toolkit.data.base import DecodesFiles, InMemoryDataModule, Splits
+from ssl_toolkit.data.images import report_unreadable
 from ssl_toolkit.data.tokenizer import CaptionTokenizer
 
 
@@ -39,7 +38,7 @@ def read_captions(path: str, image_column: str = "image", caption_column: str = 
     return rows
 
 
-class CaptionDataModule(InMemoryDataModule):
+class CaptionDataModule(DecodesFiles, InMemoryDataModule):
     """Images named in a caption CSV, decoded once into memory, with their tokenized captions.
 
     Training batches are ``(images, tokens)``: uint8 ``(B, 3, S, S)`` and ``(B, context_length)`` token ids
@@ -78,7 +77,7 @@ class CaptionDataModule(InMemoryDataModule):
                  on_corrupt: str = "fail", batch_size: int = 256, num_workers: int | None = None,
                  resident: bool = False, cache_dir: str | None = None):
         super().__init__(batch_size, 0, resident)
-        self.check_decoding_workers(num_workers)
+        self.init_decoding(num_workers, cache_dir)
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip'; got {on_corrupt!r}.")
         if image_size < 1 or val_images < 1 or context_length < 2:
@@ -88,9 +87,8 @@ class CaptionDataModule(InMemoryDataModule):
         self.root, self.captions_file, self.images_dir = root, captions, images
         self.image_size, self.val_images, self.split_seed = image_size, val_images, split_seed
         self.tokenizer_file, self.vocab_size, self.context_length = tokenizer, vocab_size, context_length
-        self.columns, self.on_corrupt, self.decode_workers = (image_column, caption_column), on_corrupt, num_workers
-        self.name, self.num_skipped, self.cache_dir = os.path.basename(os.path.normpath(root)), 0, cache_dir
-        self._prepared = None  # what prepare_data listed and mapped, for this process's setup
+        self.columns, self.on_corrupt = (image_column, caption_column), on_corrupt
+        self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
         self.tokenizer: CaptionTokenizer | None = None
         self.texts: dict[str, list[str]] = {}
         self.caption_image: dict[str, torch.Tensor] = {}  # per split: (M,) image index of each caption
@@ -122,29 +120,13 @@ class CaptionDataModule(InMemoryDataModule):
         test, train = (sorted(perm[:self.val_images].tolist()), sorted(perm[self.val_images:].tolist()))
         return by_image, [names[i] for i in test], [names[i] for i in train], len(missing)
 
-    def _decoded(self, splits: list[list[str]], alone: bool = False) -> list[Decoded]:
-        """The images of each split of names: decoded, or from ``cache_dir``."""
-        if not alone:
-            self.warn_unshared(self.cache_dir)
+    def _parts(self, listing) -> list[tuple[str, list[str]]]:
+        """The held-out and the training images, each split one part."""
         folder = str(Path(self.root) / self.images_dir)
-        return decode_cached(self.root, [(folder, [os.path.join(folder, n) for n in names]) for names in splits],
-                             self.image_size, self.decoding_workers(self.decode_workers, alone), self.cache_dir)
-
-    def prepare_data(self) -> None:
-        """With ``cache_dir``, decode the images into the cache if they are not there yet (once per node, before
-        every rank's ``setup``, which in this process reuses what this listed and mapped; see
-        ``ImageFolderDataModule.prepare_data``)."""
-        if self.cache_dir and self.splits is None:
-            listing = self._listing()
-            self._prepared = listing, self._decoded(list(listing[1:3]), alone=True)
+        return [(folder, [os.path.join(folder, n) for n in names]) for names in listing[1:3]]
 
     def load(self) -> Splits:
-        if self._prepared:
-            (by_image, test, train, missing), decoded = self._prepared
-            self._prepared = None
-        else:
-            by_image, test, train, missing = self._listing()
-            decoded = self._decoded([test, train])
+        (by_image, test, train, missing), decoded = self.listed_and_decoded()
         (x_test, keep_test, bad_test), (x_train, keep_train, bad_train) = decoded
         where = str(Path(self.root) / self.images_dir)
         report_unreadable(bad_test + bad_train, len(test) + len(train), where, self.on_corrupt)

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssl_toolkit.data.base import InMemoryDataModule, Splits
-from ssl_toolkit.data.cache import decode_cached
-from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, Decoded, image_files, report_unreadable
+from ssl_toolkit.data.base import DecodesFiles, InMemoryDataModule, Splits
+from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, image_files, report_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +181,7 @@ class NpzDataModule(InMemoryDataModule):
         return y_train, y_test, classes
 
 
-class ImageFolderDataModule(InMemoryDataModule):
+class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
     """An image folder: labelled, ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), or unlabelled,
     any images under ``root`` (subfolders included) when it has neither ``train/`` nor ``val/``.
 
@@ -209,15 +208,14 @@ class ImageFolderDataModule(InMemoryDataModule):
     def __init__(self, root: str, image_size: int = 32, on_corrupt: str = "fail", batch_size: int = 256,
                  num_workers: int | None = None, resident: bool = False, cache_dir: str | None = None):
         super().__init__(batch_size, 0, resident)
-        self.check_decoding_workers(num_workers)
+        self.init_decoding(num_workers, cache_dir)
         if on_corrupt not in ("fail", "skip"):
             raise ValueError(f"data.on_corrupt must be 'fail' or 'skip'; got {on_corrupt!r}.")
         if image_size < 1:
             raise ValueError(f"data.image_size must be >= 1; got {image_size}.")
         self.save_hyperparameters()
         self.root, self.image_size, self.on_corrupt = root, image_size, on_corrupt
-        self.decode_workers, self.name, self.num_skipped = num_workers, os.path.basename(os.path.normpath(root)), 0
-        self.cache_dir, self._prepared = cache_dir, None
+        self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
 
     def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
         classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
@@ -262,29 +260,11 @@ class ImageFolderDataModule(InMemoryDataModule):
                              "class folders.")
         return classes, [(str(train_dir), train_paths, train_labels), (str(eval_dir), test_paths, test_labels)]
 
-    def _decoded(self, splits: list[tuple[str, list[str], list[int]]], alone: bool = False) -> list[Decoded]:
-        """Each split's images, indices kept and unreadable files: decoded, or from ``cache_dir``."""
-        if not alone:
-            self.warn_unshared(self.cache_dir)
-        return decode_cached(self.root, [(folder, paths) for folder, paths, _ in splits], self.image_size,
-                             self.decoding_workers(self.decode_workers, alone), self.cache_dir)
-
-    def prepare_data(self) -> None:
-        """With ``cache_dir``, decode the folder into the cache if it is not there yet. Lightning calls this once per
-        node (local rank 0) before every rank's ``setup``, so the other ranks map the entry instead of decoding.
-        This process keeps what it listed and mapped for its own ``setup``, which need not list and stat every file
-        again. Once this process is set up, the entry is there: nothing to do."""
-        if self.cache_dir and self.splits is None:
-            listing = self._listing()
-            self._prepared = listing, self._decoded(listing[1], alone=True)
+    def _parts(self, listing) -> list[tuple[str, list[str]]]:
+        return [(folder, paths) for folder, paths, _ in listing[1]]
 
     def load(self) -> Splits:
-        if self._prepared:
-            (classes, splits), decoded = self._prepared
-            self._prepared = None
-        else:
-            classes, splits = self._listing()
-            decoded = self._decoded(splits)
+        (classes, splits), decoded = self.listed_and_decoded()
         with_bad = {folder: len(paths) for (folder, paths, _), (_, _, bad) in zip(splits, decoded) if bad}
         report_unreadable([b for _, _, bad in decoded for b in bad], sum(with_bad.values()), " and ".join(with_bad),
                           self.on_corrupt)
