@@ -112,3 +112,20 @@ def flickr() -> Path:
     if not (SHARED_FLICKR / "captions.txt").exists():
         pytest.skip("shared/datasets/flickr8k-1k is not next to the checkout")
     return SHARED_FLICKR
+
+
+@pytest.fixture
+def count_cache_work(monkeypatch):
+    """Call it to start counting the decoded-image cache's work; it returns two lists that fill as it goes: the
+    number of files of each decode, and the root of each key computed (a key lists and stats every file)."""
+    def start() -> tuple[list[int], list[str]]:
+        from ssl_toolkit.data import cache
+
+        decodes, keyed = [], []
+        decode_files, entry_name = cache.decode_files, cache.entry_name
+        monkeypatch.setattr(cache, "decode_files",
+                            lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
+        monkeypatch.setattr(cache, "entry_name", lambda *a: keyed.append(a[0]) or entry_name(*a))
+        return decodes, keyed
+
+    return start

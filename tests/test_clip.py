@@ -207,24 +207,17 @@ def _mapped_from(x: torch.Tensor, path) -> bool:
     return False
 
 
-def test_a_cached_caption_set_is_decoded_once_and_its_splits_are_mapped(tmp_path, monkeypatch, caplog):
+def test_a_cached_caption_set_is_decoded_once_and_its_splits_are_mapped(tmp_path, count_cache_work, caplog):
     """data.cache_dir, as for image folders: one process per node decodes (prepare_data), every run and every DDP
     rank maps the entry. Each split was a copy gathered from the whole decoded set (two copies at the peak, one per
     rank after); the split is now drawn before decoding and each split is decoded as one array, so the training and
     held-out images are the mapped files themselves."""
-    from ssl_toolkit.data import cache
-
     names = [f"{i}.jpg" for i in range(12)]
     root = write_captions(tmp_path / "set", [(n, f"caption {c} of photo {n}") for n in names for c in range(2)],
                           images=names)
     plain = CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300)
     plain.setup()
-    decodes = []
-    decode_files = cache.decode_files
-    monkeypatch.setattr(cache, "decode_files", lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
-    keyed = []  # each key lists and stats every file
-    entry_name = cache.entry_name
-    monkeypatch.setattr(cache, "entry_name", lambda *a: keyed.append(a[0]) or entry_name(*a))
+    decodes, keyed = count_cache_work()
     store = tmp_path / "cache"
     for run in range(2):
         dm = CaptionDataModule(str(root), image_size=16, val_images=3, vocab_size=300, cache_dir=str(store))

@@ -389,21 +389,14 @@ def _mapped(path) -> bool:
     return str(path) in Path("/proc/self/maps").read_text()
 
 
-def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, monkeypatch, caplog):
+def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, count_cache_work, caplog):
     """With data.cache_dir the decoded images go to .npy files that later runs (and the DDP ranks of a node, which
     decoded and held a copy each: 8 on an 8-GPU node) map instead of decoding. The unreadable files are remembered:
     a run on the cache stops with their list, or skips them, as one that decodes does."""
-    from ssl_toolkit.data import cache
-
     root, store = make_folder(tmp_path / "imgs", corrupt=True), tmp_path / "cache"
     plain = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip")
     plain.setup()
-    decodes = []
-    decode_files = cache.decode_files
-    monkeypatch.setattr(cache, "decode_files", lambda paths, *a: decodes.append(len(paths)) or decode_files(paths, *a))
-    keyed = []  # each key lists and stats every file
-    entry_name = cache.entry_name
-    monkeypatch.setattr(cache, "entry_name", lambda *a: keyed.append(a[0]) or entry_name(*a))
+    decodes, keyed = count_cache_work()
     first = ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2, cache_dir=str(store))
     first.prepare_data()  # Lightning: once per node, before each rank's setup
     first.setup()
