@@ -178,16 +178,20 @@ def _log_to_resumed_run(config) -> None:
         return
     name = os.path.basename(run)
     args.version = int(name.removeprefix("version_")) if re.fullmatch(r"version_\d+", name) else name
-    # ModelCheckpoint's warning about a folder with checkpoints in it: this run's own, as expected.
-    folder = os.path.join(run, "checkpoints")
+    _expect_own_checkpoints(os.path.join(run, "checkpoints"))
+
+
+def _expect_own_checkpoints(folder: str) -> None:
+    """Silence ModelCheckpoint's warning about a folder with checkpoints in it for a resumed run's ``folder``
+    (absolute): they are the run's own, as expected."""
     warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {os.path.relpath(folder)}") + "|"
                             + re.escape(f"Checkpoint directory {folder}"))
 
 
 def _resolve_last(config) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
-    own version; without a logger ``default_root_dir/checkpoints``, or ``default_root_dir/slurm-<job>/checkpoints``
-    of a SLURM job), or a fresh start when there is none yet.
+    own version; without a logger ``default_root_dir/version_*/checkpoints``, ``default_root_dir/slurm-<job>/
+    checkpoints`` of a SLURM job, or ``default_root_dir/checkpoints``), or a fresh start when there is none yet.
     Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
     if config.get("ckpt_path") != "last":
         return None
@@ -198,9 +202,11 @@ def _resolve_last(config) -> str | None:
         run = f"version_{version}" if isinstance(version, int) else version
         shown = os.path.join(base, run or "version_*")
         folders = [os.path.join(glob.escape(base), glob.escape(run) if run else "version_*")]
-    else:  # without a logger: default_root_dir, or a SLURM job's folder in it (see _resume_requeued_slurm_job)
-        shown = trainer.get("default_root_dir") or "."
-        folders = [glob.escape(shown), os.path.join(glob.escape(shown), "slurm-*")]
+    else:  # without a logger: its run folders in default_root_dir (_number_unlogged_run), a SLURM job's folder
+        # there (_resume_requeued_slurm_job), or default_root_dir itself (where such runs went before)
+        root = trainer.get("default_root_dir") or "."
+        shown = os.path.join(root, "version_*")
+        folders = [os.path.join(glob.escape(root), f) for f in ("version_*", "slurm-*", "")]
     pattern = os.path.join(shown, "checkpoints", "last.ckpt")
     found = [f for folder in folders for f in glob.glob(os.path.join(folder, "checkpoints", "last.ckpt"))]
     config.ckpt_path = max(found, key=os.path.getmtime) if found else None
@@ -242,13 +248,45 @@ def _resume_requeued_slurm_job(config) -> str | None:
     return f"SLURM job {job} was requeued: resuming from {config.ckpt_path}"
 
 
+def _number_unlogged_run(config) -> bool:
+    """Give a run without a logger (``--trainer.logger false``) its own ``default_root_dir/version_N``, as the
+    TensorBoard logger gives each run, and return True; False when the run has a logger, is a SLURM job (whose
+    ``slurm-<job id>`` folder is its own already, see _resume_requeued_slurm_job) or is a fast_dev_run (which
+    writes no files).
+
+    Lightning writes such a run's ``config.yaml`` and checkpoints into ``default_root_dir`` itself, so a second
+    run in the same folder replaced the first one's config (which then survived only in its checkpoint's
+    hyperparameters) and named its checkpoints ``last-v1.ckpt``, next to the first run's. A run resumed from a
+    checkpoint of ``default_root_dir/version_N/checkpoints`` goes on in that folder. Under DDP every rank numbers
+    the run before any writes to it (Lightning makes the folder after the process group is set up), and Lightning
+    takes rank 0's folder for the config and checkpoints all the same."""
+    trainer = config.get("trainer")
+    if trainer is None or trainer.get("logger") not in (None, False, []) or trainer.get("fast_dev_run") \
+            or _slurm_job() is not None:
+        return False
+    root = trainer.get("default_root_dir") or "."
+    path = config.get("ckpt_path")
+    folder = os.path.dirname(os.path.abspath(path)) if path and "://" not in path else None
+    run = folder and os.path.dirname(folder)
+    if folder and os.path.basename(folder) == "checkpoints" and re.fullmatch(r"version_\d+", os.path.basename(run)) \
+            and os.path.dirname(run) == os.path.abspath(root):
+        trainer.default_root_dir = os.path.join(root, os.path.basename(run))
+        _expect_own_checkpoints(folder)
+        return True
+    numbers = [int(m.group(1)) for m in (re.fullmatch(r"version_(\d+)", f) for f in
+                                         (os.listdir(root) if os.path.isdir(root) else [])) if m]
+    trainer.default_root_dir = os.path.join(root, f"version_{max(numbers, default=-1) + 1}")
+    return True
+
+
 def _leave_out_checkpointing(config) -> str | None:
     """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
 
     ``--trainer.enable_checkpointing false``: Lightning refuses it next to a ModelCheckpoint, and every recipe has
     one, so the flag could not be used. ``--trainer.fast_dev_run``: Lightning says it writes no checkpoints, but
     its ModelCheckpoint still writes ``last.ckpt`` when training ends (Lightning 2.6), into a folder that may
-    hold a real run's (``default_root_dir/checkpoints`` when the logger is off). Returns the line to print once the
+    hold a real run's (``default_root_dir/checkpoints`` without a logger, where runs went before
+    _number_unlogged_run). Returns the line to print once the
     config is known to be valid (a config error stays the first line).
     """
     trainer = config.get("trainer") or {}
@@ -382,6 +420,7 @@ def pretrain(args: list[str]):
             self.notes = [n for n in (_leave_out_checkpointing(self.config), _resolve_last(self.config),
                                       _resume_requeued_slurm_job(self.config)) if n]
             _log_to_resumed_run(self.config)
+            self.numbered_run = _number_unlogged_run(self.config)
 
     warnings.filterwarnings("ignore", message=r".*LightningCLI's args parameter is intended to run from within Python.*")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_not_an_advert)  # once: the same filter
@@ -413,7 +452,8 @@ def pretrain(args: list[str]):
         if note and cli.trainer.is_global_zero:
             print(note, file=sys.stderr)
     start = time.perf_counter()
-    log_dir = cli.trainer.log_dir if cli.trainer.logger is not None else None  # None under fast_dev_run too
+    # the run's own folder: the logger's (None under fast_dev_run) or, without a logger, the one numbered for it
+    log_dir = cli.trainer.log_dir if cli.trainer.logger is not None or cli.numbered_run else None
     log_dir = log_dir and os.path.abspath(log_dir)
     made = log_dir and _first_missing(log_dir)  # the run folder is new; made: with the parents it needs
     try:

@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -218,9 +219,46 @@ def test_a_device_or_accelerator_this_machine_lacks_is_an_error_not_a_traceback(
         assert "No supported gpu backend found" in err and "Check trainer.accelerator" in err, err
 
 
+def test_runs_without_a_logger_each_get_a_run_folder_and_resume_in_theirs(tmp_path, monkeypatch, capsys):
+    """`--trainer.logger false`: Lightning wrote every run's config.yaml and checkpoints into `runs/` itself, so a
+    second run replaced the first one's config.yaml and named its checkpoints last-v1.ckpt. Each run now gets
+    `runs/version_N`, as with the logger; `--ckpt_path last` finds the newest and the run goes on in that folder; a
+    run that fails before its first step leaves none behind; the checkpoints of runs from before are still found."""
+    monkeypatch.chdir(tmp_path)
+    recipe = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.logger", "false"]
+    runs = tmp_path / "runs"
+    assert main([*recipe, "--trainer.max_steps", "2"]) == 0
+    assert main([*recipe, "--trainer.max_steps", "3"]) == 0
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    for version, steps in (("version_0", 2), ("version_1", 3)):
+        assert f"max_steps: {steps}\n" in (runs / version / "config.yaml").read_text()
+        assert sorted(p.name for p in (runs / version / "checkpoints").iterdir()) == \
+            [f"epoch=0-step={steps}.ckpt", "last.ckpt"]
+    assert f"checkpoint: {os.path.join('runs', 'version_1', 'checkpoints', 'last.ckpt')}" in capsys.readouterr().out
+
+    assert main([*recipe, "--trainer.max_steps", "5", "--ckpt_path", "last"]) == 0
+    out = capsys.readouterr()
+    assert "--ckpt_path last: resuming from runs/version_1/checkpoints/last.ckpt" in out.err, out.err
+    assert "Checkpoint directory" not in out.err, out.err  # its own checkpoints: no warning about them
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert "max_steps: 5\n" in (runs / "version_1" / "config.yaml").read_text()
+
+    assert main([*recipe, "--data.batch_size", "100000"]) == 1  # fails before its first step
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+
+    old = runs / "checkpoints" / "last.ckpt"  # a run from before the run folders: still resumed from
+    old.parent.mkdir()
+    shutil.copy(runs / "version_0" / "checkpoints" / "last.ckpt", old)
+    capsys.readouterr()
+    assert main([*recipe, "--trainer.max_steps", "4", "--ckpt_path", "last"]) == 0
+    assert "--ckpt_path last: resuming from runs/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert torch.load(runs / "version_2" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
 def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tmp_path, monkeypatch, capsys):
     """fast_dev_run: Lightning 2.6's ModelCheckpoint wrote last.ckpt all the same, over the last.ckpt of a real run
-    in `runs/checkpoints/` (where runs without a logger keep theirs). enable_checkpointing false: refused next to
+    in `runs/checkpoints/` (where runs without a logger kept theirs). enable_checkpointing false: refused next to
     the ModelCheckpoint every recipe has, with a hint about accelerators."""
     monkeypatch.chdir(tmp_path)
     recipe = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "2",
@@ -228,8 +266,9 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
     assert main([*recipe, "--trainer.logger", "false",
                  "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
                  "--trainer.callbacks.save_last=true"]) == 0
-    last = tmp_path / "runs" / "checkpoints" / "last.ckpt"
-    before, files = last.read_bytes(), sorted(last.parent.iterdir())
+    last = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    shutil.copytree(last.parent, tmp_path / "runs" / "checkpoints")  # where such a run went before it was numbered
+    before = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
     capsys.readouterr()
     assert main([*recipe, "--trainer.logger", "false", "--trainer.fast_dev_run", "1",
                  "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
@@ -237,7 +276,7 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
     out = capsys.readouterr()
     assert "fast_dev_run: the recipe's ModelCheckpoint is left out" in out.err
     assert "checkpoint: none (fast_dev_run writes none)" in out.out, out.out
-    assert last.read_bytes() == before and sorted(last.parent.iterdir()) == files
+    assert {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()} == before
 
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "2",
                  "--trainer.enable_checkpointing", "false"]) == 0
