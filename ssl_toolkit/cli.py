@@ -190,8 +190,8 @@ def _expect_own_checkpoints(folder: str) -> None:
 
 def _resolve_last(config) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
-    own version; without a logger ``default_root_dir/version_*/checkpoints``, ``default_root_dir/slurm-<job>/
-    checkpoints`` of a SLURM job, or ``default_root_dir/checkpoints``), or a fresh start when there is none yet.
+    own version; without a logger ``default_root_dir/version_*/checkpoints``, ``default_root_dir/slurm-*/
+    checkpoints`` of SLURM jobs, or ``default_root_dir/checkpoints``), or a fresh start when there is none yet.
     Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
     if config.get("ckpt_path") != "last":
         return None
@@ -225,20 +225,27 @@ def _slurm_job() -> str | None:
     return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID')}" if array else os.environ.get("SLURM_JOB_ID")
 
 
-def _resume_requeued_slurm_job(config) -> str | None:
-    """Keep SLURM's requeue checkpoints to the job that wrote them, and resume the requeued job from its own.
+def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
+    """Keep SLURM's requeue checkpoints to the job and command that wrote them, and resume the requeued job's
+    command from its own.
 
     On the requeue signal Lightning writes ``default_root_dir/hpc_ckpt_N.ckpt``, and every later run under SLURM
     with that ``default_root_dir`` (``runs`` for all recipes) resumed from it: another recipe's run, or a new run
-    of the same recipe, which went on silently from the old one. Each job now gets
-    ``default_root_dir/slurm-<job id>``; the requeued job finds its checkpoint there and resumes from it as from
-    ``--ckpt_path`` (the same checks, logging on in the same run folder), also when the job itself was started
-    with ``--ckpt_path`` (its own checkpoint is newer). Returns the line that says so.
+    of the same recipe, which went on silently from the old one. Each job's command (``args``, the flags after
+    ``pretrain``) now gets ``default_root_dir/slurm-<job id>-<8 hex digits of its flags>``: the requeued job runs
+    its script again, and each command finds its own checkpoint there and resumes from it as from ``--ckpt_path``
+    (the same checks, logging on in the same run folder), also when it was started with ``--ckpt_path`` (its own
+    checkpoint is newer). Another command of the same job script (a sweep run one after the other) does not: with
+    one folder per job it resumed from the requeued command's checkpoint, silently when the method and backbone
+    were the same. Returns the line that says so.
     """
+    import hashlib
+
     trainer, job = config.get("trainer"), _slurm_job()
     if trainer is None or job is None:
         return None
-    folder = os.path.join(trainer.get("default_root_dir") or ".", f"slurm-{job}")
+    command = hashlib.sha1("\0".join(args).encode()).hexdigest()[:8]
+    folder = os.path.join(trainer.get("default_root_dir") or ".", f"slurm-{job}-{command}")
     trainer.default_root_dir = folder
     numbered = {int(m.group(1)): m.group(0) for m in (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f) for f in
                                                       (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
@@ -251,8 +258,8 @@ def _resume_requeued_slurm_job(config) -> str | None:
 def _number_unlogged_run(config) -> bool:
     """Give a run without a logger (``--trainer.logger false``) its own ``default_root_dir/version_N``, as the
     TensorBoard logger gives each run, and return True; False when the run has a logger, is a SLURM job (whose
-    ``slurm-<job id>`` folder is its own already, see _resume_requeued_slurm_job) or is a fast_dev_run (which
-    writes no files).
+    ``slurm-<job id>-<command>`` folder is its own already, see _resume_requeued_slurm_job) or is a fast_dev_run
+    (which writes no files).
 
     Lightning writes such a run's ``config.yaml`` and checkpoints into ``default_root_dir`` itself, so a second
     run in the same folder replaced the first one's config (which then survived only in its checkpoint's
@@ -418,7 +425,7 @@ def pretrain(args: list[str]):
         def before_instantiate_classes(self):
             # lines to print once the config has turned out valid, so that an error stays the first line
             self.notes = [n for n in (_leave_out_checkpointing(self.config), _resolve_last(self.config),
-                                      _resume_requeued_slurm_job(self.config)) if n]
+                                      _resume_requeued_slurm_job(self.config, args)) if n]
             _log_to_resumed_run(self.config)
             self.numbered_run = _number_unlogged_run(self.config)
 

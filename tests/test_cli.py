@@ -503,8 +503,9 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     """SLURM's requeue signal (the sbatch recipe's SIGUSR1) makes Lightning save `hpc_ckpt_N.ckpt` in
     default_root_dir and requeue the job. It was `runs/` for every recipe, so every later run under SLURM resumed
     from it: a new job of the same recipe went on silently from the old run's weights, another recipe's run failed.
-    Lightning saved wherever the signal came, mid-step, and the requeued job ended a step short. Now each job keeps
-    its own (`runs/slurm-<id>/`), saved after the step; the requeued job logs on in its run folder, exactly."""
+    Lightning saved wherever the signal came, mid-step, and the requeued job ended a step short. Now each job's
+    command keeps its own (`runs/slurm-<id>-<command>/`), saved after the step; the requeued job logs on in its run
+    folder, exactly, and another command of the same job script does not resume from it."""
     import os
     import signal
 
@@ -532,8 +533,10 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
         m.setattr(SimCLR, "on_train_batch_start", requeue_signal_at_step_5, raising=False)
         assert main(quick) == 128 + signal.SIGUSR1
     assert (tmp_path / "scontrol.log").read_text() == "requeue 101\n"
-    saved = tmp_path / "runs" / "slurm-101" / "hpc_ckpt_1.ckpt"
-    assert "SLURM's requeue signal: stopped at epoch 0, step 6. Saved a checkpoint in runs/slurm-101 and requeued" \
+    [job] = (tmp_path / "runs").glob("slurm-101-*")
+    saved = job / "hpc_ckpt_1.ckpt"
+    assert re.fullmatch(r"slurm-101-[0-9a-f]{8}", job.name), job.name
+    assert f"SLURM's requeue signal: stopped at epoch 0, step 6. Saved a checkpoint in runs/{job.name} and requeued" \
         in capsys.readouterr().err
     assert torch.load(saved, weights_only=True)["global_step"] == 6  # after the step the signal came in
     assert signal.getsignal(signal.SIGUSR1) is not None
@@ -543,13 +546,18 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     assert f"SLURM job 101 was requeued: resuming from {os.path.relpath(saved)}" in err, err
     assert sorted(p.name for p in runs.iterdir()) == ["version_0"]  # logging went on in its run folder
 
+    caplog.clear()  # the job script's next command (a sweep): a run of its own, not a resumed one
+    assert main([*quick, "--seed_everything", "1"]) == 0
+    assert "requeued" not in capsys.readouterr().err and "Restoring states" not in caplog.text
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+
     monkeypatch.setenv("SLURM_JOB_ID", "102")  # a new submission of the recipe: a new run from step 0
     caplog.clear()
     assert main(quick) == 0
     assert "requeued" not in capsys.readouterr().err and "Restoring states" not in caplog.text
-    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1", "version_2"]
     resumed, whole = (torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)
-                      for v in ("version_0", "version_1"))
+                      for v in ("version_0", "version_2"))
     assert resumed["global_step"] == whole["global_step"] == 18
     assert all(torch.equal(resumed["state_dict"][k], t) for k, t in whole["state_dict"].items())
 
@@ -560,8 +568,9 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     monkeypatch.setenv("SLURM_JOB_ID", "202")
     capsys.readouterr()
     assert main([*chain, "--trainer.max_epochs", "2"]) == 0
-    assert "--ckpt_path last: resuming from runs/slurm-201/checkpoints/last.ckpt" in capsys.readouterr().err
-    assert torch.load("runs/slurm-202/checkpoints/last.ckpt", weights_only=True)["global_step"] == 18
+    [first], [second] = (list((tmp_path / "runs").glob(f"slurm-{j}-*")) for j in (201, 202))
+    assert f"--ckpt_path last: resuming from runs/{first.name}/checkpoints/last.ckpt" in capsys.readouterr().err
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
 
 
 def readme_pretrain_commands() -> list[list[str]]:
