@@ -3,6 +3,7 @@
 import importlib
 import os
 import pickle
+import re
 import zipfile
 from typing import TYPE_CHECKING
 
@@ -37,8 +38,17 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {first}); the file is truncated or not a "
+        # torch's weights-only refusal opens with paragraphs of advice to load with weights_only=False; its reason
+        # comes after "WeightsUnpickler error:"
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        reason = found.group(1) if found else str(e).strip().split("\n")[0]
+        other = re.match(r"Unsupported global: GLOBAL (\S+)", reason)
+        if other:  # a file another program pickled its own objects into: a checkpoint of another library
+            raise CheckpointError(
+                f"{path} is not an ssl-toolkit pretraining checkpoint: it holds a Python object ({other.group(1)}), "
+                "as the toolkit's checkpoints never do (another library's checkpoint?), and was not loaded, since "
+                "unpickling it would run code. Pass a checkpoint written by `ssl-toolkit pretrain`.") from None
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {reason}); the file is truncated or not a "
                               "PyTorch checkpoint. Use another checkpoint of the run (e.g. last.ckpt).") from None
     if not isinstance(ckpt, dict) or "ssl_toolkit" not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} is not an ssl-toolkit pretraining checkpoint (no 'ssl_toolkit' metadata). "

@@ -193,9 +193,19 @@ def test_ctrl_c_in_a_command_is_a_one_line_exit_130_not_a_traceback(monkeypatch,
 
 
 def test_eval_commands_refuse_bad_checkpoints_and_data(tmp_path, capsys):
+    import argparse
+
     (tmp_path / "x.ckpt").write_bytes(b"garbage")
     assert main(["knn", "--ckpt", str(tmp_path / "x.ckpt")]) == 1
-    assert "could not be read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "could not be read (UnpicklingError: Unsupported operand" in err and "weights_only" not in err, err
+    # another library's Lightning checkpoint, its hyperparameters an argparse.Namespace (as lightning-bolts saved):
+    # the reason, not torch's advice to load it with weights_only=False, nor "truncated"
+    torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "bolts.ckpt")
+    assert main(["knn", "--ckpt", str(tmp_path / "bolts.ckpt")]) == 1
+    err = capsys.readouterr().err
+    assert "bolts.ckpt is not an ssl-toolkit pretraining checkpoint: it holds a Python object (argparse.Namespace)" \
+        in err and "weights_only" not in err and "truncated" not in err, err
     assert main(["probe", "--ckpt", str(tmp_path / "missing.ckpt")]) == 1
     assert "No checkpoint at" in capsys.readouterr().err
     for flag in ("--batch-size", "--epochs"):  # were range()'s "arg 3 must not be zero" and torch's split_size error
