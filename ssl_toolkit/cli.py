@@ -190,8 +190,9 @@ def _expect_own_checkpoints(folder: str) -> None:
 
 def _resolve_last(config) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
-    own version; without a logger ``default_root_dir/version_*/checkpoints``, ``default_root_dir/slurm-*/
-    checkpoints`` of SLURM jobs, or ``default_root_dir/checkpoints``), or a fresh start when there is none yet.
+    own version; without a logger the same ``version_*`` folders (see _unlogged_runs), ``default_root_dir/
+    slurm-*/checkpoints`` of SLURM jobs, or ``default_root_dir/checkpoints``), or a fresh start when there is none
+    yet.
     Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
     if config.get("ckpt_path") != "last":
         return None
@@ -202,11 +203,12 @@ def _resolve_last(config) -> str | None:
         run = f"version_{version}" if isinstance(version, int) else version
         shown = os.path.join(base, run or "version_*")
         folders = [os.path.join(glob.escape(base), glob.escape(run) if run else "version_*")]
-    else:  # without a logger: its run folders in default_root_dir (_number_unlogged_run), a SLURM job's folder
-        # there (_resume_requeued_slurm_job), or default_root_dir itself (where such runs went before)
+    else:  # without a logger: its run folders (_number_unlogged_run), a SLURM job's folder in default_root_dir
+        # (_resume_requeued_slurm_job), or default_root_dir itself (where such runs went before)
         root = trainer.get("default_root_dir") or "."
-        shown = os.path.join(root, "version_*")
-        folders = [os.path.join(glob.escape(root), f) for f in ("version_*", "slurm-*", "")]
+        shown = os.path.join(_unlogged_runs(config), "version_*")
+        folders = [glob.escape(root), os.path.join(glob.escape(root), "slurm-*"),
+                   os.path.join(glob.escape(_unlogged_runs(config)), "version_*")]
     pattern = os.path.join(shown, "checkpoints", "last.ckpt")
     found = [f for folder in folders for f in glob.glob(os.path.join(folder, "checkpoints", "last.ckpt"))]
     config.ckpt_path = max(found, key=os.path.getmtime) if found else None
@@ -255,34 +257,56 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
     return f"SLURM job {job} was requeued: resuming from {config.ckpt_path}"
 
 
+def _unlogged_runs(config) -> str:
+    """Where the ``version_N`` folders of runs without a logger go: ``default_root_dir/<name>``, the folder of the
+    recipe's own TensorBoard logger (``runs/simclr-cifar10``), with the name its ``--config`` files give the logger
+    (the last that names one); ``default_root_dir`` when none does. So a run goes where it would with its logger,
+    and ``--ckpt_path last`` finds this recipe's runs, not another recipe's."""
+    import yaml
+
+    name = None
+    for path in config.get("config") or []:
+        path = getattr(path, "absolute", None) or os.fspath(path)
+        try:
+            with open(path) as f:
+                logger = ((yaml.safe_load(f) or {}).get("trainer") or {}).get("logger")
+        except (OSError, yaml.YAMLError, AttributeError):  # unreadable now, or not a mapping: the parser's concern
+            continue
+        for one in logger if isinstance(logger, list) else [logger]:
+            given = isinstance(one, dict) and isinstance(one.get("init_args"), dict) and one["init_args"].get("name")
+            name = str(given) if given else name
+    root = config.get("trainer", {}).get("default_root_dir") or "."
+    return os.path.join(root, name) if name else root
+
+
 def _number_unlogged_run(config) -> bool:
-    """Give a run without a logger (``--trainer.logger false``) its own ``default_root_dir/version_N``, as the
-    TensorBoard logger gives each run, and return True; False when the run has a logger, is a SLURM job (whose
-    ``slurm-<job id>-<command>`` folder is its own already, see _resume_requeued_slurm_job) or is a fast_dev_run
-    (which writes no files).
+    """Give a run without a logger (``--trainer.logger false``) its own ``version_N`` folder where the recipe's
+    logger would have put it (see _unlogged_runs), as the logger gives each run, and return True; False when the
+    run has a logger, is a SLURM job (whose ``slurm-<job id>-<command>`` folder is its own already, see
+    _resume_requeued_slurm_job) or is a fast_dev_run (which writes no files).
 
     Lightning writes such a run's ``config.yaml`` and checkpoints into ``default_root_dir`` itself, so a second
     run in the same folder replaced the first one's config (which then survived only in its checkpoint's
-    hyperparameters) and named its checkpoints ``last-v1.ckpt``, next to the first run's. A run resumed from a
-    checkpoint of ``default_root_dir/version_N/checkpoints`` goes on in that folder. Under DDP every rank numbers
-    the run before any writes to it (Lightning makes the folder after the process group is set up), and Lightning
-    takes rank 0's folder for the config and checkpoints all the same."""
+    hyperparameters) and named its checkpoints ``last-v1.ckpt``, next to the first run's, whatever their recipes.
+    A run resumed from a checkpoint in one of those ``version_N/checkpoints`` goes on in that folder. Under DDP
+    every rank numbers the run before any writes to it (Lightning makes the folder after the process group is set
+    up), and Lightning takes rank 0's folder for the config and checkpoints all the same."""
     trainer = config.get("trainer")
     if trainer is None or trainer.get("logger") not in (None, False, []) or trainer.get("fast_dev_run") \
             or _slurm_job() is not None:
         return False
-    root = trainer.get("default_root_dir") or "."
+    runs = _unlogged_runs(config)
     path = config.get("ckpt_path")
     folder = os.path.dirname(os.path.abspath(path)) if path and "://" not in path else None
     run = folder and os.path.dirname(folder)
     if folder and os.path.basename(folder) == "checkpoints" and re.fullmatch(r"version_\d+", os.path.basename(run)) \
-            and os.path.dirname(run) == os.path.abspath(root):
-        trainer.default_root_dir = os.path.join(root, os.path.basename(run))
+            and os.path.dirname(run) == os.path.abspath(runs):
+        trainer.default_root_dir = os.path.join(runs, os.path.basename(run))
         _expect_own_checkpoints(folder)
         return True
     numbers = [int(m.group(1)) for m in (re.fullmatch(r"version_(\d+)", f) for f in
-                                         (os.listdir(root) if os.path.isdir(root) else [])) if m]
-    trainer.default_root_dir = os.path.join(root, f"version_{max(numbers, default=-1) + 1}")
+                                         (os.listdir(runs) if os.path.isdir(runs) else [])) if m]
+    trainer.default_root_dir = os.path.join(runs, f"version_{max(numbers, default=-1) + 1}")
     return True
 
 

@@ -231,12 +231,13 @@ def test_a_device_or_accelerator_this_machine_lacks_is_an_error_not_a_traceback(
 
 def test_runs_without_a_logger_each_get_a_run_folder_and_resume_in_theirs(tmp_path, monkeypatch, capsys):
     """`--trainer.logger false`: Lightning wrote every run's config.yaml and checkpoints into `runs/` itself, so a
-    second run replaced the first one's config.yaml and named its checkpoints last-v1.ckpt. Each run now gets
-    `runs/version_N`, as with the logger; `--ckpt_path last` finds the newest and the run goes on in that folder; a
-    run that fails before its first step leaves none behind; the checkpoints of runs from before are still found."""
+    second run replaced the first one's config.yaml and named its checkpoints last-v1.ckpt, whatever its recipe.
+    Each run now gets `runs/<the recipe's logger name>/version_N`, as with the logger; `--ckpt_path last` finds the
+    recipe's newest, not another recipe's, and the run goes on in that folder; a run that fails before its first
+    step leaves none behind; the checkpoints of runs from before are still found."""
     monkeypatch.chdir(tmp_path)
     recipe = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.logger", "false"]
-    runs = tmp_path / "runs"
+    runs = tmp_path / "runs" / "quickstart"
     assert main([*recipe, "--trainer.max_steps", "2"]) == 0
     assert main([*recipe, "--trainer.max_steps", "3"]) == 0
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
@@ -244,11 +245,17 @@ def test_runs_without_a_logger_each_get_a_run_folder_and_resume_in_theirs(tmp_pa
         assert f"max_steps: {steps}\n" in (runs / version / "config.yaml").read_text()
         assert sorted(p.name for p in (runs / version / "checkpoints").iterdir()) == \
             [f"epoch=0-step={steps}.ckpt", "last.ckpt"]
-    assert f"checkpoint: {os.path.join('runs', 'version_1', 'checkpoints', 'last.ckpt')}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"checkpoint: {os.path.join('runs', 'quickstart', 'version_1', 'checkpoints', 'last.ckpt')}" in out, out
+    (tmp_path / "other.yaml").write_text("trainer:\n  logger:\n    class_path: pytorch_lightning.loggers."
+                                         "TensorBoardLogger\n    init_args: {save_dir: runs, name: other}\n")
+    assert main([*recipe[:3], "--config", str(tmp_path / "other.yaml"), *recipe[3:], "--trainer.max_steps", "2"]) == 0
+    assert (tmp_path / "runs" / "other" / "version_0" / "checkpoints" / "last.ckpt").is_file()  # the newest
 
+    capsys.readouterr()
     assert main([*recipe, "--trainer.max_steps", "5", "--ckpt_path", "last"]) == 0
     out = capsys.readouterr()
-    assert "--ckpt_path last: resuming from runs/version_1/checkpoints/last.ckpt" in out.err, out.err
+    assert "--ckpt_path last: resuming from runs/quickstart/version_1/checkpoints/last.ckpt" in out.err, out.err
     assert "Checkpoint directory" not in out.err, out.err  # its own checkpoints: no warning about them
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
     assert torch.load(runs / "version_1" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
@@ -257,7 +264,7 @@ def test_runs_without_a_logger_each_get_a_run_folder_and_resume_in_theirs(tmp_pa
     assert main([*recipe, "--data.batch_size", "100000"]) == 1  # fails before its first step
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
 
-    old = runs / "checkpoints" / "last.ckpt"  # a run from before the run folders: still resumed from
+    old = tmp_path / "runs" / "checkpoints" / "last.ckpt"  # a run from before the run folders: still resumed from
     old.parent.mkdir()
     shutil.copy(runs / "version_0" / "checkpoints" / "last.ckpt", old)
     capsys.readouterr()
@@ -276,7 +283,7 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
     assert main([*recipe, "--trainer.logger", "false",
                  "--trainer.callbacks+=pytorch_lightning.callbacks.ModelCheckpoint",
                  "--trainer.callbacks.save_last=true"]) == 0
-    last = tmp_path / "runs" / "version_0" / "checkpoints" / "last.ckpt"
+    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     shutil.copytree(last.parent, tmp_path / "runs" / "checkpoints")  # where such a run went before it was numbered
     before = {p: p.read_bytes() for p in (tmp_path / "runs").rglob("*") if p.is_file()}
     capsys.readouterr()
@@ -292,7 +299,8 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
                  "--trainer.enable_checkpointing", "false"]) == 0
     out = capsys.readouterr()
     assert "trainer.enable_checkpointing is false: the recipe's ModelCheckpoint is left out" in out.err, out.err
-    assert "checkpoint: none" in out.out and not list((tmp_path / "runs" / "quickstart").rglob("*.ckpt"))
+    assert "checkpoint: none" in out.out
+    assert not list((tmp_path / "runs" / "quickstart" / "version_1").rglob("*.ckpt"))
 
     assert main([*recipe, "--trainer.enable_progress_bar", "false",
                  "--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar"]) == 1
