@@ -129,3 +129,14 @@ def count_cache_work(monkeypatch):
         return decodes, keyed
 
     return start
+
+
+def mapped_from(x: torch.Tensor, path) -> bool:
+    """Whether ``x``'s memory lies in this process's mapping of the file ``path`` (Linux): a view, not a copy."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(a, 16) for a in fields[0].split("-"))
+            if start <= x.data_ptr() < end:
+                return True
+    return False

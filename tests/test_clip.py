@@ -9,7 +9,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, mapped_from
 from ssl_toolkit.backbones import BackboneConfig, TextConfig, TextTransformer
 from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint, method_from_checkpoint
 from ssl_toolkit.cli import main
@@ -194,19 +194,6 @@ def test_caption_csv_errors_say_what_to_fix(tmp_path):
         CaptionDataModule(str(tmp_path / "a"), num_workers=-2)
 
 
-def _mapped_from(x: torch.Tensor, path) -> bool:
-    """Whether ``x``'s memory lies in this process's mapping of the file ``path`` (Linux): a view, not a copy."""
-    from pathlib import Path
-
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split()
-        if len(fields) >= 6 and fields[5] == str(path):
-            start, end = (int(a, 16) for a in fields[0].split("-"))
-            if start <= x.data_ptr() < end:
-                return True
-    return False
-
-
 def test_a_cached_caption_set_is_decoded_once_and_its_splits_are_mapped(tmp_path, count_cache_work, caplog):
     """data.cache_dir, as for image folders: one process per node decodes (prepare_data), every run and every DDP
     rank maps the entry. Each split was a copy gathered from the whole decoded set (two copies at the peak, one per
@@ -227,8 +214,8 @@ def test_a_cached_caption_set_is_decoded_once_and_its_splits_are_mapped(tmp_path
         assert len(keyed) == run + 1  # setup reuses what prepare_data listed and mapped
         (entry,) = store.iterdir()
         assert entry.name.startswith("set-16px-")
-        assert _mapped_from(dm.splits.x_test, entry / "0.npy") and _mapped_from(dm.splits.x_train, entry / "1.npy")
-        assert not _mapped_from(dm.splits.x_train.clone(), entry / "1.npy")  # a copy is not
+        assert mapped_from(dm.splits.x_test, entry / "0.npy") and mapped_from(dm.splits.x_train, entry / "1.npy")
+        assert not mapped_from(dm.splits.x_train.clone(), entry / "1.npy")  # a copy is not
         for name in ("x_train", "x_test"):
             assert torch.equal(getattr(dm.splits, name), getattr(plain.splits, name)), name
         for split in ("train", "test"):

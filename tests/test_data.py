@@ -1,10 +1,9 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from conftest import mapped_from
 from ssl_toolkit.data import CIFARDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
 from ssl_toolkit.data import images
 from ssl_toolkit.data.images import report_unreadable
@@ -384,11 +383,6 @@ def test_a_folder_is_decoded_on_every_core_unless_it_is_small(tmp_path, monkeypa
         ImageFolderDataModule(str(root), num_workers=-1)
 
 
-def _mapped(path) -> bool:
-    """Whether this process has ``path`` memory-mapped (Linux)."""
-    return str(path) in Path("/proc/self/maps").read_text()
-
-
 def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, count_cache_work, caplog):
     """With data.cache_dir the decoded images go to .npy files that later runs (and the DDP ranks of a node, which
     decoded and held a copy each: 8 on an 8-GPU node) map instead of decoding. The unreadable files are remembered:
@@ -405,7 +399,9 @@ def test_a_cached_folder_is_decoded_once_then_mapped_by_every_run(tmp_path, coun
     first.prepare_data()  # a second fit with the same DataModule: set up already, nothing to list, nothing held
     assert keyed == [str(root)]
     entries = list(store.iterdir())
-    assert len(entries) == 1 and entries[0].name.startswith("imgs-8px-") and _mapped(entries[0] / "0.npy")
+    assert len(entries) == 1 and entries[0].name.startswith("imgs-8px-")
+    assert mapped_from(first.splits.x_train, entries[0] / "0.npy") and mapped_from(first.splits.x_test,
+                                                                                    entries[0] / "1.npy")
     for dm in (first, ImageFolderDataModule(str(root), image_size=8, on_corrupt="skip", batch_size=2,
                                             cache_dir=str(store))):
         dm.setup()
@@ -486,5 +482,5 @@ def test_a_damaged_or_unwritable_cache_costs_a_decode_not_the_run(tmp_path, capl
     dm = ImageFolderDataModule(str(root), image_size=8, cache_dir=str(store))
     dm.setup()
     assert "is incomplete or damaged" in caplog.text
-    assert torch.equal(dm.splits.x_test, plain.splits.x_test) and _mapped(entry / "1.npy")
+    assert torch.equal(dm.splits.x_test, plain.splits.x_test) and mapped_from(dm.splits.x_test, entry / "1.npy")
     assert [p.name for p in store.iterdir()] == [entry.name]  # rewritten in place, no partial entry left
