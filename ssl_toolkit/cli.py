@@ -190,9 +190,9 @@ def _expect_own_checkpoints(folder: str) -> None:
 
 def _resolve_last(config) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
-    own version; without a logger the same ``version_*`` folders (see _unlogged_runs), ``default_root_dir/
-    slurm-*/checkpoints`` of SLURM jobs, or ``default_root_dir/checkpoints``), or a fresh start when there is none
-    yet.
+    own version; without a logger the same ``version_*`` folders and SLURM jobs' ``slurm-*`` ones beside them (see
+    _unlogged_runs), or ``default_root_dir/checkpoints`` and ``default_root_dir/slurm-*/checkpoints``, where such
+    runs went before), or a fresh start when there is none yet.
     Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
     if config.get("ckpt_path") != "last":
         return None
@@ -203,12 +203,12 @@ def _resolve_last(config) -> str | None:
         run = f"version_{version}" if isinstance(version, int) else version
         shown = os.path.join(base, run or "version_*")
         folders = [os.path.join(glob.escape(base), glob.escape(run) if run else "version_*")]
-    else:  # without a logger: its run folders (_number_unlogged_run), a SLURM job's folder in default_root_dir
-        # (_resume_requeued_slurm_job), or default_root_dir itself (where such runs went before)
-        root = trainer.get("default_root_dir") or "."
-        shown = os.path.join(_unlogged_runs(config), "version_*")
-        folders = [glob.escape(root), os.path.join(glob.escape(root), "slurm-*"),
-                   os.path.join(glob.escape(_unlogged_runs(config)), "version_*")]
+    else:  # without a logger: its run folders (_number_unlogged_run) and SLURM jobs' (_resume_requeued_slurm_job),
+        # or default_root_dir and its slurm-* folders, where such runs went before
+        root, runs = glob.escape(trainer.get("default_root_dir") or "."), _unlogged_runs(config)
+        shown = os.path.join(runs, "version_*")
+        folders = [root, os.path.join(root, "slurm-*"), *(os.path.join(glob.escape(runs), f) for f in
+                                                          ("version_*", "slurm-*"))]
     pattern = os.path.join(shown, "checkpoints", "last.ckpt")
     found = [f for folder in folders for f in glob.glob(os.path.join(folder, "checkpoints", "last.ckpt"))]
     config.ckpt_path = max(found, key=os.path.getmtime) if found else None
@@ -234,7 +234,8 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
     On the requeue signal Lightning writes ``default_root_dir/hpc_ckpt_N.ckpt``, and every later run under SLURM
     with that ``default_root_dir`` (``runs`` for all recipes) resumed from it: another recipe's run, or a new run
     of the same recipe, which went on silently from the old one. Each job's command (``args``, the flags after
-    ``pretrain``) now gets ``default_root_dir/slurm-<job id>-<8 hex digits of its flags>``: the requeued job runs
+    ``pretrain``) now gets ``default_root_dir/slurm-<job id>-<8 hex digits of its flags>`` (without a logger, the
+    folder is also the run's, and goes with its other runs: see _unlogged_runs): the requeued job runs
     its script again, and each command finds its own checkpoint there and resumes from it as from ``--ckpt_path``
     (the same checks, logging on in the same run folder), also when it was started with ``--ckpt_path`` (its own
     checkpoint is newer). Another command of the same job script (a sweep run one after the other) does not: with
@@ -247,7 +248,8 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
     if trainer is None or job is None:
         return None
     command = hashlib.sha1("\0".join(args).encode()).hexdigest()[:8]
-    folder = os.path.join(trainer.get("default_root_dir") or ".", f"slurm-{job}-{command}")
+    base = (trainer.get("default_root_dir") or ".") if _logged(trainer) else _unlogged_runs(config)
+    folder = os.path.join(base, f"slurm-{job}-{command}")
     trainer.default_root_dir = folder
     numbered = {int(m.group(1)): m.group(0) for m in (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f) for f in
                                                       (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
@@ -255,6 +257,11 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
         return None
     config.ckpt_path = os.path.join(folder, numbered[max(numbered)])
     return f"SLURM job {job} was requeued: resuming from {config.ckpt_path}"
+
+
+def _logged(trainer) -> bool:
+    """Whether the run's trainer config (``config.trainer``) has a logger."""
+    return trainer.get("logger") not in (None, False, [])
 
 
 def _unlogged_runs(config) -> str:
@@ -292,8 +299,7 @@ def _number_unlogged_run(config) -> bool:
     every rank numbers the run before any writes to it (Lightning makes the folder after the process group is set
     up), and Lightning takes rank 0's folder for the config and checkpoints all the same."""
     trainer = config.get("trainer")
-    if trainer is None or trainer.get("logger") not in (None, False, []) or trainer.get("fast_dev_run") \
-            or _slurm_job() is not None:
+    if trainer is None or _logged(trainer) or trainer.get("fast_dev_run") or _slurm_job() is not None:
         return False
     runs = _unlogged_runs(config)
     path = config.get("ckpt_path")

@@ -579,15 +579,17 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     assert resumed["global_step"] == whole["global_step"] == 18
     assert all(torch.equal(resumed["state_dict"][k], t) for k, t in whole["state_dict"].items())
 
-    # without a logger a job's checkpoints are in its own folder too; `--ckpt_path last` in the next job finds them
+    # without a logger a job's checkpoints are in its own folder too, with the recipe's runs; `--ckpt_path last` in
+    # the next job finds them
     chain = [*quick, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--ckpt_path", "last"]
     monkeypatch.setenv("SLURM_JOB_ID", "201")
     assert main(chain) == 0
     monkeypatch.setenv("SLURM_JOB_ID", "202")
     capsys.readouterr()
     assert main([*chain, "--trainer.max_epochs", "2"]) == 0
-    [first], [second] = (list((tmp_path / "runs").glob(f"slurm-{j}-*")) for j in (201, 202))
-    assert f"--ckpt_path last: resuming from runs/{first.name}/checkpoints/last.ckpt" in capsys.readouterr().err
+    [first], [second] = (list(runs.glob(f"slurm-{j}-*")) for j in (201, 202))  # beside the recipe's other runs
+    assert f"--ckpt_path last: resuming from runs/quickstart/{first.name}/checkpoints/last.ckpt" \
+        in capsys.readouterr().err
     assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
 
 
