@@ -240,7 +240,9 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
     (the same checks, logging on in the same run folder), also when it was started with ``--ckpt_path`` (its own
     checkpoint is newer). Another command of the same job script (a sweep run one after the other) does not: with
     one folder per job it resumed from the requeued command's checkpoint, silently when the method and backbone
-    were the same. Returns the line that says so.
+    were the same. A command that had finished in this job (``FINISHED`` in its folder, see _mark_finished) raises
+    _Finished: requeued for a later command, the script ran it again, from its requeue checkpoint or from scratch.
+    Returns the line that says it resumes.
     """
     import hashlib
 
@@ -251,12 +253,33 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
     base = (trainer.get("default_root_dir") or ".") if _logged(trainer) else _unlogged_runs(config)
     folder = os.path.join(base, f"slurm-{job}-{command}")
     trainer.default_root_dir = folder
+    if os.path.isfile(done := os.path.join(folder, FINISHED)):
+        with open(done) as f:
+            raise _Finished(f"SLURM job {job} was requeued, and this command had finished in it before ({f.read()}); "
+                            "nothing left to train.")
     numbered = {int(m.group(1)): m.group(0) for m in (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f) for f in
                                                       (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
     if not numbered:
         return None
     config.ckpt_path = os.path.join(folder, numbered[max(numbered)])
     return f"SLURM job {job} was requeued: resuming from {config.ckpt_path}"
+
+
+FINISHED = "finished"  # in a SLURM job's folder: the command ended its training (_mark_finished)
+
+
+class _Finished(Exception):
+    """A requeued SLURM job's command that had finished before: pretrain says so and trains nothing."""
+
+
+def _mark_finished(trainer, checkpoint: str | None) -> None:
+    """Under SLURM, note in the job's folder (``trainer.default_root_dir``, see _resume_requeued_slurm_job) that
+    this command's training ended (rank 0; call it on every rank), with the step and the final checkpoint."""
+    if _slurm_job() is None or trainer.fast_dev_run or not trainer.is_global_zero:
+        return
+    os.makedirs(trainer.default_root_dir, exist_ok=True)
+    with open(os.path.join(trainer.default_root_dir, FINISHED), "w") as f:
+        f.write(f"step {trainer.global_step}" + (f", checkpoint {checkpoint}" if checkpoint else ""))
 
 
 def _logged(trainer) -> bool:
@@ -425,7 +448,8 @@ def _not_an_advert(record: logging.LogRecord) -> bool:
 
 
 def pretrain(args: list[str]):
-    """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer."""
+    """Run LightningCLI: every option of the model, data and trainer is a config key or a flag. Returns the trainer,
+    or None when a requeued SLURM job runs a command that had finished in it (see _resume_requeued_slurm_job)."""
     from jsonargparse import ArgumentError
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.cli import LightningCLI
@@ -475,6 +499,12 @@ def pretrain(args: list[str]):
                 "callbacks": [StopAndSave()]})  # appended to the recipe's callbacks
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
+    except _Finished as e:  # every rank gets here; say it once
+        from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+        if rank_zero_only.rank == 0:
+            print(e, file=sys.stderr)
+        return None
     except MisconfigurationException as e:  # Lightning: trainer settings this machine cannot run (no GPU, ...)
         hardware = re.search(r"accelerator|device|gpu|cuda|mps|tpu|strategy|precision|node", str(e), re.I)
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
@@ -501,10 +531,12 @@ def pretrain(args: list[str]):
         raise
     save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback
+    final = ckpt and (ckpt.last_model_path or ckpt.best_model_path)
+    _mark_finished(cli.trainer, final)
     if cli.trainer.is_global_zero:
         print(f"pretraining took {time.perf_counter() - start:.1f} s")
-        if ckpt is not None and (ckpt.last_model_path or ckpt.best_model_path):
-            print(f"checkpoint: {ckpt.last_model_path or ckpt.best_model_path}")
+        if final:
+            print(f"checkpoint: {final}")
         else:
             print("checkpoint: none (" + ("fast_dev_run writes none)" if cli.trainer.fast_dev_run else
                                           "the run has no ModelCheckpoint)"))

@@ -523,7 +523,8 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     from it: a new job of the same recipe went on silently from the old run's weights, another recipe's run failed.
     Lightning saved wherever the signal came, mid-step, and the requeued job ended a step short. Now each job's
     command keeps its own (`runs/slurm-<id>-<command>/`), saved after the step; the requeued job logs on in its run
-    folder, exactly, and another command of the same job script does not resume from it."""
+    folder, exactly, and another command of the same job script does not resume from it. A command that had
+    finished in the job is not trained again when the job is requeued later."""
     import os
     import signal
 
@@ -568,6 +569,12 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     assert main([*quick, "--seed_everything", "1"]) == 0
     assert "requeued" not in capsys.readouterr().err and "Restoring states" not in caplog.text
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    for command in (quick, [*quick, "--seed_everything", "1"]):  # requeued again: the script runs both once more
+        assert main(command) == 0  # they had finished: trained again, from the requeue checkpoint or from scratch
+        err = capsys.readouterr().err
+        assert "SLURM job 101 was requeued, and this command had finished in it before (step 18, checkpoint " \
+            "runs/quickstart/version_" in err and "nothing left to train" in err, err
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"] and "Restoring" not in caplog.text
 
     monkeypatch.setenv("SLURM_JOB_ID", "102")  # a new submission of the recipe: a new run from step 0
     caplog.clear()
