@@ -167,10 +167,8 @@ def _log_to_resumed_run(config) -> None:
     if not path or "://" in path or tensorboard is None:
         return
     args, runs = tensorboard
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(folder) == "checkpoints":
-        run = os.path.dirname(folder)
-    else:
+    run = _run_of(path)
+    if run is None:
         from ssl_toolkit.checkpoint import load_checkpoint
 
         run = load_checkpoint(path)["ssl_toolkit"].get("run_folder")
@@ -178,14 +176,31 @@ def _log_to_resumed_run(config) -> None:
         return
     name = os.path.basename(run)
     args.version = int(name.removeprefix("version_")) if re.fullmatch(r"version_\d+", name) else name
-    _expect_own_checkpoints(os.path.join(run, "checkpoints"))
+    _expect_own_checkpoints(run)
 
 
-def _expect_own_checkpoints(folder: str) -> None:
-    """Silence ModelCheckpoint's warning about a folder with checkpoints in it for a resumed run's ``folder``
-    (absolute): they are the run's own, as expected."""
+def _run_of(path: str | None) -> str | None:
+    """The run folder (absolute) of a local checkpoint in its ``checkpoints/`` folder, ``<run>/checkpoints/x.ckpt``;
+    None for any other path."""
+    if not path or "://" in path:
+        return None
+    folder = os.path.dirname(os.path.abspath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
+
+
+def _expect_own_checkpoints(run: str) -> None:
+    """Silence ModelCheckpoint's warning about a folder with checkpoints in it for the ``checkpoints/`` of a resumed
+    run's folder ``run`` (absolute): they are the run's own, as expected."""
+    folder = os.path.join(run, "checkpoints")
     warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {os.path.relpath(folder)}") + "|"
                             + re.escape(f"Checkpoint directory {folder}"))
+
+
+def _numbered(folder: str, pattern: str) -> dict[int, str]:
+    """The entries of ``folder`` (none if it does not exist yet) whose names match ``pattern``, whose one group is
+    their number: ``{number: name}``."""
+    return {int(m.group(1)): m.group(0) for m in (re.fullmatch(pattern, f) for f in
+                                                  (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
 
 
 def _resolve_last(config) -> str | None:
@@ -257,8 +272,7 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
         with open(done) as f:
             raise _Finished(f"SLURM job {job} was requeued, and this command had finished in it before ({f.read()}); "
                             "nothing left to train.")
-    numbered = {int(m.group(1)): m.group(0) for m in (re.fullmatch(r"hpc_ckpt_(\d+)\.ckpt", f) for f in
-                                                      (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
+    numbered = _numbered(folder, r"hpc_ckpt_(\d+)\.ckpt")
     if not numbered:
         return None
     config.ckpt_path = os.path.join(folder, numbered[max(numbered)])
@@ -324,18 +338,13 @@ def _number_unlogged_run(config) -> bool:
     trainer = config.get("trainer")
     if trainer is None or _logged(trainer) or trainer.get("fast_dev_run") or _slurm_job() is not None:
         return False
-    runs = _unlogged_runs(config)
-    path = config.get("ckpt_path")
-    folder = os.path.dirname(os.path.abspath(path)) if path and "://" not in path else None
-    run = folder and os.path.dirname(folder)
-    if folder and os.path.basename(folder) == "checkpoints" and re.fullmatch(r"version_\d+", os.path.basename(run)) \
-            and os.path.dirname(run) == os.path.abspath(runs):
+    runs, run = _unlogged_runs(config), _run_of(config.get("ckpt_path"))
+    if run and re.fullmatch(r"version_\d+", os.path.basename(run)) and os.path.dirname(run) == os.path.abspath(runs):
         trainer.default_root_dir = os.path.join(runs, os.path.basename(run))
-        _expect_own_checkpoints(folder)
+        _expect_own_checkpoints(run)
         return True
-    numbers = [int(m.group(1)) for m in (re.fullmatch(r"version_(\d+)", f) for f in
-                                         (os.listdir(runs) if os.path.isdir(runs) else [])) if m]
-    trainer.default_root_dir = os.path.join(runs, f"version_{max(numbers, default=-1) + 1}")
+    last = max(_numbered(runs, r"version_(\d+)"), default=-1)
+    trainer.default_root_dir = os.path.join(runs, f"version_{last + 1}")
     return True
 
 
@@ -346,8 +355,8 @@ def _leave_out_checkpointing(config) -> str | None:
     one, so the flag could not be used. ``--trainer.fast_dev_run``: Lightning says it writes no checkpoints, but
     its ModelCheckpoint still writes ``last.ckpt`` when training ends (Lightning 2.6), into a folder that may
     hold a real run's (``default_root_dir/checkpoints`` without a logger, where runs went before
-    _number_unlogged_run). Returns the line to print once the
-    config is known to be valid (a config error stays the first line).
+    _number_unlogged_run). Returns the line to print once the config is known to be valid (a config error stays
+    the first line).
     """
     trainer = config.get("trainer") or {}
     callbacks = trainer.get("callbacks") or []
