@@ -8,6 +8,7 @@ TorchDynamo): with a tiny_cnn checkpoint, ``index`` takes about 2.5 s rather tha
 than 6.5; a test holds them to it too."""
 
 import argparse
+import contextlib
 import contextvars
 import functools
 import glob
@@ -272,7 +273,7 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
         with open(done) as f:
             raise _Finished(f"SLURM job {job} was requeued, and this command had finished in it before ({f.read()}); "
                             "nothing left to train.")
-    numbered = _numbered(folder, r"hpc_ckpt_(\d+)\.ckpt")
+    numbered = _numbered(folder, REQUEUE_CHECKPOINT)
     if not numbered:
         return None
     config.ckpt_path = os.path.join(folder, numbered[max(numbered)])
@@ -280,6 +281,7 @@ def _resume_requeued_slurm_job(config, args: list[str]) -> str | None:
 
 
 FINISHED = "finished"  # in a SLURM job's folder: the command ended its training (_mark_finished)
+REQUEUE_CHECKPOINT = r"hpc_ckpt_(\d+)\.ckpt"  # Lightning's name for the checkpoint it saves on the requeue signal
 
 
 class _Finished(Exception):
@@ -294,6 +296,29 @@ def _mark_finished(trainer, checkpoint: str | None) -> None:
     os.makedirs(trainer.default_root_dir, exist_ok=True)
     with open(os.path.join(trainer.default_root_dir, FINISHED), "w") as f:
         f.write(f"step {trainer.global_step}" + (f", checkpoint {checkpoint}" if checkpoint else ""))
+    if checkpoint:
+        _remove_requeue_checkpoints(trainer)
+
+
+def _remove_requeue_checkpoints(trainer, resumed: str | None = None) -> None:
+    """Under SLURM, remove the requeue checkpoints (``hpc_ckpt_N.ckpt``) of this job's command that are done with:
+    those older than ``resumed``, the one the run resumes from (once it has been checked), or all of them when the
+    run has written its final checkpoint. Each holds the whole training state, optimizer included; Lightning saves
+    one more on every requeue and never removes any, so a long chain of requeues filled the disk. Rank 0."""
+    if _slurm_job() is None or not trainer.is_global_zero:
+        return
+    folder = trainer.default_root_dir
+    numbered = _numbered(folder, REQUEUE_CHECKPOINT)
+    if not numbered:
+        return
+    if resumed is not None:
+        m = re.fullmatch(REQUEUE_CHECKPOINT, os.path.basename(resumed))
+        if not m or not os.path.samefile(os.path.dirname(os.path.abspath(resumed)), folder):
+            return  # resumed from a checkpoint of the user's (--ckpt_path), not from this job's
+        numbered = {n: name for n, name in numbered.items() if n < int(m.group(1))}
+    for name in numbered.values():
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
 
 
 def _logged(trainer) -> bool:
@@ -527,6 +552,7 @@ def pretrain(args: list[str]):
         note = _time_left(check_resume(ckpt_path, cli.model), ckpt_path, cli.trainer)
         if note and cli.trainer.is_global_zero:
             print(note, file=sys.stderr)
+        _remove_requeue_checkpoints(cli.trainer, resumed=ckpt_path)
     start = time.perf_counter()
     # the run's own folder: the logger's (None under fast_dev_run) or, without a logger, the one numbered for it
     log_dir = cli.trainer.log_dir if cli.trainer.logger is not None or cli.numbered_run else None

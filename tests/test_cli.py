@@ -524,7 +524,8 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     Lightning saved wherever the signal came, mid-step, and the requeued job ended a step short. Now each job's
     command keeps its own (`runs/slurm-<id>-<command>/`), saved after the step; the requeued job logs on in its run
     folder, exactly, and another command of the same job script does not resume from it. A command that had
-    finished in the job is not trained again when the job is requeued later."""
+    finished in the job is not trained again when the job is requeued later. The requeue checkpoints a command no
+    longer needs are removed (Lightning kept every one, a whole training state per requeue)."""
     import os
     import signal
 
@@ -541,15 +542,15 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     monkeypatch.delenv("SLURM_ARRAY_JOB_ID", raising=False)
     monkeypatch.chdir(tmp_path)
 
-    def requeue_signal_at_step_5(self, batch, batch_idx):
-        if self.trainer.global_step == 5:
+    def requeue_signal_at_steps_5_11_and_14(self, batch, batch_idx):
+        if self.trainer.global_step in (5, 11, 14):
             os.kill(os.getpid(), signal.SIGUSR1)  # what SLURM sends 90 s before the time limit
 
     quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs", "2"]
     runs = tmp_path / "runs" / "quickstart"
     monkeypatch.setenv("SLURM_JOB_ID", "101")
     with monkeypatch.context() as m:
-        m.setattr(SimCLR, "on_train_batch_start", requeue_signal_at_step_5, raising=False)
+        m.setattr(SimCLR, "on_train_batch_start", requeue_signal_at_steps_5_11_and_14, raising=False)
         assert main(quick) == 128 + signal.SIGUSR1
     assert (tmp_path / "scontrol.log").read_text() == "requeue 101\n"
     [job] = (tmp_path / "runs").glob("slurm-101-*")
@@ -560,10 +561,23 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     assert torch.load(saved, weights_only=True)["global_step"] == 6  # after the step the signal came in
     assert signal.getsignal(signal.SIGUSR1) is not None
 
-    assert main(quick) == 0  # the requeued job: same id
+    # the requeued job (same id), requeued twice more. A run removes the requeue checkpoints older than the one it
+    # resumes from: each is a whole training state, optimizer included, and they piled up, one per requeue
+    for resumed, kept in (("hpc_ckpt_1.ckpt", ["hpc_ckpt_1.ckpt", "hpc_ckpt_2.ckpt"]),
+                          ("hpc_ckpt_2.ckpt", ["hpc_ckpt_2.ckpt", "hpc_ckpt_3.ckpt"])):
+        with monkeypatch.context() as m:
+            m.setattr(SimCLR, "on_train_batch_start", requeue_signal_at_steps_5_11_and_14, raising=False)
+            assert main(quick) == 128 + signal.SIGUSR1
+        err = capsys.readouterr().err
+        assert f"SLURM job 101 was requeued: resuming from {os.path.relpath(job / resumed)}" in err, err
+        assert sorted(p.name for p in job.iterdir()) == kept
+    assert torch.load(job / "hpc_ckpt_3.ckpt", weights_only=True)["global_step"] == 15
+
+    assert main(quick) == 0  # requeued once more: it ends its training
     err = capsys.readouterr().err
-    assert f"SLURM job 101 was requeued: resuming from {os.path.relpath(saved)}" in err, err
+    assert f"SLURM job 101 was requeued: resuming from {os.path.relpath(job / 'hpc_ckpt_3.ckpt')}" in err, err
     assert sorted(p.name for p in runs.iterdir()) == ["version_0"]  # logging went on in its run folder
+    assert sorted(p.name for p in job.iterdir()) == ["finished"]  # the final checkpoint replaces the requeue ones
 
     caplog.clear()  # the job script's next command (a sweep): a run of its own, not a resumed one
     assert main([*quick, "--seed_everything", "1"]) == 0
