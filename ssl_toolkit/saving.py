@@ -80,8 +80,15 @@ def save_last(trainer, always: bool = False) -> str | None:
     if getattr(ckpt, "_last_global_step_saved", None) == trainer.global_step and ckpt.last_model_path:
         return ckpt.last_model_path
     path = os.path.join(ckpt.dirpath, ckpt.CHECKPOINT_NAME_LAST + ckpt.FILE_EXTENSION)
-    trainer.save_checkpoint(path, weights_only=False)  # optimizer and loops too: a resumable checkpoint
-    ckpt.last_model_path = path
+    # set before the save, as ModelCheckpoint does, so the checkpoint's own ModelCheckpoint state names it: a run
+    # resumed from it then writes its last.ckpt over this one, where it wrote last-v1.ckpt beside it and left this
+    # one, older, for `--ckpt_path last` and the next job of a chain to resume from
+    previous, ckpt.last_model_path = ckpt.last_model_path, path
+    try:
+        trainer.save_checkpoint(path, weights_only=False)  # optimizer and loops too: a resumable checkpoint
+    except BaseException:
+        ckpt.last_model_path = previous
+        raise
     return path
 
 

@@ -333,9 +333,13 @@ def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl
         with pytest.raises(RunStopped, match=f"SIGTERM: stopped at epoch 0, step {step}. Saved {last}") as stop:
             fit(tmp_path / "b", [Send()])
         assert stop.value.exit_code == 143 and torch.load(last, weights_only=True)["global_step"] == step
-        straight, resumed = fit(tmp_path / "a"), fit(tmp_path / "c", ckpt_path=str(last))
+        straight, resumed = fit(tmp_path / "a"), fit(tmp_path / "b", ckpt_path=str(last))
         for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
             assert torch.equal(a, b), k
+        # the resumed run's last.ckpt replaces the one it resumed from (it wrote last-v1.ckpt beside it, and a
+        # chain of jobs resumed from the older one)
+        assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+        assert torch.load(last, weights_only=True)["global_step"] == 12 // accumulate
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # both handlers as they were
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
