@@ -560,9 +560,11 @@ def pretrain(args: list[str]):
     made = log_dir and _first_missing(log_dir)  # the run folder is new; made: with the parents it needs
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    except BaseException:
+    except BaseException as e:
         if made and cli.trainer.global_step == 0 and cli.trainer.is_global_zero:
             _remove_unused_run_folder(log_dir, made)
+        if isinstance(e, RunStopped):  # every DDP rank stopped after the same step and saved: all are here
+            end_process_group()
         raise
     save_final_checkpoint(cli.trainer)
     ckpt = cli.trainer.checkpoint_callback
@@ -1072,7 +1074,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         contextvars.copy_context().run(_run, cmd, argv[1:])  # what a command sets (eval precision) ends with it
     except RunStopped as e:
-        print(f"ssl-toolkit {argv[0]}: {e}", file=sys.stderr)
+        if not e.quiet:
+            print(f"ssl-toolkit {argv[0]}: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:  # Ctrl-C in an evaluation or search command: nothing half-written to report
         print(f"\nssl-toolkit {argv[0]}: interrupted (Ctrl-C).", file=sys.stderr)

@@ -137,3 +137,36 @@ def unshuffle_across_ranks(y: torch.Tensor, unshuffle: torch.Tensor) -> torch.Te
         return y[unshuffle]
     b = y.shape[0]
     return gather(y)[unshuffle.view(world_size(), b)[rank()]]
+
+
+class Vote:
+    """The DDP ranks' agreement on whether a signal stops the run (ssl_toolkit.saving.StopAndSave), cast after
+    each step.
+
+    Each rank casts a code (0: no signal) in an all-reduce (max) of one integer on the CPU, over gloo (a group of
+    its own when the run's is NCCL), started after one step and read after the next: by then it is done, so no
+    rank waits for the others or for the GPU, and every rank reads the same result after the same step. Every
+    rank must poll at the same points.
+    """
+
+    def __init__(self):
+        self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._code = torch.zeros(1, dtype=torch.int64)
+        self._work = None
+
+    def _result(self) -> int:
+        if self._work is None:
+            return 0
+        self._work.wait()
+        self._work = None
+        return int(self._code)
+
+    def poll(self, code: int | None, wait: bool = False) -> int:
+        """Cast ``code`` (None: end the voting) and return the highest code of the previous poll's votes, or with
+        ``wait`` of this one's too."""
+        agreed = self._result()
+        if agreed or code is None:
+            return agreed
+        self._code.fill_(code)
+        self._work = dist.all_reduce(self._code, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        return self._result() if wait else 0

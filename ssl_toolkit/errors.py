@@ -18,6 +18,7 @@ class RunStopped(Exception):
     """A run stopped on request (Ctrl-C, SIGTERM, SLURM's requeue signal) after saving a checkpoint; the message
     says how it resumes."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, quiet: bool = False):
         super().__init__(message)
         self.exit_code = 128 + signum  # the shell's code for a process ended by that signal: 130, 143, 138
+        self.quiet = quiet  # a DDP rank other than 0: the message is rank 0's to print

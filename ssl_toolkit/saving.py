@@ -15,6 +15,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from ssl_toolkit.distributed import Vote
 from ssl_toolkit.errors import RunStopped
 
 
@@ -120,8 +121,13 @@ class StopAndSave(Callback):
     A signal that the process ignores when training starts stays ignored, as Python leaves Ctrl-C ignored in a
     job started in the background by a script or under ``nohup``.
 
-    One process only: under DDP the ranks would see a signal at different steps, so Lightning's own handling
-    applies there.
+    Under DDP every rank stops after the same step and they save together, whichever ranks got the signal (all of
+    them for Ctrl-C in a terminal or SLURM's signals, rank 0 alone for ``kill`` of the process Lightning started the
+    others from): the ranks vote after each step (see Vote), without waiting for the GPU, and stop one step after
+    the signal. Lightning alone ended every rank on SIGTERM at the next step without a checkpoint and with exit
+    code 0, as if the run had finished, saved its requeue checkpoint from inside the signal handler, in the middle
+    of a step, and broadcast its SIGTERM flag from rank 0 every step and read it back, which waits for the GPU to
+    finish all the work queued so far; the vote replaces that broadcast.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -132,12 +138,14 @@ class StopAndSave(Callback):
         self._names = dict(self.SIGNALS)
         self._requeue = None
         self._step_at_start = 0
+        self._vote: Vote | None = None
+        self._rank = 0
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its own signal handlers
         from lightning_fabric.plugins.environments import SLURMEnvironment
 
-        self.signum = None
-        if trainer.world_size > 1 or threading.current_thread() is not threading.main_thread():
+        self.signum, self._rank = None, trainer.global_rank
+        if threading.current_thread() is not threading.main_thread():
             return
         env = trainer._accelerator_connector.cluster_environment  # where Lightning's signal connector looks
         self._requeue = (env.requeue_signal if isinstance(env, SLURMEnvironment) and env.auto_requeue
@@ -146,6 +154,11 @@ class StopAndSave(Callback):
         # a signal the process was started ignoring stays ignored (`nohup ... &` runs with Ctrl-C ignored)
         self._previous = {s: signal.signal(s, self._on_signal) for s in self._names
                           if signal.getsignal(s) != signal.SIG_IGN}
+        if trainer.world_size > 1:
+            self._vote = Vote()
+            loop = trainer.fit_loop.epoch_loop
+            if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning's per-step broadcast of its SIGTERM flag,
+                loop._broadcast_sigterm_tensor = lambda: None  # which only its handler, replaced above, sets
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:
@@ -154,30 +167,51 @@ class StopAndSave(Callback):
                 raise KeyboardInterrupt
             return
         self.signum = signum
+        if self._rank != 0:  # under DDP rank 0 speaks for all; it says so when they stop
+            return
         again = " (Ctrl-C again stops at once, without saving)" if signum == signal.SIGINT else ""
         what = "requeueing the job" if signum == self._requeue else "saving a checkpoint to resume from"
-        print(f"\n{self._names[signum]}: stopping after this step and {what}{again}.", file=sys.stderr, flush=True)
+        step = "the next step, on every rank," if self._vote is not None else "this step"
+        print(f"\n{self._names[signum]}: stopping after {step} and {what}{again}.", file=sys.stderr, flush=True)
 
     def _restore(self) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
 
-    def _stop_if_asked(self, trainer) -> None:
-        if self.signum is None:
+    def _agreed_signal(self, wait: bool) -> int | None:
+        """The signal that stops the run now: this process's, or under DDP the one the ranks' vote agreed on (a
+        requeue before SIGTERM before Ctrl-C when ranks got different ones)."""
+        if self._vote is None:
+            return self.signum
+        order = [signal.SIGINT, signal.SIGTERM, self._requeue]
+        code = self._vote.poll(order.index(self.signum) + 1 if self.signum is not None else 0, wait)
+        return order[code - 1] if code else None
+
+    def _stop_if_asked(self, trainer, wait: bool = False) -> None:
+        signum = self._agreed_signal(wait)
+        if signum is None:
             return
-        lightning = self._previous.get(self.signum)
+        lightning = self._previous.get(signum)
         self._restore()
-        at = f"{self._names[self.signum]}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}."
-        if self.signum == self._requeue:
-            lightning(self.signum, None)  # Lightning's: default_root_dir/hpc_ckpt_N.ckpt, then `scontrol requeue`
+        self._close_vote()
+        quiet = not trainer.is_global_zero  # every rank stops; rank 0 says so
+        at = f"{self._names[signum]}: stopped at epoch {trainer.current_epoch}, step {trainer.global_step}."
+        if signum == self._requeue:  # Lightning's, on every rank: default_root_dir/hpc_ckpt_N.ckpt (rank 0 writes
+            lightning(signum, None)  # it), then rank 0 runs `scontrol requeue`
             raise RunStopped(f"{at} Saved a checkpoint in {trainer.default_root_dir} and requeued the job, which "
-                             "resumes from it.", self.signum)
-        path = save_last(trainer, always=True)
+                             "resumes from it.", signum, quiet)
+        path = save_last(trainer, always=True)  # on every rank: rank 0 writes it
         where = (f"Saved {path}; resume with the same recipe and overrides and --ckpt_path {path}" if path else
                  "Nothing was saved: fast_dev_run writes no checkpoints" if trainer.fast_dev_run else
                  "The run has no ModelCheckpoint, so nothing was saved")
-        raise RunStopped(f"{at} {where}.", self.signum)
+        raise RunStopped(f"{at} {where}.", signum, quiet)
+
+    def _close_vote(self, wait: bool = True) -> None:
+        if self._vote is not None:
+            if wait:  # every rank gets here at the same point: the last vote's collective is done on all
+                self._vote.poll(None, wait=False)
+            self._vote = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_start = trainer.global_step
@@ -187,11 +221,14 @@ class StopAndSave(Callback):
             self._stop_if_asked(trainer)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._stop_if_asked(trainer)  # a signal during the epoch-end evaluations
+        self._stop_if_asked(trainer, wait=True)  # a signal during the epoch-end evaluations
 
     # Put the handlers back before Lightning restores its own, which it does after these hooks.
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
+        self._close_vote()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+        self._close_vote(wait=False)  # a rank that failed may never vote again
+

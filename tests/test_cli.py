@@ -682,6 +682,117 @@ def test_pretrain_runs_under_ddp_with_two_cpu_processes(tmp_path):
     assert ckpt["global_step"] == 3 and ckpt["epoch"] == 0
 
 
+SIGNAL_AT = """
+import os, signal, sys
+import torch.distributed as dist
+from pytorch_lightning.callbacks import Callback
+
+
+class SignalAt(Callback):
+    \"\"\"Sends $SIGNAL to this process on rank $SIGNAL_RANK (every rank: -1) when step $SIGNAL_STEP starts, and
+    counts the calls of Lightning's per-step broadcast of its SIGTERM flag.\"\"\"
+
+    def setup(self, trainer, pl_module, stage):
+        self.flags, broadcast = 0, dist.broadcast
+
+        def counted(*args, **kwargs):
+            self.flags += sys._getframe(1).f_code.co_name == "_broadcast_sigterm_tensor"
+            return broadcast(*args, **kwargs)
+
+        dist.broadcast = counted
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.global_step == int(os.environ["SIGNAL_STEP"])
+                and int(os.environ["SIGNAL_RANK"]) in (-1, trainer.global_rank)):
+            os.kill(os.getpid(), getattr(signal, os.environ["SIGNAL"]))
+
+    def on_exception(self, trainer, pl_module, exception):
+        print(f"rank {trainer.global_rank}: {self.flags} flag broadcasts", file=sys.stderr)
+
+    on_train_end = lambda self, trainer, pl_module: self.on_exception(trainer, pl_module, None)
+"""
+
+
+def test_a_signal_stops_every_ddp_rank_after_the_same_step_with_a_checkpoint_it_resumes_from_exactly(
+        tmp_path, monkeypatch):
+    """SIGTERM to one rank of two CPU processes: both stop after the same step, save, and exit 143; the resumed run
+    ends with the uninterrupted run's weights. Lightning alone ended both ranks at the next step with exit code 0,
+    as if the run had finished, and saved nothing; it also broadcast its SIGTERM flag from rank 0 every step and
+    read it back, a wait for the GPU on every step of a multi-GPU run. Then SLURM's requeue signal to both ranks of
+    a job started as srun starts them: Lightning saved its requeue checkpoint from inside the signal handler, in
+    the middle of a step."""
+    import socket
+    import subprocess
+    (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SIGNAL", "SIGTERM")
+    monkeypatch.setenv("SIGNAL_RANK", "1")  # `kill` of one process: the vote tells the other
+    ddp = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
+           "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.callbacks+=signal_at.SignalAt"]
+    runs = tmp_path / "runs" / "quickstart"
+    monkeypatch.setenv("SIGNAL_STEP", "-1")  # never
+    proc = run_cli(*ddp, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("0 flag broadcasts") == 2, proc.stderr[-3000:]  # per rank: none in 8 steps
+
+    monkeypatch.setenv("SIGNAL_STEP", "1")  # rank 1 gets SIGTERM during step 2; the ranks agree after step 3
+    proc = run_cli(*ddp, cwd=tmp_path)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    last = runs / "version_1" / "checkpoints" / "last.ckpt"
+    assert proc.stderr.count("SIGTERM: stopped at epoch 0, step 3. Saved runs/quickstart/version_1/checkpoints/"
+                             "last.ckpt") == 1, proc.stderr[-3000:]  # rank 0 says it for both
+    assert torch.load(last, weights_only=True)["global_step"] == 3  # mid-epoch: 4 steps an epoch
+    proc = run_cli(*ddp, "--ckpt_path", str(last), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight, resumed = (torch.load(runs / v / "checkpoints" / "last.ckpt", weights_only=True)
+                         for v in ("version_0", "version_1"))
+    assert resumed["global_step"] == straight["global_step"] == 8
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+
+    def srun(job: str) -> list[tuple[int, str]]:
+        """The command on two ranks, as `srun` starts a job's tasks (Lightning reads SLURM's variables): exit codes
+        and stderr."""
+        with socket.socket() as free:
+            free.bind(("localhost", 0))
+            port = free.getsockname()[1]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLURM_JOB_ID": job, "SLURM_NTASKS": "2",
+               "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+               "SLURM_JOB_NAME": "quickstart", "MASTER_PORT": str(port)}
+        exe = Path(os.sys.executable).with_name("ssl-toolkit")
+        ranks = []
+        for rank in range(2):
+            err = open(tmp_path / f"rank{rank}.err", "w")
+            ranks.append((subprocess.Popen([str(exe), *ddp], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+                                           env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}), err))
+        codes = [p.wait(timeout=600) for p, _ in ranks]
+        for _, err in ranks:
+            err.close()
+        return [(code, (tmp_path / f"rank{rank}.err").read_text()) for rank, code in enumerate(codes)]
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SIGNAL", "SIGUSR1")  # SLURM sends it to every task
+    monkeypatch.setenv("SIGNAL_RANK", "-1")
+    (zero, err), (one, _) = srun("301")
+    assert zero == one == 138, err[-3000:]
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 301\n"  # rank 0 requeues the job, once
+    [job] = (tmp_path / "runs").glob("slurm-301-*")
+    assert "SLURM's requeue signal: stopped at epoch 0, step 3. Saved a checkpoint in " in err, err[-3000:]
+    assert torch.load(job / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3  # after a step, on both ranks
+    monkeypatch.setenv("SIGNAL_STEP", "-1")
+    (zero, err), (one, _) = srun("301")  # the requeued job
+    assert zero == one == 0, err[-3000:]
+    assert "SLURM job 301 was requeued: resuming from " in err, err[-3000:]
+    requeued = torch.load(runs / "version_2" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert requeued["global_step"] == 8
+    assert all(torch.equal(requeued["state_dict"][k], t) for k, t in straight["state_dict"].items())
+    assert sorted(p.name for p in job.iterdir()) == ["finished"]
+    assert all(torch.equal(resumed["state_dict"][k], t) for k, t in straight["state_dict"].items())
+
+
 def test_a_ddp_run_destroys_its_process_group_before_python_exits(tmp_path):
     """Lightning destroys the process group at exit for NCCL only. Left to interpreter shutdown, gloo's worker
     threads took the GIL while Python tore down, and the finished DDP test above aborted now and then at exit
