@@ -682,7 +682,7 @@ def test_pretrain_runs_under_ddp_with_two_cpu_processes(tmp_path):
     assert ckpt["global_step"] == 3 and ckpt["epoch"] == 0
 
 
-SIGNAL_AT = """
+DDP_FAULTS = """
 import os, signal, sys
 import torch.distributed as dist
 from pytorch_lightning.callbacks import Callback
@@ -710,11 +710,31 @@ class SignalAt(Callback):
         print(f"rank {trainer.global_rank}: {self.flags} flag broadcasts", file=sys.stderr)
 
     on_train_end = lambda self, trainer, pl_module: self.on_exception(trainer, pl_module, None)
+
+
+class NonFiniteAt(Callback):
+    \"\"\"Makes the loss and its terms infinite on rank $NONFINITE_RANK at step $NONFINITE_STEP.\"\"\"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if (trainer.global_step == int(os.environ["NONFINITE_STEP"])
+                and trainer.global_rank == int(os.environ["NONFINITE_RANK"])):
+            step = type(pl_module).step
+            pl_module.step = lambda views: {k: v * float("inf") for k, v in step(pl_module, views).items()}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pl_module.__dict__.pop("step", None)
 """
 
 
+@pytest.fixture
+def ddp_faults(tmp_path, monkeypatch):
+    """The module ``ddp_faults`` (DDP_FAULTS) importable by the runs the test starts."""
+    (tmp_path / "ddp_faults.py").write_text(DDP_FAULTS)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+
+
 def test_a_signal_stops_every_ddp_rank_after_the_same_step_with_a_checkpoint_it_resumes_from_exactly(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, ddp_faults):
     """SIGTERM to one rank of two CPU processes: both stop after the same step, save, and exit 143; the resumed run
     ends with the uninterrupted run's weights. Lightning alone ended both ranks at the next step with exit code 0,
     as if the run had finished, and saved nothing; it also broadcast its SIGTERM flag from rank 0 every step and
@@ -723,12 +743,10 @@ def test_a_signal_stops_every_ddp_rank_after_the_same_step_with_a_checkpoint_it_
     the middle of a step."""
     import socket
     import subprocess
-    (tmp_path / "signal_at.py").write_text(SIGNAL_AT)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("SIGNAL", "SIGTERM")
     monkeypatch.setenv("SIGNAL_RANK", "1")  # `kill` of one process: the vote tells the other
     ddp = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
-           "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.callbacks+=signal_at.SignalAt"]
+           "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.callbacks+=ddp_faults.SignalAt"]
     runs = tmp_path / "runs" / "quickstart"
     monkeypatch.setenv("SIGNAL_STEP", "-1")  # never
     proc = run_cli(*ddp, cwd=tmp_path)
@@ -791,6 +809,24 @@ def test_a_signal_stops_every_ddp_rank_after_the_same_step_with_a_checkpoint_it_
     assert all(torch.equal(requeued["state_dict"][k], t) for k, t in straight["state_dict"].items())
     assert sorted(p.name for p in job.iterdir()) == ["finished"]
     assert all(torch.equal(resumed["state_dict"][k], t) for k, t in straight["state_dict"].items())
+
+
+def test_a_non_finite_loss_on_one_ddp_rank_stops_every_rank_at_that_step(tmp_path, monkeypatch, ddp_faults):
+    """The ranks' losses differ: one rank's alone can be infinite (a bf16 overflow in its share of the batch). That
+    rank stopped, and the others, whose own loss became NaN a step later through the averaged gradients, waited for
+    it in their next collective: gloo failed with "Connection closed by peer", NCCL waits out its 30-minute
+    timeout, on every GPU of the job."""
+    monkeypatch.setenv("NONFINITE_STEP", "2")
+    monkeypatch.setenv("NONFINITE_RANK", "1")
+    proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
+                   "--trainer.strategy", "ddp", "--trainer.max_epochs", "2",
+                   "--trainer.callbacks+=ddp_faults.NonFiniteAt", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    stopped = re.findall(r"error: SimCLR: the training loss is not finite at step 2 \(epoch 0\): (.*?)\. Training "
+                         r"stopped\. No checkpoint had been saved yet", proc.stderr)
+    assert sorted(s.split(" (")[0].split(",")[0] for s in stopped) == ["ntxent_loss=inf", "on another rank"], \
+        proc.stderr[-3000:]  # each rank says what it saw
+    assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
 
 
 def test_a_ddp_run_destroys_its_process_group_before_python_exits(tmp_path):

@@ -6,6 +6,7 @@ logging of the loss dict, EMA updates of declared (online, target) pairs with a 
 schedule, channels_last, and the checkpoint metadata evaluators read.
 """
 
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
+from ssl_toolkit import distributed
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
 from ssl_toolkit.errors import NonFiniteLossError
 from ssl_toolkit.optim import cosine_schedule, ema_update, make_optimizer
@@ -200,7 +202,10 @@ class BaseSSLModule(pl.LightningModule):
         out = self.step(views)
         loss = self.sum_losses(out)
         self.check_finite()  # the previous step's loss, read one step late: waits for that step's loss, not this one's
-        finite = HostFlag(torch.isfinite(loss.detach()))
+        finite = torch.isfinite(loss.detach())
+        if distributed.is_distributed():  # every rank's: a rank that stopped alone left the others waiting for it
+            finite = distributed.all_reduce_mean(finite.float()) == 1  # in their next collective (NCCL: 30 min)
+        finite = HostFlag(finite)
         self._unchecked = (self.global_step, finite, {k: v.detach() for k, v in out.items()})
         if self.logs_this_step():
             self.log_dict({f"train/{k}": v.detach() for k, v in out.items()}, on_step=True, on_epoch=False)
@@ -232,7 +237,10 @@ class BaseSSLModule(pl.LightningModule):
         self._unchecked = None
         if bool(finite):
             return
-        values = ", ".join(f"{k}={v.float().item():.4g}" for k, v in terms.items())
+        here = {k: v.float().item() for k, v in terms.items()}
+        values = ", ".join(f"{k}={v:.4g}" for k, v in here.items())
+        if all(map(math.isfinite, here.values())):  # under DDP: another rank's, and every rank stops here
+            values = f"on another rank (here {values})"
         ckpt = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
         last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
         where = (f"The last good checkpoint is {last} (nothing saved was overwritten); resume from it with "
