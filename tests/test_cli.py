@@ -652,7 +652,9 @@ def test_multi_gpu_scripts_give_valid_pretrain_flags(script, tmp_path, monkeypat
     out = subprocess.run(["bash", "-c", stub, str(ROOT / "recipes" / "multi-gpu" / script)], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     args = out.split("\0")[:-1]
-    args = args[args.index("pretrain") + 1:]
+    launcher, args = args[:args.index("pretrain")], args[args.index("pretrain") + 1:]
+    if script.endswith(".sbatch"):  # a failed task ends the job's other tasks, not NCCL's timeout 30 minutes later
+        assert "--kill-on-bad-exit=1" in launcher, launcher
     monkeypatch.chdir(ROOT)
     with pytest.raises(SystemExit) as exit_info:
         main(["pretrain", *args, "--print_config"])
