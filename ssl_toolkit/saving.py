@@ -12,7 +12,7 @@ import tempfile
 import threading
 
 import torch
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, Timer
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from ssl_toolkit.distributed import Vote
@@ -127,7 +127,9 @@ class StopAndSave(Callback):
     the signal. Lightning alone ended every rank on SIGTERM at the next step without a checkpoint and with exit
     code 0, as if the run had finished, saved its requeue checkpoint from inside the signal handler, in the middle
     of a step, and broadcast its SIGTERM flag from rank 0 every step and read it back, which waits for the GPU to
-    finish all the work queued so far; the vote replaces that broadcast.
+    finish all the work queued so far; the vote replaces that broadcast, and the Timer's (``trainer.max_time``), which
+    sent rank 0's decision as a pickled object after every step: a run whose time is up on any rank ends after the
+    same step on all, as a finished run.
     """
 
     SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
@@ -139,6 +141,7 @@ class StopAndSave(Callback):
         self._requeue = None
         self._step_at_start = 0
         self._vote: Vote | None = None
+        self._timer = None  # under DDP, the run's Timer, whose per-step check the vote does
         self._rank = 0
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its own signal handlers
@@ -159,6 +162,11 @@ class StopAndSave(Callback):
             loop = trainer.fit_loop.epoch_loop
             if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning's per-step broadcast of its SIGTERM flag,
                 loop._broadcast_sigterm_tensor = lambda: None  # which only its handler, replaced above, sets
+            # trainer.max_time: Lightning's Timer broadcasts rank 0's decision after every step (a pickled object,
+            # whose size the host reads: a wait for the GPU); the vote carries it instead
+            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+            if timer is not None and timer._duration is not None and timer._interval == "step":
+                self._timer, timer.on_train_batch_end = timer, lambda *args, **kwargs: None
 
     def _on_signal(self, signum, frame) -> None:
         if self.signum is not None:
@@ -179,18 +187,28 @@ class StopAndSave(Callback):
             signal.signal(s, handler)
         self._previous = {}
 
-    def _agreed_signal(self, wait: bool) -> int | None:
+    TIME_UP = "max_time"  # under DDP, what the vote also carries: a rank's Timer found trainer.max_time spent
+
+    def _agreed_signal(self, wait: bool) -> int | str | None:
         """The signal that stops the run now: this process's, or under DDP the one the ranks' vote agreed on (a
-        requeue before SIGTERM before Ctrl-C when ranks got different ones)."""
+        requeue before SIGTERM before Ctrl-C when ranks got different ones), or TIME_UP when a rank's time is up."""
         if self._vote is None:
             return self.signum
-        order = [signal.SIGINT, signal.SIGTERM, self._requeue]
-        code = self._vote.poll(order.index(self.signum) + 1 if self.signum is not None else 0, wait)
+        order = [self.TIME_UP, signal.SIGINT, signal.SIGTERM, self._requeue]
+        timer = self._timer
+        mine = self.signum if self.signum is not None else (
+            self.TIME_UP if timer is not None and timer.time_elapsed() >= timer._duration else None)
+        code = self._vote.poll(order.index(mine) + 1 if mine is not None else 0, wait)
         return order[code - 1] if code else None
 
     def _stop_if_asked(self, trainer, wait: bool = False) -> None:
         signum = self._agreed_signal(wait)
         if signum is None:
+            return
+        if signum == self.TIME_UP:  # as the Timer would have: the run ends after this step, as a finished one
+            if not trainer.should_stop and trainer.is_global_zero:
+                print("Time limit reached (trainer.max_time). Signaling Trainer to stop.", file=sys.stderr)
+            trainer.should_stop = True
             return
         lightning = self._previous.get(signum)
         self._restore()
@@ -212,6 +230,9 @@ class StopAndSave(Callback):
             if wait:  # every rank gets here at the same point: the last vote's collective is done on all
                 self._vote.poll(None, wait=False)
             self._vote = None
+        if self._timer is not None:
+            del self._timer.on_train_batch_end  # the Timer's own again
+            self._timer = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_start = trainer.global_step

@@ -692,16 +692,23 @@ from pytorch_lightning.callbacks import Callback
 
 class SignalAt(Callback):
     \"\"\"Sends $SIGNAL to this process on rank $SIGNAL_RANK (every rank: -1) when step $SIGNAL_STEP starts, and
-    counts the calls of Lightning's per-step broadcast of its SIGTERM flag.\"\"\"
+    counts the broadcasts of Lightning's per-step checks: its SIGTERM flag, and the Timer's decision.\"\"\"
 
     def setup(self, trainer, pl_module, stage):
-        self.flags, broadcast = 0, dist.broadcast
+        self.flags = 0
+        for name in ("broadcast", "broadcast_object_list"):
+            def counted(*args, broadcast=getattr(dist, name), **kwargs):
+                frame, callers = sys._getframe(1), set()
+                while frame is not None:
+                    callers.add(frame.f_code.co_name)
+                    frame = frame.f_back
+                self.flags += bool(callers & {"_broadcast_sigterm_tensor", "_check_time_remaining"})
+                return broadcast(*args, **kwargs)
 
-        def counted(*args, **kwargs):
-            self.flags += sys._getframe(1).f_code.co_name == "_broadcast_sigterm_tensor"
-            return broadcast(*args, **kwargs)
+            setattr(dist, name, counted)
 
-        dist.broadcast = counted
+    def on_train_start(self, trainer, pl_module):
+        self.flags = 0  # the steps' (the Timer checks once before training too)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if (trainer.global_step == int(os.environ["SIGNAL_STEP"])
@@ -725,6 +732,15 @@ class NonFiniteAt(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         pl_module.__dict__.pop("step", None)
+
+
+class TimeUpAt(SignalAt):
+    \"\"\"Makes trainer.max_time spent on rank $SIGNAL_RANK's clock when step $SIGNAL_STEP starts.\"\"\"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == int(os.environ["SIGNAL_STEP"]) and trainer.global_rank == int(os.environ["SIGNAL_RANK"]):
+            timer = next(c for c in trainer.callbacks if type(c).__name__ == "Timer")
+            timer.time_elapsed = lambda stage="train": 1e9
 """
 
 
@@ -829,6 +845,21 @@ def test_a_non_finite_loss_on_one_ddp_rank_stops_every_rank_at_that_step(tmp_pat
     assert sorted(s.split(" (")[0].split(",")[0] for s in stopped) == ["ntxent_loss=inf", "on another rank"], \
         proc.stderr[-3000:]  # each rank says what it saw
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+def test_max_time_spent_on_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch, ddp_faults):
+    """Lightning's Timer broadcast rank 0's decision after every step (a pickled object: a wait for the GPU each
+    step under NCCL); the ranks' vote carries it instead, and the run ends as a finished one."""
+    monkeypatch.setenv("SIGNAL_STEP", "1")  # rank 1's clock says the time is up from step 2 on
+    monkeypatch.setenv("SIGNAL_RANK", "1")
+    proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
+                   "--trainer.strategy", "ddp", "--trainer.max_epochs", "2", "--trainer.max_time", "00:01:00:00",
+                   "--trainer.callbacks+=ddp_faults.TimeUpAt", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("Time limit reached") == 1 and proc.stderr.count("0 flag broadcasts") == 2, \
+        proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 3  # voted after step 2, read after step 3
 
 
 def test_a_ddp_run_destroys_its_process_group_before_python_exits(tmp_path):
