@@ -141,7 +141,7 @@ class StopAndSave(Callback):
         self._requeue = None
         self._step_at_start = 0
         self._vote: Vote | None = None
-        self._timer = None  # under DDP, the run's Timer, whose per-step check the vote does
+        self._timer = self._loop = None  # under DDP: the Timer and the epoch loop whose per-step checks the vote does
         self._rank = 0
 
     def on_train_start(self, trainer, pl_module) -> None:  # after Lightning has set its own signal handlers
@@ -159,9 +159,9 @@ class StopAndSave(Callback):
                           if signal.getsignal(s) != signal.SIG_IGN}
         if trainer.world_size > 1:
             self._vote = Vote()
-            loop = trainer.fit_loop.epoch_loop
-            if hasattr(loop, "_broadcast_sigterm_tensor"):  # Lightning's per-step broadcast of its SIGTERM flag,
-                loop._broadcast_sigterm_tensor = lambda: None  # which only its handler, replaced above, sets
+            self._loop = trainer.fit_loop.epoch_loop
+            if hasattr(self._loop, "_broadcast_sigterm_tensor"):  # Lightning's per-step broadcast of its SIGTERM
+                self._loop._broadcast_sigterm_tensor = lambda: None  # flag, which only its handler (replaced) sets
             # trainer.max_time: Lightning's Timer broadcasts rank 0's decision after every step (a pickled object,
             # whose size the host reads: a wait for the GPU); the vote carries it instead
             timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
@@ -230,9 +230,10 @@ class StopAndSave(Callback):
             if wait:  # every rank gets here at the same point: the last vote's collective is done on all
                 self._vote.poll(None, wait=False)
             self._vote = None
-        if self._timer is not None:
-            del self._timer.on_train_batch_end  # the Timer's own again
-            self._timer = None
+        for patched, name in ((self._timer, "on_train_batch_end"), (self._loop, "_broadcast_sigterm_tensor")):
+            if patched is not None:
+                patched.__dict__.pop(name, None)  # Lightning's own again
+        self._timer = self._loop = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_start = trainer.global_step

@@ -239,7 +239,7 @@ class BaseSSLModule(pl.LightningModule):
             return
         here = {k: v.float().item() for k, v in terms.items()}
         values = ", ".join(f"{k}={v:.4g}" for k, v in here.items())
-        if all(map(math.isfinite, here.values())):  # under DDP: another rank's, and every rank stops here
+        if distributed.is_distributed() and all(map(math.isfinite, here.values())):  # every rank stops here
             values = f"on another rank (here {values})"
         ckpt = getattr(self._trainer, "checkpoint_callback", None) if self._trainer is not None else None
         last = (ckpt.last_model_path or ckpt.best_model_path) if ckpt is not None else ""
