@@ -14,12 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
 
 
+def cli_command() -> list[str]:
+    """The installed ``ssl-toolkit`` console script, as a user runs it (the module where it is not installed)."""
+    exe = Path(sys.executable).with_name("ssl-toolkit")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "ssl_toolkit.cli"]
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 600, warnings: bool = False) -> subprocess.CompletedProcess:
     """Run the installed ``ssl-toolkit`` console script, as a user would (``warnings``: as a user sees them)."""
-    exe = Path(sys.executable).with_name("ssl-toolkit")
-    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ssl_toolkit.cli"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
-    return subprocess.run(cmd + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(cli_command() + list(args), cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env=env if warnings else {**env, "PYTHONWARNINGS": "ignore"})
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli, small_cifar
+from conftest import ROOT, cli_command, run_cli, small_cifar
 from ssl_toolkit import progress
 from ssl_toolkit.cli import main
 from ssl_toolkit.eval import features
@@ -516,8 +516,19 @@ def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_ru
     assert torch.load(last, weights_only=True)["global_step"] == 27
 
 
+@pytest.fixture
+def scontrol(tmp_path, monkeypatch):
+    """A stand-in for SLURM's ``scontrol`` on the PATH, which writes its arguments to the file it returns."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return tmp_path / "scontrol.log"
+
+
 def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_afresh(tmp_path, monkeypatch, capsys,
-                                                                                       caplog):
+                                                                                       caplog, scontrol):
     """SLURM's requeue signal (the sbatch recipe's SIGUSR1) makes Lightning save `hpc_ckpt_N.ckpt` in
     default_root_dir and requeue the job. It was `runs/` for every recipe, so every later run under SLURM resumed
     from it: a new job of the same recipe went on silently from the old run's weights, another recipe's run failed.
@@ -531,11 +542,6 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
 
     from ssl_toolkit.methods import SimCLR
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     for k, v in {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_NAME": "simclr", "SLURM_PROCID": "0",
                  "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():
         monkeypatch.setenv(k, v)
@@ -552,7 +558,7 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
     with monkeypatch.context() as m:
         m.setattr(SimCLR, "on_train_batch_start", requeue_signal_at_steps_5_11_and_14, raising=False)
         assert main(quick) == 128 + signal.SIGUSR1
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 101\n"
+    assert scontrol.read_text() == "requeue 101\n"
     [job] = (tmp_path / "runs").glob("slurm-101-*")
     saved = job / "hpc_ckpt_1.ckpt"
     assert re.fullmatch(r"slurm-101-[0-9a-f]{8}", job.name), job.name
@@ -752,7 +758,7 @@ def ddp_faults(tmp_path, monkeypatch):
 
 
 def test_a_signal_stops_every_ddp_rank_after_the_same_step_with_a_checkpoint_it_resumes_from_exactly(
-        tmp_path, monkeypatch, ddp_faults):
+        tmp_path, monkeypatch, ddp_faults, scontrol):
     """SIGTERM to one rank of two CPU processes: both stop after the same step, save, and exit 143; the resumed run
     ends with the uninterrupted run's weights. Lightning alone ended both ranks at the next step with exit code 0,
     as if the run had finished, and saved nothing; it also broadcast its SIGTERM flag from rank 0 every step and
@@ -794,27 +800,21 @@ def test_a_signal_stops_every_ddp_rank_after_the_same_step_with_a_checkpoint_it_
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "SLURM_JOB_ID": job, "SLURM_NTASKS": "2",
                "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
                "SLURM_JOB_NAME": "quickstart", "MASTER_PORT": str(port)}
-        exe = Path(os.sys.executable).with_name("ssl-toolkit")
         ranks = []
         for rank in range(2):
             err = open(tmp_path / f"rank{rank}.err", "w")
-            ranks.append((subprocess.Popen([str(exe), *ddp], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
+            ranks.append((subprocess.Popen(cli_command() + ddp, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err,
                                            env={**env, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}), err))
         codes = [p.wait(timeout=600) for p, _ in ranks]
         for _, err in ranks:
             err.close()
         return [(code, (tmp_path / f"rank{rank}.err").read_text()) for rank, code in enumerate(codes)]
 
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("SIGNAL", "SIGUSR1")  # SLURM sends it to every task
     monkeypatch.setenv("SIGNAL_RANK", "-1")
     (zero, err), (one, _) = srun("301")
     assert zero == one == 138, err[-3000:]
-    assert (tmp_path / "scontrol.log").read_text() == "requeue 301\n"  # rank 0 requeues the job, once
+    assert scontrol.read_text() == "requeue 301\n"  # rank 0 requeues the job, once
     [job] = (tmp_path / "runs").glob("slurm-301-*")
     assert "SLURM's requeue signal: stopped at epoch 0, step 3. Saved a checkpoint in " in err, err[-3000:]
     assert torch.load(job / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3  # after a step, on both ranks
