@@ -300,6 +300,39 @@ def _mark_finished(trainer, checkpoint: str | None) -> None:
         _remove_requeue_checkpoints(trainer)
 
 
+def _end_ranks_started_here(trainer, grace: float = 5.0) -> None:
+    """This rank failed: end the ranks it started. Under Lightning's own launcher (``--trainer.devices N`` without
+    torchrun or srun) rank 0 starts the node's other ranks as its child processes. Lightning ends them all when
+    one of them fails, and on Ctrl-C, but not when rank 0 fails alone (a checkpoint write on a full disk: only
+    rank 0 writes). They were left waiting for it in their next collective, holding their devices until the
+    process group's timeout (30 minutes under NCCL). Each gets ``grace`` seconds to end by itself (a rank that
+    failed first may still be printing the error that made this one fail), then SIGKILL, as Lightning's launcher
+    ends them. torchrun and ``srun --kill-on-bad-exit=1`` end the ranks they start themselves."""
+    from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = trainer.strategy.launcher
+    if not isinstance(launcher, _SubprocessScriptLauncher) or not launcher.procs:
+        return  # not the process that started the others
+    children = list(launcher.procs)
+    # Lightning's observer thread reads this list, and SIGKILLs this process as soon as it sees a child ended
+    # with an error: emptied, the observer ends quietly and this process goes on to say why it failed.
+    launcher.procs.clear()
+    deadline = time.monotonic() + grace
+    while any(p.poll() is None for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waiting = [(trainer.global_rank + local, p) for local, p in enumerate(children, 1) if p.poll() is None]
+    for _, p in waiting:
+        p.kill()
+    for p in children:
+        p.wait()
+    if waiting:
+        ranks = ", ".join(str(rank) for rank, _ in waiting)
+        pids = ", ".join(str(p.pid) for _, p in waiting)
+        s = "s" if len(waiting) > 1 else ""
+        print(f"\nssl-toolkit pretrain: rank {trainer.global_rank} failed; ended rank{s} {ranks} (PID{s} {pids}), "
+              f"which {'were' if s else 'was'} waiting for it.", file=sys.stderr)  # a progress bar may end the line
+
+
 def _remove_requeue_checkpoints(trainer, resumed: str | None = None) -> None:
     """Under SLURM, remove the requeue checkpoints (``hpc_ckpt_N.ckpt``) of this job's command that are done with:
     those older than ``resumed``, the one the run resumes from (once it has been checked), or all of them when the
@@ -565,11 +598,17 @@ def pretrain(args: list[str]):
             _remove_unused_run_folder(log_dir, made)
         if isinstance(e, RunStopped):  # every DDP rank stopped after the same step and saved: all are here
             end_process_group()
+        elif not isinstance(e, NonFiniteLossError):  # that one too stops every rank at the same step
+            _end_ranks_started_here(cli.trainer)
         raise
-    save_final_checkpoint(cli.trainer)
-    ckpt = cli.trainer.checkpoint_callback
-    final = ckpt and (ckpt.last_model_path or ckpt.best_model_path)
-    _mark_finished(cli.trainer, final)
+    try:
+        save_final_checkpoint(cli.trainer)
+        ckpt = cli.trainer.checkpoint_callback
+        final = ckpt and (ckpt.last_model_path or ckpt.best_model_path)
+        _mark_finished(cli.trainer, final)
+    except BaseException:
+        _end_ranks_started_here(cli.trainer)
+        raise
     if cli.trainer.is_global_zero:
         print(f"pretraining took {time.perf_counter() - start:.1f} s")
         if final:

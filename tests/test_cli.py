@@ -1,7 +1,9 @@
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -740,6 +742,21 @@ class NonFiniteAt(Callback):
         pl_module.__dict__.pop("step", None)
 
 
+class FailAlone(Callback):
+    \"\"\"Rank 0 fails at step $FAIL_STEP as a checkpoint write on a full disk does; the other ranks write their PID
+    to rank<N>.pid and wait, as they would in their next collective for rank 0 (gloo notices the closed
+    connection; NCCL waits out the group's 30-minute timeout).\"\"\"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == int(os.environ["FAIL_STEP"]):
+            if trainer.global_rank == 0:
+                raise OSError(28, "No space left on device", "runs/quickstart/version_0/checkpoints/last.ckpt")
+            with open(f"rank{trainer.global_rank}.pid", "w") as f:
+                f.write(str(os.getpid()))
+            import time
+            time.sleep(60)
+
+
 class TimeUpAt(SignalAt):
     \"\"\"Makes trainer.max_time spent on rank $SIGNAL_RANK's clock when step $SIGNAL_STEP starts.\"\"\"
 
@@ -845,6 +862,28 @@ def test_a_non_finite_loss_on_one_ddp_rank_stops_every_rank_at_that_step(tmp_pat
     assert sorted(s.split(" (")[0].split(",")[0] for s in stopped) == ["ntxent_loss=inf", "on another rank"], \
         proc.stderr[-3000:]  # each rank says what it saw
     assert "Traceback" not in proc.stderr and "Connection closed" not in proc.stderr
+
+
+def test_rank_0_failing_alone_ends_the_ranks_lightnings_launcher_started(tmp_path, monkeypatch, ddp_faults):
+    """`--trainer.devices N` without torchrun or srun: rank 0 starts the other ranks as its child processes.
+    Lightning ends them all when a child fails, and on Ctrl-C, but when rank 0 failed alone (a checkpoint write
+    on a full disk: only rank 0 writes) it exited and left them waiting in their next collective, holding their
+    GPUs for the process group's 30-minute timeout under NCCL."""
+    monkeypatch.setenv("FAIL_STEP", "2")
+    try:
+        proc = run_cli("pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "2",
+                       "--trainer.callbacks+=ddp_faults.FailAlone", cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr[-3000:]
+        assert "No space left on device" in proc.stderr, proc.stderr[-3000:]
+        pid = int((tmp_path / "rank1.pid").read_text())
+        assert not os.path.exists(f"/proc/{pid}"), "rank 1 was left running"  # ended, and reaped by rank 0
+        said = rf"\nssl-toolkit pretrain: rank 0 failed; ended rank 1 \(PID {pid}\), which was waiting for it\."
+        assert re.search(said, proc.stderr), proc.stderr[-3000:]
+    finally:
+        for leftover in tmp_path.glob("rank*.pid"):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(leftover.read_text()), signal.SIGKILL)
 
 
 def test_max_time_spent_on_one_ddp_rank_stops_every_rank_after_the_same_step(tmp_path, monkeypatch, ddp_faults):
