@@ -91,7 +91,8 @@ def test_help_and_the_losses_do_not_import_lightning_kornia_or_torchvision():
     """``ssl-toolkit --help`` imported every method, Lightning and Kornia first (7.5 s on 2 CPU cores, 2 s now), and
     ``import ssl_toolkit.losses`` did too, though the losses need only torch. So did every command's ``--help`` and
     a wrong flag (6.3-7 s), and main itself, for the exceptions it reports; ``pretrain`` alone needs them, since
-    its parser is made from the classes. ``export --help`` imported torchvision (4.4-5.0 s, 2.0-2.5 s now)."""
+    its parser is made from the classes. ``export --help`` imported torchvision (4.4-5.0 s, 2.0-2.5 s now).
+    ``--version`` imported all three for their versions (6.9 s, 2.5 s now)."""
     code = ("import sys, contextlib, io\n"
             "from ssl_toolkit.cli import COMMANDS, main\n"
             "with contextlib.redirect_stdout(io.StringIO()) as out: assert main(['--help']) == 0\n"
@@ -106,13 +107,20 @@ def test_help_and_the_losses_do_not_import_lightning_kornia_or_torchvision():
             "            except SystemExit as e: code = e.code\n"
             "        assert code == (0 if flags == ['--help'] else 2), (cmd, flags, code)\n"
             "        assert ('usage: ssl-toolkit ' + cmd) in out.getvalue() + err.getvalue(), (cmd, flags)\n"
-            "    print(cmd, sorted(m for m in heavy if m in sys.modules))\n")
+            "    print(cmd, sorted(m for m in heavy if m in sys.modules))\n"
+            "with contextlib.redirect_stdout(io.StringIO()) as out: assert main(['--version']) == 0\n"
+            "print('--version', sorted(m for m in heavy if m in sys.modules))\n"
+            "print(out.getvalue())\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[0] == "[]"
-    assert lines[1:] == [f"{cmd} []" for cmd in sorted({"knn", "probe", "retrieval", "zeroshot", "pictures", "export",
-                                                         "embed", "index", "search", "map"})]
+    assert lines[1:12] == [f"{cmd} []" for cmd in sorted({"knn", "probe", "retrieval", "zeroshot", "pictures",
+                                                           "export", "embed", "index", "search", "map"})] + \
+        ["--version []"]
+    from importlib.metadata import version
+
+    assert {f"{dist} {version(dist)}" for dist in ("torchvision", "pytorch-lightning", "kornia")} <= set(lines[12:])
 
 
 def test_pretrain_knows_every_datamodule_and_callback_in_a_fresh_process():
