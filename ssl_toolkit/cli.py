@@ -127,14 +127,16 @@ def _did_you_mean(message: str) -> list[str]:
     classes = re.findall(r"class_path '([\w.]+)'", message)
     unknown = (re.search(r"Group '([\w.]+)' does not accept option '(\w+)'", message)
                or re.search(r"Option '([\w.]+)' is not accepted", message)
-               or re.search(r"unrecognized arguments: --([\w.]+)", message))
+               or re.search(r"unrecognized arguments: --([\w.]+)", message)
+               or re.search(r"ambiguous option: --([\w.]+) could match", message))
     missing = re.search(r"module '([\w.]+)' has no attribute '(\w+)'", message)
+    path = []
     try:
         if missing:
             module = importlib.import_module(missing.group(1))
             options, word = [n for n in dir(module) if n[:1].isupper()], missing.group(2)
         elif unknown:
-            *group, word = ".".join(g for g in unknown.groups() if g).split(".")
+            *group, word = path = ".".join(g for g in unknown.groups() if g).split(".")
             if classes:
                 owner = import_class(classes[-1])
             elif group[:1] == ["trainer"]:
@@ -149,14 +151,45 @@ def _did_you_mean(message: str) -> list[str]:
                     kind = options.get(g)
                     kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
                     if g not in options or not isinstance(kind, type):
-                        return []
+                        return _method_setting(path, classes)
                     options = _accepted(kind)
         else:
             return []
+        close = difflib.get_close_matches(word, list(options), n=3)
+        return [f"Did you mean {' or '.join(repr(c) for c in close)}?"] if close else _method_setting(path, classes)
     except Exception:  # a suggestion is a convenience; the error itself stands without it
         return []
-    close = difflib.get_close_matches(word, list(options), n=3)
-    return [f"Did you mean {' or '.join(repr(c) for c in close)}?"] if close else []
+
+
+def _method_setting(path: list[str], classes: list[str]) -> list[str]:
+    """Where a method's nested setting goes when it was given at another level (``--lr``, ``--optim.lr``,
+    ``--model.lr``: ``--model.optim.lr``), and that the optimizer is one of them (``--optim``, ``--scheduler``)."""
+    import dataclasses
+    import typing
+
+    from ssl_toolkit.checkpoint import import_class
+    from ssl_toolkit.methods.base import BaseSSLModule
+
+    method = import_class(classes[0]) if classes else BaseSSLModule
+    if not (isinstance(method, type) and issubclass(method, BaseSSLModule)):
+        return []
+    homes: dict[str, list[str]] = {}  # field -> the method's settings that have it: lr -> [optim.lr]
+    for option, kind in _accepted(method).items():
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        if dataclasses.is_dataclass(kind):
+            for field in _accepted(kind):
+                homes.setdefault(field, []).append(f"--model.{option}.{field}")
+    for part in reversed(path):
+        if part in homes:
+            return [f"Did you mean {' or '.join(homes[part])}? (In a recipe: under model.init_args.)"]
+    if {"optim", "optimizer", "lr_scheduler", "scheduler"} & set(path):
+        return [_OPTIM_HOME]
+    return []
+
+
+_OPTIM_HOME = ("The optimizer and its learning-rate schedule (warmup, then cosine decay) are the method's settings: "
+               "--model.optim.name (sgd, lars or adamw), --model.optim.lr, --model.optim.weight_decay, "
+               "--model.optim.warmup_epochs, --model.optim.min_lr, ... (model.init_args.optim in a recipe).")
 
 
 def _tensorboard_runs(config) -> tuple | None:
@@ -417,6 +450,18 @@ def _number_unlogged_run(config) -> bool:
     return True
 
 
+def _refuse_lightnings_optimizer(config) -> None:
+    """LightningCLI's own ``optimizer`` and ``lr_scheduler`` (``--optimizer SGD --optimizer.lr 0.1``) replace the
+    method's ``configure_optimizers``: the recipe's optimizer and schedule, the weight decay kept off biases and
+    norms, and LARS's exclusions were dropped for a bare optimizer at a constant rate, with only a warning of
+    Lightning's. Their keys stay accepted as null, as every run's saved ``config.yaml`` lists them."""
+    given = [key for key in ("optimizer", "lr_scheduler") if config.get(key) is not None]
+    if given:
+        method = str(getattr(config.get("model"), "class_path", "the method")).rsplit(".", 1)[-1]
+        raise ConfigError(f"Lightning's --{given[0]} ({given[0]}: in a recipe) would replace {method}'s optimizer "
+                          f"and schedule. {_OPTIM_HOME}")
+
+
 def _leave_out_checkpointing(config) -> str | None:
     """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
 
@@ -555,6 +600,7 @@ def pretrain(args: list[str]):
                 "of a chain can be the same command"))
 
         def before_instantiate_classes(self):
+            _refuse_lightnings_optimizer(self.config)
             # lines to print once the config has turned out valid, so that an error stays the first line
             self.notes = [n for n in (_leave_out_checkpointing(self.config), _resolve_last(self.config),
                                       _resume_requeued_slurm_job(self.config, args)) if n]

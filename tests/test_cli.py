@@ -150,12 +150,36 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     (["--model.init_args.views.flip_p", "2"], "views.flip_p is a probability in [0, 1]; got 2.0"),
     (["--model.init_args.backbone.name", "vgg"], "Set backbone.name to one of"),
     (["--unknown", "1"], "unrecognized arguments: --unknown"),
+    (["--lr", "0.1"], "Did you mean --model.optim.lr?"),  # was "ambiguous option: --lr could match --lr_scheduler"
+    (["--model.lr", "0.1"], "Option 'lr' is not accepted\n  Did you mean --model.optim.lr?"),
+    (["--optim.weight_decay", "0"], "Did you mean --model.optim.weight_decay?"),
 ])
 def test_bad_config_values_fail_with_a_clear_message(args, message, capsys):
     code = main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *args])
     err = capsys.readouterr().err
     assert code == 1 and message in err, err
     assert "Traceback" not in err and "NoneType" not in err
+
+
+def test_lightnings_own_optimizer_flags_are_refused_with_where_the_optimizer_is_set(tmp_path, monkeypatch, capsys):
+    """LightningCLI's --optimizer and --lr_scheduler replaced the method's configure_optimizers with only a warning
+    of Lightning's: `--optimizer torch.optim.SGD --optimizer.lr 0.1` trained the quickstart with bare SGD at a
+    constant rate, without its AdamW, warmup, cosine decay and weight decay kept off biases and norms. Their keys
+    stay accepted as null: a run's saved config.yaml lists them, and runs again as a recipe."""
+    monkeypatch.chdir(tmp_path)
+    quickstart = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "1"]
+    for flags in (["--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.1"],
+                  ["--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "3"]):
+        assert main([*quickstart, *flags]) == 1
+        err = capsys.readouterr().err
+        assert f"error: Lightning's {flags[0]} ({flags[0][2:]}: in a recipe) would replace SimCLR's optimizer and " \
+               "schedule." in err and "--model.optim.lr" in err, err
+    assert not (tmp_path / "runs").exists()
+    assert main(quickstart) == 0
+    saved = tmp_path / "runs" / "quickstart" / "version_0" / "config.yaml"
+    assert "\noptimizer: null\n" in saved.read_text()
+    assert main(["pretrain", "--config", str(saved)]) == 0
+    assert (tmp_path / "runs" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt").exists()
 
 
 def test_a_misspelt_recipe_key_is_named_with_the_accepted_one_it_is_close_to(tmp_path, capsys):
