@@ -6,7 +6,18 @@ calls ``torch.distributed`` itself and everything runs in one CPU process for te
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_gather as _all_gather_with_grad
+from torch.distributed.nn.functional import all_gather as _all_gather_list
+
+
+def _gather_cat(x: torch.Tensor, gather_dim: int, group) -> torch.Tensor:
+    """torch.distributed.nn's differentiable all-gather, concatenated: the one torch before 2.14 has."""
+    return torch.cat(_all_gather_list(x, group), dim=gather_dim)
+
+
+try:  # torch 2.14 deprecates the one above for this one (a FutureWarning on every call, so on every DDP step)
+    from torch.distributed._functional_collectives import all_gather_single_autograd as _gather_with_grad
+except ImportError:
+    _gather_with_grad = _gather_cat
 
 
 def is_distributed() -> bool:
@@ -53,7 +64,7 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return x
-    return torch.cat(_all_gather_with_grad(x.contiguous()), dim=0)  # (world * B, ...)
+    return _gather_with_grad(x.contiguous(), 0, dist.group.WORLD)  # (world * B, ...)
 
 
 @torch.no_grad()

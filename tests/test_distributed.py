@@ -37,6 +37,8 @@ def _on_two_ranks(worker, *args) -> list:
 
 
 def _worker(rank, init_file, z1, z2, keys, teacher, results):
+    import warnings
+
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -44,8 +46,10 @@ def _worker(rank, init_file, z1, z2, keys, teacher, results):
     rows = slice(rank * B, (rank + 1) * B)
     # SimCLR: negatives gathered from both ranks, with gradient.
     a, b = z1[rows].clone().requires_grad_(), z2[rows].clone().requires_grad_()
-    out = nt_xent(a, b, temperature=0.5)
-    out["ntxent_loss"].backward()
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        out = nt_xent(a, b, temperature=0.5)
+        out["ntxent_loss"].backward()
     # MoCo: every rank pushes the keys of both ranks, in rank order.
     torch.manual_seed(0)
     queue = FeatureQueue(size=12, dim=keys.shape[1])
@@ -57,11 +61,16 @@ def _worker(rank, init_file, z1, z2, keys, teacher, results):
     # DINO: the center moves with the mean teacher output of the whole batch.
     center = update_center(torch.zeros(teacher.shape[1]), teacher[rows], momentum=0.9)
     results.put((rank, out["ntxent_loss"].item(), a.grad.numpy(), b.grad.numpy(), queue.features.numpy(),
-                 int(queue.ptr), torch.equal(back, keys[rows]), center.numpy()))
+                 int(queue.ptr), torch.equal(back, keys[rows]), center.numpy(), [str(w.message) for w in warned]))
     dist.destroy_process_group()
 
 
-def test_two_ranks_equal_one_process_with_the_whole_batch():
+@pytest.mark.parametrize("gather", ["default", "torch.distributed.nn"])
+def test_two_ranks_equal_one_process_with_the_whole_batch(gather, monkeypatch):
+    """The gather with gradient of this torch (2.14: the functional collective) and of earlier ones (forced here);
+    the forked ranks inherit the choice."""
+    if gather != "default":
+        monkeypatch.setattr(distributed, "_gather_with_grad", distributed._gather_cat)
     torch.manual_seed(1)
     z1, z2, keys, teacher = torch.randn(8, 6), torch.randn(8, 6), torch.randn(8, 6), torch.randn(8, 5).softmax(1)
     got = _on_two_ranks(_worker, z1, z2, keys, teacher)
@@ -77,7 +86,11 @@ def test_two_ranks_equal_one_process_with_the_whole_batch():
     # Stated tolerance: float32 reductions in another order, 1e-5 relative on the loss, 1e-6 on gradients.
     assert np.mean([got[r][0] for r in range(WORLD)]) == pytest.approx(full.item(), rel=1e-5)
     for r in range(WORLD):
-        loss, g1, g2, feats, ptr, unshuffled, c = got[r]
+        loss, g1, g2, feats, ptr, unshuffled, c, warned = got[r]
+        import torch.distributed._functional_collectives as functional
+
+        if gather == "default" and hasattr(functional, "all_gather_single_autograd"):  # torch 2.14 deprecates the
+            assert warned == [], warned  # other, with a FutureWarning on every call: every step of a DDP run
         rows = slice(r * B, (r + 1) * B)
         # Each rank's rows get WORLD x the single-process gradient; DDP's mean over ranks gives it back exactly.
         assert torch.allclose(torch.from_numpy(g1), WORLD * full1.grad[rows], atol=1e-6)
