@@ -462,6 +462,19 @@ def _refuse_lightnings_optimizer(config) -> None:
                           f"and schedule. {_OPTIM_HOME}")
 
 
+def _refuse_spawned_ranks(trainer) -> None:
+    """``ddp_spawn`` (and its variants) starts each rank by pickling the Trainer, the model and the data into a
+    fresh process: it failed with a traceback (``Can't pickle local object 'pretrain.<locals>.PretrainCLI'``). The
+    run's own steps after training (the final ``last.ckpt``, SLURM's ``finished``) belong in the processes that
+    trained, which spawning does not give back. Refused before anything is written, with the strategies that
+    work: ``ddp`` runs this same command once per device."""
+    launcher = trainer.strategy.launcher
+    if getattr(launcher, "_start_method", None) == "spawn":
+        raise ConfigError("--trainer.strategy ddp_spawn starts each rank by pickling the run into a new process, "
+                          "which pretrain does not support. Use --trainer.strategy ddp (Lightning, torchrun or srun "
+                          "runs this same command once per device); in a notebook, ddp_notebook.")
+
+
 def _leave_out_checkpointing(config) -> str | None:
     """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
 
@@ -634,6 +647,7 @@ def pretrain(args: list[str]):
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
                           "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else
                           f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
+    _refuse_spawned_ranks(cli.trainer)
     notes = [*cli.notes, _slow_precision(cli.trainer)]  # the precision's line needs the trainer, made just now
     for note in filter(None, notes) if cli.trainer.is_global_zero else []:
         print(note, file=sys.stderr)

@@ -153,6 +153,8 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     (["--lr", "0.1"], "Did you mean --model.optim.lr?"),  # was "ambiguous option: --lr could match --lr_scheduler"
     (["--model.lr", "0.1"], "Option 'lr' is not accepted\n  Did you mean --model.optim.lr?"),
     (["--optim.weight_decay", "0"], "Did you mean --model.optim.weight_decay?"),
+    # was a traceback at fit: "Can't pickle local object 'pretrain.<locals>.PretrainCLI'"
+    (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "Use --trainer.strategy ddp (Lightning, "),
 ])
 def test_bad_config_values_fail_with_a_clear_message(args, message, capsys):
     code = main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *args])
