@@ -93,10 +93,11 @@ def concise_config_error(message: str) -> str:
     noise = ("Does not validate against any of the Union subtypes", "Subtypes: [", "Expected a <class 'NoneType'>",
              "Given value type:", "Given value:", "Errors:", "Subclass types expect one of", "a class path (str)",
              "a dict with class_path entry", "a dict without class_path", "a dict with parameters accepted")
-    if "Problem with given class_path" in message:  # the reason is given; this line only restates the type
-        noise += ("Not a valid subclass of",)
+    if "Problem with given class_path" in message:  # the reason is given; these only restate the option's type
+        noise += ("Not a valid subclass of", "Expected a <class")  # and its other forms (trainer.logger: a bool)
     keep = [line.strip() for line in message.splitlines() if line.strip() and not any(n in line for n in noise)]
-    keep = [line.lstrip("- ") for line in keep] + _did_you_mean(message)
+    # once each: a class-typed option that is also a list of them (trainer.logger) gives each reason twice
+    keep = list(dict.fromkeys(line.lstrip("- ") for line in keep)) + _did_you_mean(message)
     return "\n  ".join(keep) + "\nRun `ssl-toolkit pretrain --help` for every option, or add --print_config to see the " \
                                 "resolved config."
 

@@ -153,6 +153,9 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     (["--lr", "0.1"], "Did you mean --model.optim.lr?"),  # was "ambiguous option: --lr could match --lr_scheduler"
     (["--model.lr", "0.1"], "Option 'lr' is not accepted\n  Did you mean --model.optim.lr?"),
     (["--optim.weight_decay", "0"], "Did you mean --model.optim.weight_decay?"),
+    # each reason was given twice, with "Expected a <class 'bool'>" between (the logger can also be a list, or false)
+    (["--trainer.logger", "pytorch_lightning.loggers.TensorBoardLogger", "--trainer.logger.save_dirr", "x"],
+     "'pytorch_lightning.loggers.TensorBoardLogger':\n  Option 'save_dirr' is not accepted\n  Did you mean 'save_dir' "),
     # was a traceback at fit: "Can't pickle local object 'pretrain.<locals>.PretrainCLI'"
     (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "Use --trainer.strategy ddp (Lightning, "),
 ])
