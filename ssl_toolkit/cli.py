@@ -463,17 +463,23 @@ def _refuse_lightnings_optimizer(config) -> None:
                           f"and schedule. {_OPTIM_HOME}")
 
 
-def _refuse_spawned_ranks(trainer) -> None:
-    """``ddp_spawn`` (and its variants) starts each rank by pickling the Trainer, the model and the data into a
-    fresh process: it failed with a traceback (``Can't pickle local object 'pretrain.<locals>.PretrainCLI'``). The
-    run's own steps after training (the final ``last.ckpt``, SLURM's ``finished``) belong in the processes that
-    trained, which spawning does not give back. Refused before anything is written, with the strategies that
-    work: ``ddp`` runs this same command once per device."""
-    launcher = trainer.strategy.launcher
-    if getattr(launcher, "_start_method", None) == "spawn":
-        raise ConfigError("--trainer.strategy ddp_spawn starts each rank by pickling the run into a new process, "
-                          "which pretrain does not support. Use --trainer.strategy ddp (Lightning, torchrun or srun "
-                          "runs this same command once per device); in a notebook, ddp_notebook.")
+def _refuse_spawned_ranks(trainer, config) -> None:
+    """Lightning's strategies that start the ranks from inside this process (``ddp_spawn``, and ``ddp_notebook``
+    or ``ddp_fork``, which fork it) run only the Trainer's fit there, and give rank 0's weights back to this
+    process. ``ddp_spawn`` failed with a traceback (``Can't pickle local object 'pretrain.<locals>.PretrainCLI'``);
+    the forking ones trained, but the run's own steps after training ran here, outside the processes that
+    trained: the final save wrote nothing (this process's ModelCheckpoint had no folder; a run that ended between
+    two scheduled saves kept the older ``last.ckpt``), and it printed ``epoch=0-step=4.ckpt`` as its final
+    checkpoint. Refused before anything is written, with what works: ``ddp`` runs this same command once per
+    device."""
+    method = getattr(trainer.strategy.launcher, "_start_method", None)  # Lightning's _MultiProcessingLauncher
+    if method is not None:
+        strategy = config.get("trainer", {}).get("strategy")
+        strategy = strategy if isinstance(strategy, str) else type(trainer.strategy).__name__
+        raise ConfigError(f"--trainer.strategy {strategy} starts the ranks from inside this process ({method}), "
+                          "which pretrain does not support. Use --trainer.strategy ddp: Lightning, torchrun or srun runs this same command once per "
+                          "device. In a notebook, run it as a shell command: !ssl-toolkit pretrain ... "
+                          "--trainer.strategy ddp.")
 
 
 def _leave_out_checkpointing(config) -> str | None:
@@ -648,7 +654,7 @@ def pretrain(args: list[str]):
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
                           "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else
                           f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
-    _refuse_spawned_ranks(cli.trainer)
+    _refuse_spawned_ranks(cli.trainer, cli.config)
     notes = [*cli.notes, _slow_precision(cli.trainer)]  # the precision's line needs the trainer, made just now
     for note in filter(None, notes) if cli.trainer.is_global_zero else []:
         print(note, file=sys.stderr)

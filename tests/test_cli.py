@@ -157,9 +157,14 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     (["--trainer.logger", "pytorch_lightning.loggers.TensorBoardLogger", "--trainer.logger.save_dirr", "x"],
      "'pytorch_lightning.loggers.TensorBoardLogger':\n  Option 'save_dirr' is not accepted\n  Did you mean 'save_dir' "),
     # was a traceback at fit: "Can't pickle local object 'pretrain.<locals>.PretrainCLI'"
-    (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "Use --trainer.strategy ddp (Lightning, "),
+    (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "ddp_spawn starts the ranks from inside this "
+                                                                    "process (spawn), which pretrain does not support"),
+    # trained, but the steps after training ran outside the processes that trained: no final last.ckpt
+    (["--trainer.devices", "2", "--trainer.strategy", "ddp_notebook"], "(fork), which pretrain does not support. Use "
+                                                                       "--trainer.strategy ddp"),
 ])
-def test_bad_config_values_fail_with_a_clear_message(args, message, capsys):
+def test_bad_config_values_fail_with_a_clear_message(args, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a value that is not refused (anymore) trains here, not in the checkout
     code = main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *args])
     err = capsys.readouterr().err
     assert code == 1 and message in err, err
