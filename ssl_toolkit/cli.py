@@ -482,6 +482,26 @@ def _refuse_spawned_ranks(trainer, config) -> None:
                           "--trainer.strategy ddp.")
 
 
+def _refuse_tuners(trainer) -> None:
+    """Lightning's tuner callbacks. LearningRateFinder failed with a traceback (it looks for a model attribute
+    ``lr``; a method's learning rate is ``optim.lr``). BatchSizeFinder replaced the recipe's batch size with the
+    largest that fits, searched from 2 upwards, and left the learning rate as the recipe scaled it for its own
+    batch (SimCLR: 0.3 x batch / 256): a silent change of two hyperparameters, where a contrastive method's
+    results depend on the batch; on a set smaller than the search it stopped the run with the data's "batch_size
+    is larger than the training set"."""
+    from pytorch_lightning.callbacks import BatchSizeFinder, LearningRateFinder
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, LearningRateFinder):
+            raise ConfigError("LearningRateFinder is not supported: a method's learning rate is model.optim.lr "
+                              "(--model.optim.lr; each recipe's comment gives its source). " + _OPTIM_HOME)
+        if isinstance(callback, BatchSizeFinder):
+            raise ConfigError("BatchSizeFinder is not supported: it would replace the recipe's batch size, which "
+                              "the learning rate is scaled for (SimCLR with LARS: 0.3 x batch / 256) and a "
+                              "contrastive method's result depends on. Set --data.batch_size, and --model.optim.lr "
+                              "to match.")
+
+
 def _leave_out_checkpointing(config) -> str | None:
     """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
 
@@ -655,6 +675,7 @@ def pretrain(args: list[str]):
                           "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else
                           f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
     _refuse_spawned_ranks(cli.trainer, cli.config)
+    _refuse_tuners(cli.trainer)
     notes = [*cli.notes, _slow_precision(cli.trainer)]  # the precision's line needs the trainer, made just now
     for note in filter(None, notes) if cli.trainer.is_global_zero else []:
         print(note, file=sys.stderr)

@@ -159,6 +159,12 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     # was a traceback at fit: "Can't pickle local object 'pretrain.<locals>.PretrainCLI'"
     (["--trainer.devices", "2", "--trainer.strategy", "ddp_spawn"], "ddp_spawn starts the ranks from inside this "
                                                                     "process (spawn), which pretrain does not support"),
+    # a traceback: "either `model` or `model.hparams` should have one of these fields: ('lr', 'learning_rate')"
+    (["--trainer.callbacks+=LearningRateFinder"], "LearningRateFinder is not supported: a method's learning rate is "
+                                                  "model.optim.lr"),
+    # replaced batch 128 by the largest that fit (from 2 up), with the lr scaled for 128; on digits, stopped at 2048
+    (["--trainer.callbacks+=BatchSizeFinder"], "BatchSizeFinder is not supported: it would replace the recipe's "
+                                               "batch size"),
     # trained, but the steps after training ran outside the processes that trained: no final last.ckpt
     (["--trainer.devices", "2", "--trainer.strategy", "ddp_notebook"], "(fork), which pretrain does not support. Use "
                                                                        "--trainer.strategy ddp"),
