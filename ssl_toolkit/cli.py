@@ -482,6 +482,25 @@ def _refuse_spawned_ranks(trainer, config) -> None:
                           "--trainer.strategy ddp.")
 
 
+def _choose_random_seed(config) -> None:
+    """``seed_everything: true`` asks for a random seed (LightningCLI's help: "Set to True to use a random seed"),
+    but Lightning 2.6 seeds 0 for it, with a warning ("No seed found, seed set to 0"), so runs meant to differ by
+    their seed repeated one another. Choose one here; config.yaml records the number. Under Lightning's own
+    launcher the other ranks, started later, inherit it through ``PL_GLOBAL_SEED``, which Lightning reads for
+    true. Ranks that start together (torchrun, srun) cannot agree on a random one, so they are asked for a
+    number."""
+    import random
+
+    if config.get("seed_everything") is not True or "PL_GLOBAL_SEED" in os.environ:
+        return
+    together = max(int(os.environ.get(v, "1") or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS"))
+    if together > 1:
+        raise ConfigError(f"seed_everything: true gives each of the {together} ranks started together (torchrun, "
+                          "srun) its own random seed, and a DDP run needs one for all. Give a number: "
+                          "--seed_everything 1234.")
+    config["seed_everything"] = random.SystemRandom().randrange(2**31)
+
+
 def _refuse_tuners(trainer) -> None:
     """Lightning's tuner callbacks. LearningRateFinder failed with a traceback (it looks for a model attribute
     ``lr``; a method's learning rate is ``optim.lr``). BatchSizeFinder replaced the recipe's batch size with the
@@ -638,6 +657,10 @@ def pretrain(args: list[str]):
                 "logging to the same run folder; `last`: the newest last.ckpt of this recipe's runs "
                 "(<save_dir>/<name>/version_*/checkpoints/), or a fresh start when there is none yet, so every job "
                 "of a chain can be the same command"))
+
+        def _set_seed(self):  # LightningCLI's own, before the classes are made
+            _choose_random_seed(self.config)
+            super()._set_seed()
 
         def before_instantiate_classes(self):
             _refuse_lightnings_optimizer(self.config)

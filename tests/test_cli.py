@@ -198,6 +198,24 @@ def test_lightnings_own_optimizer_flags_are_refused_with_where_the_optimizer_is_
     assert (tmp_path / "runs" / "quickstart" / "version_1" / "checkpoints" / "last.ckpt").exists()
 
 
+def test_seed_everything_true_is_a_random_seed_recorded_in_the_config(tmp_path, monkeypatch, capsys):
+    """LightningCLI documents `seed_everything: true` as a random seed; Lightning 2.6 seeded 0 for it ("No seed
+    found, seed set to 0"), so runs meant to differ by their seed were the same run. Ranks that Lightning's
+    launcher starts later inherit rank 0's through PL_GLOBAL_SEED; ranks started together are asked for a number."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    for _ in range(2):
+        assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "1",
+                     "--seed_everything", "true"]) == 0
+        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # Lightning sets it for the ranks it starts
+    seeds = [re.search(r"\nseed_everything: (\d+)\n", (tmp_path / "runs" / "quickstart" / f"version_{v}" /
+                                                      "config.yaml").read_text()).group(1) for v in (0, 1)]
+    assert seeds[0] != seeds[1] and "No seed found" not in capsys.readouterr().err, seeds
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's ranks
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--seed_everything", "true"]) == 1
+    assert "Give a number: --seed_everything 1234." in capsys.readouterr().err
+
+
 def test_a_misspelt_recipe_key_is_named_with_the_accepted_one_it_is_close_to(tmp_path, capsys):
     recipe = (ROOT / "recipes" / "quickstart.yaml").read_text()
     for typo, fix in (("max_epochs:", "'max_epochs'"), ("        temperature:", "'temperature'")):  # trainer, callback
