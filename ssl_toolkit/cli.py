@@ -118,10 +118,16 @@ def _accepted(owner) -> dict:
             if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
 
 
+def _not_none(kind):
+    """The type inside ``Optional[...]`` (the first of a union's other members), or ``kind`` itself."""
+    import typing
+
+    return next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+
+
 def _did_you_mean(message: str) -> list[str]:
     """``Did you mean ...?`` for the unknown key or class name of a jsonargparse error, when a close one exists."""
     import difflib
-    import typing
 
     from ssl_toolkit.checkpoint import import_class
 
@@ -149,8 +155,7 @@ def _did_you_mean(message: str) -> list[str]:
             if owner is not None:
                 options = _accepted(owner)
                 for g in group:  # nested settings (optim.lr, views.crop_size): into the annotated dataclass
-                    kind = options.get(g)
-                    kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+                    kind = _not_none(options.get(g))
                     if g not in options or not isinstance(kind, type):
                         return _method_setting(path, classes)
                     options = _accepted(kind)
@@ -166,7 +171,6 @@ def _method_setting(path: list[str], classes: list[str]) -> list[str]:
     """Where a method's nested setting goes when it was given at another level (``--lr``, ``--optim.lr``,
     ``--model.lr``: ``--model.optim.lr``), and that the optimizer is one of them (``--optim``, ``--scheduler``)."""
     import dataclasses
-    import typing
 
     from ssl_toolkit.checkpoint import import_class
     from ssl_toolkit.methods.base import BaseSSLModule
@@ -176,7 +180,7 @@ def _method_setting(path: list[str], classes: list[str]) -> list[str]:
         return []
     homes: dict[str, list[str]] = {}  # field -> the method's settings that have it: lr -> [optim.lr]
     for option, kind in _accepted(method).items():
-        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
+        kind = _not_none(kind)
         if dataclasses.is_dataclass(kind):
             for field in _accepted(kind):
                 homes.setdefault(field, []).append(f"--model.{option}.{field}")
@@ -477,9 +481,9 @@ def _refuse_spawned_ranks(trainer, config) -> None:
         strategy = config.get("trainer", {}).get("strategy")
         strategy = strategy if isinstance(strategy, str) else type(trainer.strategy).__name__
         raise ConfigError(f"--trainer.strategy {strategy} starts the ranks from inside this process ({method}), "
-                          "which pretrain does not support. Use --trainer.strategy ddp: Lightning, torchrun or srun runs this same command once per "
-                          "device. In a notebook, run it as a shell command: !ssl-toolkit pretrain ... "
-                          "--trainer.strategy ddp.")
+                          "which pretrain does not support. Use --trainer.strategy ddp: Lightning, torchrun or srun "
+                          "runs this same command once per device. In a notebook, run it as a shell command: "
+                          "!ssl-toolkit pretrain ... --trainer.strategy ddp.")
 
 
 def _choose_random_seed(config) -> None:

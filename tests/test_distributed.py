@@ -85,10 +85,10 @@ def test_two_ranks_equal_one_process_with_the_whole_batch(gather, monkeypatch):
     center = update_center(torch.zeros(5), teacher, momentum=0.9)
     # Stated tolerance: float32 reductions in another order, 1e-5 relative on the loss, 1e-6 on gradients.
     assert np.mean([got[r][0] for r in range(WORLD)]) == pytest.approx(full.item(), rel=1e-5)
+    import torch.distributed._functional_collectives as functional
+
     for r in range(WORLD):
         loss, g1, g2, feats, ptr, unshuffled, c, warned = got[r]
-        import torch.distributed._functional_collectives as functional
-
         if gather == "default" and hasattr(functional, "all_gather_single_autograd"):  # torch 2.14 deprecates the
             assert warned == [], warned  # other, with a FutureWarning on every call: every step of a DDP run
         rows = slice(r * B, (r + 1) * B)
