@@ -553,10 +553,10 @@ def _time_left(ckpt: dict, path: str, trainer) -> str | None:
     trained; otherwise returns the line that says how much is left."""
     import datetime
 
-    from pytorch_lightning.callbacks import Timer
+    from ssl_toolkit.saving import max_time_timer
 
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    if timer is None or timer._duration is None:
+    timer = max_time_timer(trainer)
+    if timer is None:
         return None
     trained = ckpt.get("callbacks", {}).get("Timer", {}).get("time_elapsed", {}).get("train", 0.0)
     show = lambda t: str(datetime.timedelta(seconds=round(t)))  # noqa: E731
@@ -644,7 +644,7 @@ def pretrain(args: list[str]):
     from ssl_toolkit.data import InMemoryDataModule
     from ssl_toolkit.distributed import end_process_group
     from ssl_toolkit.methods import BaseSSLModule
-    from ssl_toolkit.saving import StopAndSave, save_final_checkpoint
+    from ssl_toolkit.saving import StopAndSave, TimeOutrunsSchedules, save_final_checkpoint
 
     # LightningCLI knows (lists in --help, resolves by short name: `--data NpzDataModule`,
     # `--trainer.callbacks+=OnlineProbe`) only the subclasses imported, and the packages' names load on first use:
@@ -687,7 +687,7 @@ def pretrain(args: list[str]):
             trainer_defaults={"default_root_dir": "runs", "logger": {
                 "class_path": "pytorch_lightning.loggers.TensorBoardLogger", "init_args": {"save_dir": "runs"}},
                 "plugins": [{"class_path": "ssl_toolkit.saving.AtomicCheckpointIO"}],
-                "callbacks": [StopAndSave()]})  # appended to the recipe's callbacks
+                "callbacks": [StopAndSave(), TimeOutrunsSchedules()]})  # appended to the recipe's callbacks
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
         raise ConfigError(concise_config_error(str(e))) from None
     except _Finished as e:  # every rank gets here; say it once

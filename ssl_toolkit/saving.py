@@ -104,6 +104,89 @@ def save_final_checkpoint(trainer) -> None:
         save_last(trainer)
 
 
+def max_time_timer(trainer) -> Timer | None:
+    """The Timer that ``trainer.max_time`` set up, or None when the run has no time limit."""
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    return timer if timer is not None and timer._duration is not None else None
+
+
+def _as_max_time(seconds: float) -> str:
+    """A time as ``--trainer.max_time`` takes it: ``DD:HH:MM:SS``."""
+    m, s = divmod(max(0, round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h // 24:02d}:{h % 24:02d}:{m:02d}:{s:02d}"
+
+
+class TimeOutrunsSchedules(Callback):
+    """Says when ``trainer.max_time`` ends a run before its schedules end.
+
+    The schedules (the learning rate's warmup and cosine decay, the EMA momentum, DINO's teacher temperature) span
+    ``max_epochs`` or ``max_steps``; ``max_time`` stops the run wherever they are: a 5-second run given
+    ``max_epochs`` 1000 stopped inside its warmup, with nothing said. Once this process has trained two epochs
+    (the first holds the start: compiling, the random-init evaluation), rank 0 projects from the second's pace where
+    the time left ends the run and, when that is short of the schedules' end, says so once, with the
+    ``max_epochs`` that fits the time and the ``max_time`` the whole run needs. A run the time then ends says at
+    which of the schedules' steps it stopped. ``ssl-toolkit pretrain`` adds it to every run.
+    """
+
+    def __init__(self):
+        self._marks: list[tuple[float, int]] = []  # (train time, global step) at the ends of this process's epochs
+        self.said: list[str] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._marks = []
+
+    def _say(self, trainer, line: str) -> None:
+        self.said.append(line)
+        if not trainer.is_global_zero:
+            return
+        bar = getattr(trainer.progress_bar_callback, "_train_progress_bar", None)  # Lightning's tqdm bar, while open
+        if bar is not None and not bar.disable:
+            bar.write(line, file=sys.stderr)  # on a line of its own, not into the bar's
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    @staticmethod
+    def _rate_at(trainer, step: int) -> str:
+        """The learning rate at ``step`` as a share of its peak (``optim.lr``), when the schedule is a LambdaLR's."""
+        configs = trainer.lr_scheduler_configs
+        lambdas = getattr(configs[0].scheduler, "lr_lambdas", None) if configs else None
+        return f", with the learning rate at {lambdas[0](step):.0%} of its peak" if lambdas else ""
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        timer = max_time_timer(trainer)
+        if timer is None or self.said:
+            return
+        self._marks.append((timer.time_elapsed("train"), trainer.global_step))
+        if len(self._marks) < 2:
+            return
+        (t0, s0), (t1, s1) = self._marks[-2:]
+        total = trainer.estimated_stepping_batches
+        if s1 <= s0 or t1 <= t0 or s1 >= total:
+            return
+        per_step = (t1 - t0) / (s1 - s0)
+        reach = s1 + int(timer.time_remaining("train") / per_step)
+        if reach >= total:
+            return
+        per_epoch = max(1, s1 - s0) if trainer.max_epochs and trainer.max_epochs > 0 else None
+        where = f" (epoch {reach // per_epoch} of {trainer.max_epochs})" if per_epoch else ""
+        fits = (f"set --trainer.max_epochs {max(1, reach // per_epoch)}" if per_epoch else
+                f"set --trainer.max_steps {max(1, reach)}")
+        self._say(trainer, f"trainer.max_time: at {per_step:.3g} s a step, the time left ends this run near step "
+                           f"{reach} of the {total} its schedules span{where}{self._rate_at(trainer, reach)}. For "
+                           f"schedules that end in the time, {fits}; the whole run needs about --trainer.max_time "
+                           f"{_as_max_time(t1 + (total - s1) * per_step)}.")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        timer = max_time_timer(trainer)
+        total, step = trainer.estimated_stepping_batches, trainer.global_step
+        if timer is None or step >= total or timer.time_remaining("train") > 1.0:
+            return
+        self._say(trainer, f"trainer.max_time ended the run at step {step} of the {total} its schedules span"
+                           f"{self._rate_at(trainer, step)}. Resume it with a larger --trainer.max_time to finish "
+                           "them.")
+
+
 class StopAndSave(Callback):
     """Ctrl-C, SIGTERM or SLURM's requeue signal ends a run after the current step, with a checkpoint it resumes
     from exactly.
@@ -164,8 +247,8 @@ class StopAndSave(Callback):
                 self._loop._broadcast_sigterm_tensor = lambda: None  # flag, which only its handler (replaced) sets
             # trainer.max_time: Lightning's Timer broadcasts rank 0's decision after every step (a pickled object,
             # whose size the host reads: a wait for the GPU); the vote carries it instead
-            timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-            if timer is not None and timer._duration is not None and timer._interval == "step":
+            timer = max_time_timer(trainer)
+            if timer is not None and timer._interval == "step":
                 self._timer, timer.on_train_batch_end = timer, lambda *args, **kwargs: None
 
     def _on_signal(self, signum, frame) -> None:

@@ -66,7 +66,8 @@ def test_optim_config_can_decay_norm_and_bias_as_lightly_does():
     def groups(**optim):
         m = SimCLR(BackboneConfig("tiny_cnn", width=4), optim=OptimConfig("lars", lr=0.1, weight_decay=1e-4, **optim))
         # what configure_optimizers reads from its trainer
-        m._trainer = SimpleNamespace(estimated_stepping_batches=10, max_epochs=2, gradient_clip_val=None)
+        m._trainer = SimpleNamespace(estimated_stepping_batches=10, train_dataloader=[], num_training_batches=5,
+                                     accumulate_grad_batches=1, gradient_clip_val=None)
         return [(g["weight_decay"], g["lars_exclude"]) for g in m.configure_optimizers()["optimizer"].param_groups]
 
     assert groups() == [(1e-4, False), (0.0, True)]

@@ -168,6 +168,8 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     # trained, but the steps after training ran outside the processes that trained: no final last.ckpt
     (["--trainer.devices", "2", "--trainer.strategy", "ddp_notebook"], "(fork), which pretrain does not support. Use "
                                                                        "--trainer.strategy ddp"),
+    # a traceback: "OverflowError: cannot convert float infinity to integer" (the schedules' length)
+    (["--trainer.max_epochs", "null", "--trainer.max_time", "00:00:00:10"], "this run has no set length"),
 ])
 def test_bad_config_values_fail_with_a_clear_message(args, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a value that is not refused (anymore) trains here, not in the checkout

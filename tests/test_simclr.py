@@ -50,6 +50,73 @@ def test_each_optimizer_trains_with_warmup_cosine_schedule(name):
     assert type(trainer.optimizers[0]).__name__ == {"sgd": "SGD", "lars": "LARS", "adamw": "AdamW"}[name]
 
 
+@pytest.mark.parametrize("max_epochs,max_steps,accumulate", [(-1, 8, 1), (10, 8, 1), (3, -1, 2)])
+def test_warmup_lasts_warmup_epochs_however_the_run_ends(max_epochs, max_steps, accumulate):
+    """An epoch is its batches over the accumulation (3 batches here): the run's steps over max_epochs made a run
+    that max_steps ends warm up for all of its 8 steps (max_epochs -1) or for one (8 // 10, at least 1)."""
+    from ssl_toolkit.optim import cosine_schedule
+
+    seen = []
+
+    class Rates(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append(optimizer.param_groups[0]["lr"])  # the rate of this optimizer step
+
+    m = tiny(optim=OptimConfig(name="sgd", lr=0.05, warmup_epochs=1, min_lr=0.001))
+    trainer = pl.Trainer(max_epochs=max_epochs, max_steps=max_steps, accumulate_grad_batches=accumulate,
+                         limit_train_batches=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", callbacks=[Rates()])
+    trainer.fit(m, DigitsDataModule(image_size=16, batch_size=32))
+    per_epoch = -(-3 // accumulate)
+    total = max_steps if max_steps > 0 else per_epoch * max_epochs
+    expected = cosine_schedule(0.05, 0.001, total_steps=total, warmup_steps=per_epoch)
+    assert trainer.global_step == total and torch.allclose(torch.tensor(seen), expected.float(), atol=1e-7)
+
+
+def test_a_run_without_a_length_is_refused_with_what_to_set():
+    trainer = pl.Trainer(max_epochs=-1, max_time="00:00:00:10", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    with pytest.raises(ValueError, match=r"this run has no set length.*Set --trainer.max_epochs N or "
+                                         r"--trainer.max_steps N"):
+        trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=32))
+    assert trainer.global_step == 0
+
+
+@pytest.mark.parametrize("max_time,said", [(20, 2), (100, 0)])
+def test_max_time_short_of_the_schedules_is_said_early_with_what_fits(max_time, said, monkeypatch, capsys):
+    """The schedules span max_epochs; max_time stops the run wherever they are (a 5-second run of max_epochs 1000
+    stopped inside its warmup, with nothing said). On a clock of 1 s a step: 3 steps an epoch, 20 epochs."""
+    import types
+
+    import pytorch_lightning.callbacks.timer as timer_module
+
+    from ssl_toolkit.saving import TimeOutrunsSchedules
+
+    clock = [0.0]
+    monkeypatch.setattr(timer_module, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+
+    class Tick(pl.Callback):
+        def on_train_batch_end(self, *args):
+            clock[0] += 1.0
+
+    notice = TimeOutrunsSchedules()
+    trainer = pl.Trainer(max_epochs=20, max_time={"seconds": max_time}, limit_train_batches=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         accelerator="cpu", callbacks=[Tick(), notice])  # Tick first: the Timer's check sees it
+    trainer.fit(tiny(optim=OptimConfig(name="sgd", lr=0.05, warmup_epochs=2)), DigitsDataModule(image_size=16))
+    assert len(notice.said) == said, notice.said
+    if said:
+        assert trainer.global_step == 20
+        early, end = notice.said
+        assert early == ("trainer.max_time: at 1 s a step, the time left ends this run near step 20 of the 60 its "
+                         "schedules span (epoch 6 of 20), with the learning rate at 84% of its peak. For schedules "
+                         "that end in the time, set --trainer.max_epochs 6; the whole run needs about "
+                         "--trainer.max_time 00:00:01:00.")
+        assert end.startswith("trainer.max_time ended the run at step 20 of the 60 its schedules span, with the "
+                              "learning rate at 84% of its peak.")
+        assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("trainer.max")] == notice.said
+
+
 def test_bf16_autocast_and_channels_last_step():
     m = tiny(channels_last=True)
     m.setup("fit")

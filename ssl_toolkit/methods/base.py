@@ -17,12 +17,34 @@ from torch import nn
 
 from ssl_toolkit import distributed
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
-from ssl_toolkit.errors import NonFiniteLossError
+from ssl_toolkit.errors import ConfigError, NonFiniteLossError
 from ssl_toolkit.optim import cosine_schedule, ema_update, make_optimizer
 from ssl_toolkit.views import ViewConfig, Views
 
 warnings.filterwarnings("ignore", message=r".*overridden `on_after_batch_transfer` in `LightningModule`.*")
 CHECKPOINT_FORMAT = 1
+
+
+def schedule_steps(trainer) -> tuple[int, int]:
+    """The optimizer steps a run's schedules span, and the steps of one epoch.
+
+    An epoch's steps are its batches over the gradient accumulation, not the run's steps over ``max_epochs``: that
+    ratio made a run that ``max_steps`` ends (``max_epochs`` -1, or ``max_steps`` short of ``max_epochs``) warm up
+    for ``warmup_epochs`` times its whole length, or for a step. A run with no set length is refused: the
+    schedules need one.
+    """
+    total = trainer.estimated_stepping_batches  # loads the training data when needed
+    if not 1 <= total < math.inf:
+        raise ConfigError(
+            "A method's schedules (the learning rate's warmup and cosine decay, the EMA momentum, DINO's teacher "
+            "temperature) span the run's optimizer steps, and this run has no set length: trainer.max_epochs is -1 "
+            "(or null with trainer.max_time set) and trainer.max_steps is not set. Set --trainer.max_epochs N or "
+            "--trainer.max_steps N; trainer.max_time can stay, as a limit.")
+    if trainer.train_dataloader is None:  # as estimated_stepping_batches does, which skips it for max_epochs -1
+        trainer.fit_loop.setup_data()
+    batches = trainer.num_training_batches
+    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches) if 0 < batches < math.inf else total
+    return int(total), max(1, int(per_epoch))
 
 
 @dataclass(frozen=True)
@@ -259,8 +281,7 @@ class BaseSSLModule(pl.LightningModule):
         # refuses to clip for a fused optimizer under mixed precision (a fused step unscales fp16 gradients itself,
         # so they would be clipped while still scaled), and the DINO recipe clips in bf16-mixed.
         opt = make_optimizer(self, c, fused=False if self.trainer.gradient_clip_val else None)
-        total = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(1, total // max(1, self.trainer.max_epochs or 1))
+        total, steps_per_epoch = schedule_steps(self.trainer)
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
         sched = cosine_schedule(1.0, c.min_lr / c.lr, total, warmup)  # multiplier of lr, one value per step
         self.make_schedules(total, steps_per_epoch)
