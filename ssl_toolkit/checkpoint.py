@@ -23,6 +23,7 @@ _HOME, __getattr__, __dir__ = lazy_names(__name__, {
 
 __all__ = ["CheckpointError", "RunStopped", "check_resume", "datamodule_from_checkpoint", "encoder_from_checkpoint",
            "import_class", "load_backbone", "load_backbone_weights", "load_checkpoint", "method_from_checkpoint",
+           "resume_differences",
            "AtomicCheckpointIO", "StopAndSave", "keep_stopped_epoch_open", "save_final_checkpoint", "save_last"]
 
 if TYPE_CHECKING:  # what editors and type checkers read
@@ -67,6 +68,7 @@ def check_resume(path: str, model) -> dict:
         raise CheckpointError(f"{path} is a checkpoint of a {method.rpartition('.')[2]} run; this run trains "
                               f"{type(model).__name__}. Resume with the recipe that wrote it, or leave out "
                               "--ckpt_path to start afresh.")
+    refuse_other_optimizer(ckpt, model.hparams, path)
     saved = {k: tuple(t.shape) for k, t in ckpt["state_dict"].items()}
     ours = {k: tuple(t.shape) for k, t in model.state_dict().items()}
     differ = sorted(k for k in saved.keys() | ours.keys() if saved.get(k) != ours.get(k))
@@ -76,6 +78,52 @@ def check_resume(path: str, model) -> dict:
                               f"in name or shape ({shown}). The checkpoint's backbone is "
                               f"{ckpt['hyper_parameters'].get('backbone')}; resume with the settings that wrote it.")
     return ckpt
+
+
+def _settings(values, prefix: str = "") -> dict:
+    """Nested settings as ``{"optim.lr": 0.3, ...}``, lists as tuples (a YAML list and a tuple field compare
+    equal); the class as ``class_path``, without Lightning's other private keys (``_instantiator``)."""
+    out = {}
+    for key, value in dict(values).items():
+        key = "class_path" if key == "_class_path" else str(key)
+        if key.startswith("_"):
+            continue
+        if isinstance(value, dict):
+            out.update(_settings(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def resume_differences(ckpt: dict, model, datamodule=None) -> str | None:
+    """The line that names the model and data settings of a resumed run that differ from the checkpoint's run
+    (``model.optim.lr 0.3 -> 0.15``), or None when none do. Resuming with other settings is often meant (a lower
+    learning rate after a loss went non-finite), and was not visible: the run went on with them silently."""
+    changed = []
+    for part, before, now in (("model", ckpt.get("hyper_parameters"), getattr(model, "hparams", None)),
+                              ("data", ckpt.get("datamodule_hyper_parameters"), getattr(datamodule, "hparams", None))):
+        if not before or now is None:
+            continue
+        before, now = _settings(before), _settings(now)
+        changed += [f"{part}.{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
+                    for key in sorted(before.keys() | now.keys()) if before.get(key, "(none)") != now.get(key, "(none)")]
+    if not changed:
+        return None
+    return ("This run's settings differ from the checkpoint's run: " + ", ".join(changed) + ". It goes on from the "
+            "checkpoint's weights, optimizer state and position with these.")
+
+
+def refuse_other_optimizer(ckpt: dict, hparams, path: str = "the checkpoint") -> None:
+    """A run resumes the checkpoint's optimizer state (momentum, Adam's moments), which fits only the same
+    optimizer: resuming an SGD run with ``optim.name adamw`` failed with a traceback (``KeyError: 'step'``), with
+    ``lars`` went on with SGD's momentum as LARS's, and an AdamW run resumed as SGD dropped Adam's moments, silently."""
+    was = (ckpt.get("hyper_parameters") or {}).get("optim", {}).get("name")
+    now = (hparams or {}).get("optim", {}).get("name")
+    if was and now and was != now:
+        raise CheckpointError(f"{path} was trained with optim.name {was}, and this run's is {now}: the optimizer's "
+                              f"state (its momentum or moments) resumes only into the same optimizer. Resume with "
+                              f"--model.optim.name {was}; the other optim settings (lr, weight_decay, ...) may "
+                              "change.")
 
 
 def load_backbone(ckpt: dict):

@@ -640,7 +640,7 @@ def pretrain(args: list[str]):
     from pytorch_lightning.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.cli import LightningCLI
 
-    from ssl_toolkit.checkpoint import check_resume
+    from ssl_toolkit.checkpoint import check_resume, resume_differences
     from ssl_toolkit.data import InMemoryDataModule
     from ssl_toolkit.distributed import end_process_group
     from ssl_toolkit.methods import BaseSSLModule
@@ -708,9 +708,11 @@ def pretrain(args: list[str]):
         print(note, file=sys.stderr)
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
-        note = _time_left(check_resume(ckpt_path, cli.model), ckpt_path, cli.trainer)
-        if note and cli.trainer.is_global_zero:
-            print(note, file=sys.stderr)
+        ckpt = check_resume(ckpt_path, cli.model)
+        for note in (resume_differences(ckpt, cli.model, cli.datamodule), _time_left(ckpt, ckpt_path, cli.trainer)):
+            if note and cli.trainer.is_global_zero:
+                print(note, file=sys.stderr)
+        del ckpt  # Lightning loads it again, into the model
         _remove_requeue_checkpoints(cli.trainer, resumed=ckpt_path)
     start = time.perf_counter()
     # the run's own folder: the logger's (None under fast_dev_run) or, without a logger, the one numbered for it

@@ -541,6 +541,26 @@ def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_mo
     assert "No checkpoint at" in capsys.readouterr().err
 
 
+def test_a_resumed_run_names_the_settings_that_differ_from_its_checkpoints(tmp_path, monkeypatch, capsys):
+    """Resuming with other settings is often meant (a lower lr after a non-finite loss) and went unsaid. Another
+    optimizer's state went into this one: AdamW's into SGD silently, SGD's into AdamW with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_epochs"]
+    assert main([*quick, "1"]) == 0
+    ckpt = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    config = (ckpt.parents[1] / "config.yaml").read_text()
+    assert main([*quick, "1", "--ckpt_path", str(ckpt), "--model.optim.name", "sgd"]) == 1
+    err = capsys.readouterr().err
+    assert "was trained with optim.name adamw, and this run's is sgd" in err and "Traceback" not in err, err
+    assert (ckpt.parents[1] / "config.yaml").read_text() == config  # refused before anything was written
+    assert main([*quick, "2", "--ckpt_path", str(ckpt), "--model.optim.lr", "0.001", "--data.batch_size", "64"]) == 0
+    err = capsys.readouterr().err
+    assert ("This run's settings differ from the checkpoint's run: model.optim.lr 0.003 -> 0.001, data.batch_size "
+            "128 -> 64. It goes on from") in err, err
+    assert main([*quick, "3", "--ckpt_path", "last", "--model.optim.lr", "0.001", "--data.batch_size", "64"]) == 0
+    assert "settings differ" not in capsys.readouterr().err
+
+
 def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_run_while_max_time_lasts(tmp_path, monkeypatch, capsys):
     """Every job of a chain can be the same command. Lightning's own `last` looked in the new run's empty folder
     (version_N+1), and `--ckpt_path last` was refused as a missing file."""

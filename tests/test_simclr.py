@@ -117,6 +117,41 @@ def test_max_time_short_of_the_schedules_is_said_early_with_what_fits(max_time, 
         assert [line for line in capsys.readouterr().err.splitlines() if line.startswith("trainer.max")] == notice.said
 
 
+def test_a_resumed_run_trains_with_its_own_optimizer_settings_and_says_when_its_schedules_changed(tmp_path, capsys):
+    """Restoring a checkpoint put back its optimizer's lr and weight decay: a run resumed with a lower optim.lr (as
+    a non-finite loss advises) trained on at the checkpoint's. Another optimizer's state is refused."""
+    from ssl_toolkit.checkpoint import CheckpointError
+    from ssl_toolkit.optim import cosine_schedule
+
+    seen = []
+
+    class Rates(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append([(g["lr"], g["weight_decay"]) for g in optimizer.param_groups])
+
+    def fit(max_steps, ckpt_path=None, **optim):
+        trainer = pl.Trainer(max_epochs=4, max_steps=max_steps, limit_train_batches=3, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             accelerator="cpu", callbacks=[Rates()])
+        trainer.fit(tiny(optim=OptimConfig(warmup_epochs=0, **optim)), DigitsDataModule(image_size=16, batch_size=32),
+                    ckpt_path=ckpt_path)
+        return trainer
+
+    fit(6, name="sgd", lr=0.05, weight_decay=1e-3).save_checkpoint(tmp_path / "s6.ckpt")
+    assert seen[-1][0][1] == 1e-3 and "Resumed" not in capsys.readouterr().err
+    seen.clear()
+    fit(8, tmp_path / "s6.ckpt", name="sgd", lr=0.005, weight_decay=1e-5)
+    rates = (0.005 * cosine_schedule(1.0, 0.0, total_steps=8))[6:].tolist()
+    assert [step[0][0] for step in seen] == pytest.approx(rates)  # was the checkpoint's: 0.05 x the schedule
+    assert [step[0][1] for step in seen] == [1e-5, 1e-5]  # was 1e-3
+    assert [step[1][1] for step in seen] == [0.0, 0.0]  # biases and norms: still no decay
+    assert ("Resumed at step 6 with schedules of 8 steps, where the checkpoint's run had 6 (trainer.max_epochs, "
+            "max_steps or accumulate_grad_batches, or the data or its batch size, differ): the learning rate goes "
+            "from 7% of its peak to 15% at this step") in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="was trained with optim.name sgd, and this run's is adamw"):
+        fit(8, tmp_path / "s6.ckpt", name="adamw", lr=0.005)  # was "KeyError: 'step'"
+
+
 def test_bf16_autocast_and_channels_last_step():
     m = tiny(channels_last=True)
     m.setup("fit")

@@ -8,6 +8,7 @@ schedule, channels_last, and the checkpoint metadata evaluators read.
 
 import math
 import os
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 
@@ -155,6 +156,10 @@ class BaseSSLModule(pl.LightningModule):
         self.view_policy: nn.Module | None = None  # set by the subclass
         self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
         self.momentum_schedule: torch.Tensor | None = None  # one momentum per global step, built with the optimizer
+        self.schedule_steps: int | None = None  # the optimizer steps the schedules span, set with them
+        # a checkpoint resumed from: its schedules' steps and lr share (None when the run did not resume)
+        self._resumed_schedule: tuple[int | None, float | None] | None = None
+        self._configured_groups: list[dict] = []  # this run's optimizer settings, per param group
         self.batch_images: torch.Tensor | None = None  # the current training batch before the view policy
         self._unchecked: tuple[int, HostFlag, dict[str, torch.Tensor]] | None = None  # (step, finite?, terms)
 
@@ -285,9 +290,34 @@ class BaseSSLModule(pl.LightningModule):
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
         sched = cosine_schedule(1.0, c.min_lr / c.lr, total, warmup)  # multiplier of lr, one value per step
         self.make_schedules(total, steps_per_epoch)
+        self.schedule_steps = total
         lam = lambda step: float(sched[min(step, len(sched) - 1)])  # noqa: E731
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, lam),
-                                                   "interval": "step"}}
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lam)
+        # this run's settings of each group (lr, weight decay, momentum, betas), which restoring a checkpoint's
+        # optimizer and scheduler replaces with the checkpoint's: see on_train_start
+        self._configured_groups = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _apply_configured_optimizer(self) -> None:
+        """Give a resumed run's optimizer this run's settings, where restoring the checkpoint put back its own.
+
+        Lightning restores the optimizer's param groups (lr, weight_decay, momentum, betas) and the scheduler's
+        base rates from the checkpoint, so a resumed run given another ``optim.lr`` or ``weight_decay`` trained
+        on with the checkpoint's, silently: a run resumed from the last good checkpoint with a lower lr, as a
+        non-finite loss advises, diverged again at the same rate. The moments and step counts stay the
+        checkpoint's; the rate of the step about to be taken is this run's schedule's (a scheduler whose schedule
+        changed still held the old schedule's for one step). With unchanged settings every value is the same.
+        """
+        configs = self.trainer.lr_scheduler_configs
+        if not configs or not self.trainer.optimizers:
+            return
+        opt, scheduler = self.trainer.optimizers[0], configs[0].scheduler
+        for group, configured in zip(opt.param_groups, self._configured_groups):
+            group.update(configured)
+        scheduler.base_lrs = [group["initial_lr"] for group in opt.param_groups]
+        for group, base, lam in zip(opt.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * lam(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in opt.param_groups]
 
     def optimizer_step(self, *args, **kwargs) -> None:
         """The optimizer step, then the EMA update of the targets with the same step's momentum.
@@ -318,9 +348,38 @@ class BaseSSLModule(pl.LightningModule):
             # where the run logs: a checkpoint saved elsewhere (SLURM's requeue one) resumes logging there. Rank 0's
             # is the one written; the logger's own, not trainer.log_dir, which is a collective (a signal handler)
             "run_folder": os.path.abspath(log_dir) if (log_dir := getattr(logger, "log_dir", None)) else None,
+            "schedule_steps": self.schedule_steps,  # what a resumed run's schedules are compared with
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         rng = checkpoint.get("ssl_toolkit", {}).get("rng")
         if rng is not None and self._trainer is not None:  # resuming a run: views and data order continue exactly
             set_rng_states(rng)
+        from ssl_toolkit.checkpoint import refuse_other_optimizer
+
+        refuse_other_optimizer(checkpoint, self.hparams)
+        saved = checkpoint.get("lr_schedulers") or [{}]
+        rates = saved[0].get("_last_lr"), saved[0].get("base_lrs")
+        self._resumed_schedule = (checkpoint.get("ssl_toolkit", {}).get("schedule_steps"),
+                                  rates[0][0] / rates[1][0] if all(rates) else None)
+
+    def on_train_start(self) -> None:
+        """Say when a resumed run's schedules span another length than the checkpoint's run did: ``max_epochs``,
+        ``max_steps``, the batch size, the data or the accumulation changed. They are rebuilt for this run, so the
+        learning rate jumps at the resumed step (a finished 6-epoch quickstart resumed with ``max_epochs`` 12
+        went from 0% to 65% of its peak) and the decays follow the new length: often meant (training a finished
+        run on), and not otherwise visible."""
+        resumed, (saved, share) = self._resumed_schedule is not None, self._resumed_schedule or (None, None)
+        self._resumed_schedule = None
+        if resumed:
+            self._apply_configured_optimizer()
+        if saved is None or saved == self.schedule_steps or not self.trainer.is_global_zero:
+            return
+        step = self.trainer.global_step
+        configs = self.trainer.lr_scheduler_configs
+        lambdas = getattr(configs[0].scheduler, "lr_lambdas", None) if configs else None
+        now = f" to {lambdas[0](step):.0%}" if lambdas else ""
+        jump = f": the learning rate goes from {share:.0%} of its peak{now} at this step" if share is not None else ""
+        print(f"Resumed at step {step} with schedules of {self.schedule_steps} steps, where the checkpoint's run had "
+              f"{saved} (trainer.max_epochs, max_steps or accumulate_grad_batches, or the data or its "
+              f"batch size, differ){jump}, and the decays follow the new length.", file=sys.stderr, flush=True)
