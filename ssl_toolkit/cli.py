@@ -546,8 +546,13 @@ def _leave_out_checkpointing(config) -> str | None:
     return None
 
 
-def _time_left(ckpt: dict, path: str, trainer) -> str | None:
-    """``--trainer.max_time`` is the training time in all, resumed runs included: Lightning's Timer keeps the time
+def _left_to_train(ckpt: dict, path: str, trainer) -> str | None:
+    """A resumed run's limits count from the start of the run: a checkpoint already past ``max_epochs`` or
+    ``max_steps`` is refused with what it has trained (past max_epochs was Lightning's traceback, "You restored a
+    checkpoint with current_epoch=3, but you have set Trainer(max_epochs=2)", and past max_steps a run that
+    trained nothing and said nothing; both after replacing the run's config.yaml with their own).
+
+    ``--trainer.max_time`` is the training time in all, resumed runs included: Lightning's Timer keeps the time
     trained in the checkpoint. A resumed run whose checkpoint has used it all stopped after its first step, so a
     chain of jobs each given the same max_time made no progress after the first. That is refused, with the time
     trained; otherwise returns the line that says how much is left."""
@@ -555,6 +560,21 @@ def _time_left(ckpt: dict, path: str, trainer) -> str | None:
 
     from ssl_toolkit.saving import max_time_timer
 
+    epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
+    steps = ckpt.get("global_step", 0)
+    trained = f"{path} has trained {epochs} epochs ({steps} steps)" if epochs is not None else \
+        f"{path} has trained {steps} steps"
+    limits = [(limit, value, done) for limit, value, done in (("max_epochs", trainer.max_epochs, epochs),
+                                                              ("max_steps", trainer.max_steps, steps))
+              if value is not None and value >= 0 and done is not None]
+    for limit, value, done in limits:
+        if done > value:
+            raise ConfigError(f"{trained} already, past trainer.{limit} {value}, which counts from the start of the "
+                              f"run, resumed runs included. Raise --trainer.{limit} to train on.")
+    for limit, value, done in limits:
+        if done == value:  # a finished run: Lightning trains nothing
+            return f"{trained}: all of trainer.{limit} {value}, so nothing is left to train. Raise --trainer.{limit} " \
+                   "to train on."
     timer = max_time_timer(trainer)
     if timer is None:
         return None
@@ -709,7 +729,7 @@ def pretrain(args: list[str]):
     ckpt_path = cli.config.get("ckpt_path")
     if ckpt_path and "://" not in ckpt_path:  # a local file: check it fits before Lightning loads it into the model
         ckpt = check_resume(ckpt_path, cli.model)
-        for note in (resume_differences(ckpt, cli.model, cli.datamodule), _time_left(ckpt, ckpt_path, cli.trainer)):
+        for note in (_left_to_train(ckpt, ckpt_path, cli.trainer), resume_differences(ckpt, cli.model, cli.datamodule)):
             if note and cli.trainer.is_global_zero:
                 print(note, file=sys.stderr)
         del ckpt  # Lightning loads it again, into the model

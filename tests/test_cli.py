@@ -559,6 +559,17 @@ def test_a_resumed_run_names_the_settings_that_differ_from_its_checkpoints(tmp_p
             "128 -> 64. It goes on from") in err, err
     assert main([*quick, "3", "--ckpt_path", "last", "--model.optim.lr", "0.001", "--data.batch_size", "64"]) == 0
     assert "settings differ" not in capsys.readouterr().err
+    # the limits count from the start of the run: past max_epochs was Lightning's traceback, past max_steps a run
+    # that trained nothing and said nothing, both after replacing config.yaml
+    config = (ckpt.parents[1] / "config.yaml").read_text()
+    for flags, limit in ((["2"], "max_epochs 2"), (["3", "--trainer.max_steps", "5"], "max_steps 5")):
+        assert main([*quick, *flags, "--ckpt_path", "last"]) == 1
+        err = capsys.readouterr().err
+        assert re.search(rf"last.ckpt has trained 3 epochs \(47 steps\) already, past trainer.{limit}, which counts "
+                         "from the start of the run", err) and "Traceback" not in err, err  # 9 + 2 x 19 steps
+    assert (ckpt.parents[1] / "config.yaml").read_text() == config
+    assert main([*quick, "3", "--ckpt_path", "last"]) == 0
+    assert "all of trainer.max_epochs 3, so nothing is left to train" in capsys.readouterr().err
 
 
 def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_run_while_max_time_lasts(tmp_path, monkeypatch, capsys):
@@ -690,16 +701,16 @@ def test_a_requeued_slurm_job_resumes_its_own_run_exactly_and_a_new_job_starts_a
 
     # without a logger a job's checkpoints are in its own folder too, with the recipe's runs; `--ckpt_path last` in
     # the next job finds them
-    chain = [*quick, "--trainer.max_epochs", "1", "--trainer.logger", "false", "--ckpt_path", "last"]
+    chain = [*quick, "--trainer.max_epochs", "3", "--trainer.logger", "false", "--ckpt_path", "last"]
     monkeypatch.setenv("SLURM_JOB_ID", "201")
-    assert main(chain) == 0
+    assert main(chain) == 0  # from version_2, the newest run of the recipe, for a third epoch
     monkeypatch.setenv("SLURM_JOB_ID", "202")
     capsys.readouterr()
-    assert main([*chain, "--trainer.max_epochs", "2"]) == 0
+    assert main([*chain, "--trainer.max_epochs", "4"]) == 0
     [first], [second] = (list(runs.glob(f"slurm-{j}-*")) for j in (201, 202))  # beside the recipe's other runs
     assert f"--ckpt_path last: resuming from runs/quickstart/{first.name}/checkpoints/last.ckpt" \
         in capsys.readouterr().err
-    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 18
+    assert torch.load(second / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 36
 
 
 def readme_pretrain_commands() -> list[list[str]]:
