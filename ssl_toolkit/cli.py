@@ -525,6 +525,23 @@ def _refuse_tuners(trainer) -> None:
                               "to match.")
 
 
+def _refuse_true_precision(trainer) -> None:
+    """``--trainer.precision bf16-true``, ``16-true`` and ``64-true`` keep the weights themselves in that type: the
+    first step failed with a traceback ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be
+    the same"), since the views are made in float32 on the device, after Lightning converts a batch's inputs, and
+    so are the evaluation callbacks' inputs. Refused before anything is written, with the setting that works."""
+    from pytorch_lightning.plugins.precision import DoublePrecision, HalfPrecision
+
+    plugin = trainer.precision_plugin
+    if isinstance(plugin, (HalfPrecision, DoublePrecision)):
+        kind = {"bf16-true": "bf16", "16-true": "float16"}.get(plugin.precision, "float64")
+        fix = "32-true" if kind == "float64" else f"{plugin.precision.replace('-true', '-mixed')} (the same " \
+            "compute on float32 weights, as the GPU recipes' bf16-mixed) or 32-true"
+        raise ConfigError(f"--trainer.precision {plugin.precision} keeps the weights themselves in {kind}, which "
+                          "pretrain does not support: the views are made in float32 on the device, and the "
+                          f"evaluation callbacks encode in float32. Use --trainer.precision {fix}.")
+
+
 def _leave_out_checkpointing(config) -> str | None:
     """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
 
@@ -723,6 +740,7 @@ def pretrain(args: list[str]):
                           f"{e}\nCheck the trainer settings of the recipe and the --trainer flags.") from None
     _refuse_spawned_ranks(cli.trainer, cli.config)
     _refuse_tuners(cli.trainer)
+    _refuse_true_precision(cli.trainer)
     notes = [*cli.notes, _slow_precision(cli.trainer)]  # the precision's line needs the trainer, made just now
     for note in filter(None, notes) if cli.trainer.is_global_zero else []:
         print(note, file=sys.stderr)

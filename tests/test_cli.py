@@ -168,6 +168,8 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     # trained, but the steps after training ran outside the processes that trained: no final last.ckpt
     (["--trainer.devices", "2", "--trainer.strategy", "ddp_notebook"], "(fork), which pretrain does not support. Use "
                                                                        "--trainer.strategy ddp"),
+    # a traceback at the first step: "Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be..."
+    (["--trainer.precision", "bf16-true"], "keeps the weights themselves in bf16, which pretrain does not support"),
     # a traceback: "OverflowError: cannot convert float infinity to integer" (the schedules' length)
     (["--trainer.max_epochs", "null", "--trainer.max_time", "00:00:00:10"], "this run has no set length"),
 ])
