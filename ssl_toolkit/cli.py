@@ -13,6 +13,7 @@ import contextvars
 import functools
 import glob
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -525,6 +526,39 @@ def _refuse_tuners(trainer) -> None:
                               "to match.")
 
 
+def _keep_earlier_config(log_dir: str, config: str, step: int) -> str | None:
+    """A resumed run writes its ``config.yaml`` over the run folder's: a run resumed with other settings (a longer
+    ``max_epochs``, a lower ``optim.lr``) lost the record of those it had trained with so far. When they differ
+    (the checkpoint given aside), the earlier one is kept as ``config.to-step-N.yaml``, N the step it resumed
+    at; returns the line that says so. What pretrain itself fills in to resume (the checkpoint's path, the
+    logger's version) is not a difference."""
+    import yaml
+
+    def given(text: str) -> dict:
+        values = yaml.safe_load(text) or {}
+        values.pop("ckpt_path", None)
+        loggers = (values.get("trainer") or {}).get("logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+                logger["init_args"].pop("version", None)
+        return values
+
+    path = os.path.join(log_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        if given(f.read()) == given(config):
+            return None
+    kept = os.path.join(log_dir, f"config.to-step-{step}.yaml")
+    for n in itertools.count(1):  # resumed from the same step before, with other settings again
+        if not os.path.exists(kept):
+            break
+        kept = os.path.join(log_dir, f"config.to-step-{step}-{n}.yaml")
+    os.replace(path, kept)
+    return (f"This run's settings differ from those in its run folder's config.yaml, which is kept as "
+            f"{os.path.relpath(kept)}: the settings up to step {step}.")
+
+
 def _refuse_true_precision(trainer) -> None:
     """``--trainer.precision bf16-true``, ``16-true`` and ``64-true`` keep the weights themselves in that type: the
     first step failed with a traceback ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be
@@ -750,12 +784,17 @@ def pretrain(args: list[str]):
         for note in (_left_to_train(ckpt, ckpt_path, cli.trainer), resume_differences(ckpt, cli.model, cli.datamodule)):
             if note and cli.trainer.is_global_zero:
                 print(note, file=sys.stderr)
+        resumed_step = ckpt.get("global_step", 0)
         del ckpt  # Lightning loads it again, into the model
         _remove_requeue_checkpoints(cli.trainer, resumed=ckpt_path)
     start = time.perf_counter()
     # the run's own folder: the logger's (None under fast_dev_run) or, without a logger, the one numbered for it
     log_dir = cli.trainer.log_dir if cli.trainer.logger is not None or cli.numbered_run else None
     log_dir = log_dir and os.path.abspath(log_dir)
+    if ckpt_path and "://" not in ckpt_path and log_dir and cli.trainer.is_global_zero:
+        note = _keep_earlier_config(log_dir, cli.parser.dump(cli.config, skip_none=False), resumed_step)
+        if note:
+            print(note, file=sys.stderr)
     made = log_dir and _first_missing(log_dir)  # the run folder is new; made: with the parents it needs
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)

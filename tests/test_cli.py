@@ -559,8 +559,12 @@ def test_a_resumed_run_names_the_settings_that_differ_from_its_checkpoints(tmp_p
     err = capsys.readouterr().err
     assert ("This run's settings differ from the checkpoint's run: model.optim.lr 0.003 -> 0.001, data.batch_size "
             "128 -> 64. It goes on from") in err, err
+    # the run folder's config.yaml is this run's; the one it replaced is kept (a resumed run wrote over it)
+    kept = ckpt.parents[1] / "config.to-step-9.yaml"
+    assert f"which is kept as {kept.relative_to(tmp_path)}: the settings up to step 9" in err, err
+    assert kept.read_text() == config and "  max_epochs: 2\n" in (ckpt.parents[1] / "config.yaml").read_text()
     assert main([*quick, "3", "--ckpt_path", "last", "--model.optim.lr", "0.001", "--data.batch_size", "64"]) == 0
-    assert "settings differ" not in capsys.readouterr().err
+    assert "settings differ from the checkpoint's run" not in capsys.readouterr().err
     # the limits count from the start of the run: past max_epochs was Lightning's traceback, past max_steps a run
     # that trained nothing and said nothing, both after replacing config.yaml
     config = (ckpt.parents[1] / "config.yaml").read_text()
