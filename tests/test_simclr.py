@@ -396,6 +396,91 @@ def test_resuming_from_the_last_checkpoint_gives_the_uninterrupted_weights(metho
         assert torch.equal(a, b), k  # weights, EMA teacher/key encoder, MoCo queue and pointer, DINO center
 
 
+@pytest.mark.parametrize("sizes", [(64, 128, 6), (48, 128, 3), (128, 48, 3)])
+def test_a_mid_epoch_resume_at_another_batch_size_goes_on_after_the_images_trained_on(sizes, tmp_path, capsys):
+    """The place in the epoch was saved as a count of batches: resumed at another batch size (or number of devices)
+    it skipped that many batches of the new size, so images went untrained (64 -> 128 after 6 steps: 384 of the
+    epoch's 1152) or were trained twice (128 -> 48 after 3: 240)."""
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    before, after, stop = sizes
+
+    class Killed(Exception):
+        pass
+
+    class Indices(DigitsDataModule):  # each batch's labels are its images' indices (SimCLR does not use labels)
+        def train_batch(self, idx, device):
+            return super().train_batch(idx, device)[0], idx.to(device)
+
+    class Record(Callback):
+        def __init__(self, kill=False):
+            self.seen, self.kill = [], kill
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.kill and trainer.global_step == stop:
+                raise Killed
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.seen += batch[1].tolist()
+
+    def fit(batch_size, record, ckpt_path=None):
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, callbacks=[
+                                 ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=stop), record])
+        trainer.fit(tiny(), Indices(image_size=16, batch_size=batch_size), ckpt_path=ckpt_path)
+        return trainer
+
+    first, rest = Record(kill=True), Record()
+    with pytest.raises(Killed):
+        fit(before, first)
+    trainer = fit(after, rest, ckpt_path=str(tmp_path / "last.ckpt"))
+    trained = stop * before  # images of the epoch the checkpoint had trained on
+    again = trained % after  # those after the last whole batch of the new size are trained on again
+    steps = trained // after + len(rest.seen) // after
+    assert len(first.seen) == trained and steps == 1257 // after
+    assert trainer.global_step == stop + len(rest.seen) // after
+    order = first.seen[:trained - again] + rest.seen  # the epoch's order, the same whatever the batch size
+    assert len(set(order)) == len(order) == steps * after, (len(set(order)), len(order))
+    assert set(first.seen[trained - again:]) <= set(rest.seen)
+    err = capsys.readouterr().err
+    assert (f"The checkpoint stopped {trained} images into its epoch, at {before} a batch (data.batch_size "
+            f"{before} on 1 device); at {after} a batch this run goes on from batch {trained // after} of the "
+            f"epoch") in err, err
+    assert (f"training the {again} images after those again" in err) == (again > 0), err
+
+
+def test_a_mid_epoch_place_moves_with_the_number_of_devices():
+    """Devices take turns through the epoch's order, so images a batch is data.batch_size times the devices."""
+    from ssl_toolkit.data.base import move_epoch_position
+
+    def checkpoint(done=False):  # 6 batches of 64 on each of 2 devices into the second epoch
+        def counts(n):
+            return dict(ready=n, started=n, processed=n, completed=n)
+
+        order = {"seed": None, "taken": 6, "epoch_done": done, "batch_size": 64, "world_size": 2}
+        progress = {"current": counts(6), "total": counts(15), "is_last_batch": False}
+        loops = {"fit_loop": {"epoch_loop.batch_progress": progress}}
+        return {"DigitsDataModule": {"epoch_order": order}, "loops": loops}
+
+    def moved(batch_size, devices, done=False):
+        c = checkpoint(done)
+        note = move_epoch_position(c, DigitsDataModule(image_size=16, batch_size=batch_size), devices)
+        progress = c["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+        assert progress["current"]["completed"] == c["DigitsDataModule"]["epoch_order"]["taken"]
+        return c["DigitsDataModule"]["epoch_order"]["taken"], progress["total"]["ready"], note
+
+    other = " (the epoch's order on one device is not that on several: which images were trained on is not kept"
+    assert moved(64, 4) == (3, 12, "The checkpoint stopped 768 images into its epoch, at 128 a batch (data.batch_size "
+                                   "64 on 2 devices); at 256 a batch this run goes on from batch 3 of the epoch.")
+    taken, total, note = moved(48, 3)
+    assert (taken, total) == (5, 14) and "at 144 a batch this run goes on from batch 5 of the epoch, training the 48 " \
+        "images after those again." in note
+    taken, total, note = moved(128, 1)  # as many images a batch, in another order
+    assert (taken, total) == (6, 15) and other in note and "data.batch_size 64 on 2 devices); at 128 a batch" in note
+    assert moved(64, 2) == (6, 15, None) and moved(32, 4) == (6, 15, None) and moved(64, 4, done=True) == (6, 15, None)
+
+
 @pytest.mark.parametrize("signals", ["SIGTERM", "SIGTERM while accumulating", "Ctrl-C twice"])
 def test_sigterm_ends_the_run_after_the_step_with_a_checkpoint_and_a_second_ctrl_c_at_once(signals, tmp_path,
                                                                                             python_ctrl_c):

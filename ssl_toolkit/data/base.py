@@ -75,12 +75,49 @@ class EpochOrder:
     taken: int = 0
     resume: tuple[int | None, int] | None = None  # (seed, batches to skip) for the next pass over the data
 
-    def state_dict(self, epoch_batches: int | float) -> dict:
-        return {"seed": self.seed, "taken": self.taken, "epoch_done": self.taken >= epoch_batches}
+    def state_dict(self, epoch_batches: int | float, batch_size: int, world_size: int) -> dict:
+        return {"seed": self.seed, "taken": self.taken, "epoch_done": self.taken >= epoch_batches,
+                "batch_size": batch_size, "world_size": world_size}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the saved epoch where it stopped; after a finished epoch the next one starts afresh."""
         self.resume = None if state["epoch_done"] else (state["seed"], state["taken"])
+
+
+def move_epoch_position(checkpoint: dict, datamodule, world_size: int) -> str | None:
+    """Put a checkpoint's place in its epoch into batches of this run's size; returns the line that says so.
+
+    The place is a count of batches, the DataModule's and Lightning's own. Resumed at another batch size or
+    number of devices, the same count of the new batches skipped other images than were trained on: 64 -> 128
+    after 6 batches left 384 of the epoch's 1152 images untrained, 128 -> 48 after 3 trained 240 twice. The epoch's
+    order of images is the same at any batch size (devices take turns through it), so both counts become the whole
+    new batches in the images trained on, and those past the last of them are trained on again. Rewrites
+    ``checkpoint`` before Lightning restores the DataModule and its loops from it.
+    """
+    state = (checkpoint.get(type(datamodule).__qualname__) or {}).get("epoch_order")
+    if not state or state["epoch_done"] or "batch_size" not in state or not isinstance(datamodule, InMemoryDataModule):
+        return None  # between two epochs, or from before the batch size was saved
+    was, now = (state["batch_size"], state["world_size"]), (datamodule.batch_size, world_size)
+    other_order = (was[1] == 1) != (now[1] == 1)  # one device shuffles with its own generator, several by the epoch
+    if was[0] * was[1] == now[0] * now[1] and not other_order:
+        return None
+    images = state["taken"] * was[0] * was[1]
+    taken = images // (now[0] * now[1])
+    progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    for counts in (progress["current"], progress["total"]):
+        for key in counts:
+            counts[key] += taken - state["taken"]
+    state["taken"] = taken
+    again = images - taken * now[0] * now[1]
+
+    def devices(n):
+        return f"{n} device" + "s" * (n > 1)
+
+    return (f"The checkpoint stopped {images} images into its epoch, at {was[0] * was[1]} a batch (data.batch_size "
+            f"{was[0]} on {devices(was[1])}); at {now[0] * now[1]} a batch this run goes on from batch {taken} of "
+            f"the epoch" + (f", training the {again} images after those again" if again else "")
+            + (" (the epoch's order on one device is not that on several: which images were trained on is not kept, "
+               "only how many)" if other_order else "") + ".")
 
 
 class ResumableBatchSampler(BatchSampler):
@@ -215,7 +252,8 @@ class InMemoryDataModule(pl.LightningDataModule):
 
     def state_dict(self) -> dict:
         epoch_batches = self.trainer.num_training_batches if self.trainer is not None else float("inf")
-        return {"epoch_order": self.order.state_dict(epoch_batches)}
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        return {"epoch_order": self.order.state_dict(epoch_batches, self.batch_size, world_size)}
 
     def load_state_dict(self, state: dict) -> None:
         if "epoch_order" in state:  # checkpoints from before exact mid-epoch resume have none

@@ -358,6 +358,12 @@ class BaseSSLModule(pl.LightningModule):
         from ssl_toolkit.checkpoint import refuse_other_optimizer
 
         refuse_other_optimizer(checkpoint, self.hparams)
+        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.datamodule is not None:
+            from ssl_toolkit.data.base import move_epoch_position
+
+            note = move_epoch_position(checkpoint, self.trainer.datamodule, self.trainer.world_size)
+            if note and self.trainer.is_global_zero:
+                print(note, file=sys.stderr, flush=True)
         saved = checkpoint.get("lr_schedulers") or [{}]
         rates = saved[0].get("_last_lr"), saved[0].get("base_lrs")
         self._resumed_schedule = (checkpoint.get("ssl_toolkit", {}).get("schedule_steps"),
