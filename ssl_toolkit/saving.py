@@ -161,30 +161,31 @@ class TimeOutrunsSchedules(Callback):
         if len(self._marks) < 2:
             return
         (t0, s0), (t1, s1) = self._marks[-2:]
-        total = trainer.estimated_stepping_batches
-        if s1 <= s0 or t1 <= t0 or s1 >= total:
+        total, offset = trainer.estimated_stepping_batches, getattr(pl_module, "schedule_offset", 0)
+        if s1 <= s0 or t1 <= t0 or s1 >= offset + total:
             return
         per_step = (t1 - t0) / (s1 - s0)
-        reach = s1 + int(timer.time_remaining("train") / per_step)
-        if reach >= total:
+        reach = s1 + int(timer.time_remaining("train") / per_step)  # a global step; the schedules' is reach - offset
+        if reach >= offset + total:
             return
         per_epoch = max(1, s1 - s0) if trainer.max_epochs and trainer.max_epochs > 0 else None
-        where = f" (epoch {reach // per_epoch} of {trainer.max_epochs})" if per_epoch else ""
-        fits = (f"set --trainer.max_epochs {max(1, reach // per_epoch)}" if per_epoch else
+        where = f" (epoch {(reach - offset) // per_epoch} of {trainer.max_epochs})" if per_epoch else ""
+        fits = (f"set --trainer.max_epochs {max(1, (reach - offset) // per_epoch)}" if per_epoch else
                 f"set --trainer.max_steps {max(1, reach)}")
         self._say(trainer, f"trainer.max_time: at {per_step:.3g} s a step, the time left ends this run near step "
-                           f"{reach} of the {total} its schedules span{where}{self._rate_at(trainer, reach)}. For "
-                           f"schedules that end in the time, {fits}; the whole run needs about --trainer.max_time "
-                           f"{_as_max_time(t1 + (total - s1) * per_step)}.")
+                           f"{reach - offset} of the {total} its schedules span{where}{self._rate_at(trainer, reach)}. "
+                           f"For schedules that end in the time, {fits}; the whole run needs about "
+                           f"--trainer.max_time {_as_max_time(t1 + (offset + total - s1) * per_step)}.")
 
     def on_train_end(self, trainer, pl_module) -> None:
         timer = max_time_timer(trainer)
-        total, step = trainer.estimated_stepping_batches, trainer.global_step
+        total, offset = trainer.estimated_stepping_batches, getattr(pl_module, "schedule_offset", 0)
+        step = trainer.global_step - offset  # the schedules' step
         if timer is None or step >= total or timer.time_remaining("train") > 1.0:
             return
         self._say(trainer, f"trainer.max_time ended the run at step {step} of the {total} its schedules span"
-                           f"{self._rate_at(trainer, step)}. Resume it with a larger --trainer.max_time to finish "
-                           "them.")
+                           f"{self._rate_at(trainer, trainer.global_step)}. Resume it with a larger "
+                           "--trainer.max_time to finish them.")
 
 
 class StopAndSave(Callback):

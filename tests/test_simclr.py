@@ -152,6 +152,52 @@ def test_a_resumed_run_trains_with_its_own_optimizer_settings_and_says_when_its_
         fit(8, tmp_path / "s6.ckpt", name="adamw", lr=0.005)  # was "KeyError: 'step'"
 
 
+def test_a_run_resumed_at_another_batch_size_goes_on_from_its_place_in_the_schedules(tmp_path, capsys):
+    """The schedules span trainer.max_epochs at this run's steps an epoch, and a resumed run's began at step 0 while
+    its global step went on from the checkpoint's, counted at the old size: after 2 of 4 epochs at batch 64 (38
+    steps), resumed at 128 (9 steps an epoch), they spanned 36 steps, so all the rest trained at their end (the
+    learning rate at its minimum, the EMA momentum at 1). They now go on from the checkpoint's place in its epochs."""
+    from ssl_toolkit.methods import MoCoV2
+    from ssl_toolkit.optim import cosine_schedule
+
+    seen = []
+
+    class Record(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            seen.append((optimizer.param_groups[0]["lr"], pl_module.scheduled(pl_module.momentum_schedule)))
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = trainer.should_stop or stop_after == trainer.current_epoch + 1
+
+    def fit(batch_size, ckpt_path=None):
+        pl.seed_everything(0)
+        model = MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), queue_size=256,
+                       proj_hidden_dim=16, proj_out_dim=8, optim=OptimConfig("sgd", lr=0.05, warmup_epochs=0.5))
+        trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu", callbacks=[Record()])
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=batch_size), ckpt_path=ckpt_path)
+        return trainer, model
+
+    stop_after = 2
+    trainer, model = fit(64)
+    assert trainer.global_step == 38  # 19 steps an epoch
+    trainer.save_checkpoint(tmp_path / "half.ckpt")
+    last = seen[-1]
+    seen.clear()
+    stop_after = None
+    trainer, model = fit(128, tmp_path / "half.ckpt")
+    assert trainer.global_step == 38 + 18 and len(seen) == 18  # 2 epochs of 9 steps at 128
+    lr = 0.05 * cosine_schedule(1.0, 0.0, total_steps=36, warmup_steps=4)[18:]  # 4: warmup_epochs 0.5 of 9 steps
+    momentum = cosine_schedule(*model.ema_momentum, total_steps=36)[18:]
+    assert [r for r, _ in seen] == pytest.approx(lr.tolist())  # was 0.05 x the schedule's last value (0.0)
+    assert [m for _, m in seen] == pytest.approx(momentum.tolist())  # was its last value, 1.0
+    assert abs(seen[0][0] - last[0]) < 0.05 * 0.05 and abs(seen[0][1] - last[1]) < 0.001  # no jump
+    assert ("Resumed at step 38 with 9 steps an epoch, where the checkpoint's run had 19 (data.batch_size, the number "
+            "of devices or trainer.accumulate_grad_batches differ): its schedules, 36 steps over trainer.max_epochs "
+            "4, go on from the checkpoint's place in its epochs, their step 18, with the learning rate at 60% of its "
+            "peak (the checkpoint's: 62%)") in capsys.readouterr().err
+
+
 def test_bf16_autocast_and_channels_last_step():
     m = tiny(channels_last=True)
     m.setup("fit")

@@ -157,6 +157,10 @@ class BaseSSLModule(pl.LightningModule):
         self.ema_momentum: tuple[float, float] = (1.0, 1.0)  # (start, end) of the cosine momentum schedule
         self.momentum_schedule: torch.Tensor | None = None  # one momentum per global step, built with the optimizer
         self.schedule_steps: int | None = None  # the optimizer steps the schedules span, set with them
+        self.steps_per_epoch: int | None = None  # their steps of one epoch
+        self.schedule_offset = 0  # the global step at the schedules' step 0: see _resumed_offset
+        # a checkpoint resumed from: its global step, steps an epoch and schedule offset
+        self._resumed_place: tuple[int, int | None, int] | None = None
         # a checkpoint resumed from: its schedules' steps and lr share (None when the run did not resume)
         self._resumed_schedule: tuple[int | None, float | None] | None = None
         self._configured_groups: list[dict] = []  # this run's optimizer settings, per param group
@@ -186,7 +190,7 @@ class BaseSSLModule(pl.LightningModule):
 
         Schedules are CPU tensors, so reading one causes no device sync.
         """
-        step = self.global_step if step is None else step
+        step = (self.global_step if step is None else step) - self.schedule_offset
         return float(schedule[min(max(step, 0), len(schedule) - 1)])
 
     @property
@@ -280,6 +284,20 @@ class BaseSSLModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         self.check_finite()
 
+    def _resumed_offset(self) -> int:
+        """The global step at the schedules' step 0: 0, except in a run resumed at other steps an epoch than its
+        checkpoint's (another batch size, number of devices or gradient accumulation) whose schedules span its
+        epochs (``trainer.max_epochs``, not ``max_steps``). They go on from the checkpoint's place in its epochs:
+        they started at the checkpoint's global step, counted at the old size, so a run resumed at twice the batch
+        size after half its epochs was already at their end (the learning rate at its minimum for all the rest)."""
+        if self._resumed_place is None:
+            return 0
+        step, per_epoch, offset = self._resumed_place
+        epochs = self.trainer.max_epochs
+        if per_epoch is None or not epochs or epochs < 0 or self.schedule_steps != self.steps_per_epoch * epochs:
+            return 0  # a checkpoint from before the steps an epoch were saved, or schedules that span max_steps
+        return step - round((step - offset) * self.steps_per_epoch / per_epoch)
+
     def configure_optimizers(self):
         c = self.optim_config
         # Fused SGD/AdamW kernels where the parameters' device has them, except with gradient clipping: Lightning
@@ -290,8 +308,9 @@ class BaseSSLModule(pl.LightningModule):
         warmup = min(total, round(c.warmup_epochs * steps_per_epoch))
         sched = cosine_schedule(1.0, c.min_lr / c.lr, total, warmup)  # multiplier of lr, one value per step
         self.make_schedules(total, steps_per_epoch)
-        self.schedule_steps = total
-        lam = lambda step: float(sched[min(step, len(sched) - 1)])  # noqa: E731
+        self.schedule_steps, self.steps_per_epoch = total, steps_per_epoch
+        self.schedule_offset = offset = self._resumed_offset()
+        lam = lambda step: float(sched[min(max(step - offset, 0), len(sched) - 1)])  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lam)
         # this run's settings of each group (lr, weight decay, momentum, betas), which restoring a checkpoint's
         # optimizer and scheduler replaces with the checkpoint's: see on_train_start
@@ -349,6 +368,8 @@ class BaseSSLModule(pl.LightningModule):
             # is the one written; the logger's own, not trainer.log_dir, which is a collective (a signal handler)
             "run_folder": os.path.abspath(log_dir) if (log_dir := getattr(logger, "log_dir", None)) else None,
             "schedule_steps": self.schedule_steps,  # what a resumed run's schedules are compared with
+            "steps_per_epoch": self.steps_per_epoch,
+            "schedule_offset": self.schedule_offset,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -358,7 +379,9 @@ class BaseSSLModule(pl.LightningModule):
         from ssl_toolkit.checkpoint import refuse_other_optimizer
 
         refuse_other_optimizer(checkpoint, self.hparams)
-        if self._trainer is not None and self.trainer.state.fn == "fit" and self.trainer.datamodule is not None:
+        if self._trainer is None or self.trainer.state.fn != "fit":
+            return  # loaded to use, or to train afresh (load_from_checkpoint): not resumed
+        if self.trainer.datamodule is not None:
             from ssl_toolkit.data.base import move_epoch_position
 
             note = move_epoch_position(checkpoint, self.trainer.datamodule, self.trainer.world_size)
@@ -366,8 +389,10 @@ class BaseSSLModule(pl.LightningModule):
                 print(note, file=sys.stderr, flush=True)
         saved = checkpoint.get("lr_schedulers") or [{}]
         rates = saved[0].get("_last_lr"), saved[0].get("base_lrs")
-        self._resumed_schedule = (checkpoint.get("ssl_toolkit", {}).get("schedule_steps"),
-                                  rates[0][0] / rates[1][0] if all(rates) else None)
+        ours = checkpoint.get("ssl_toolkit", {})
+        self._resumed_schedule = (ours.get("schedule_steps"), rates[0][0] / rates[1][0] if all(rates) else None)
+        self._resumed_place = (checkpoint.get("global_step", 0), ours.get("steps_per_epoch"),
+                               ours.get("schedule_offset", 0))
 
     def on_train_start(self) -> None:
         """Say when a resumed run's schedules span another length than the checkpoint's run did: ``max_epochs``,
@@ -376,14 +401,25 @@ class BaseSSLModule(pl.LightningModule):
         went from 0% to 65% of its peak) and the decays follow the new length: often meant (training a finished
         run on), and not otherwise visible."""
         resumed, (saved, share) = self._resumed_schedule is not None, self._resumed_schedule or (None, None)
-        self._resumed_schedule = None
+        place, self._resumed_schedule, self._resumed_place = self._resumed_place, None, None
         if resumed:
             self._apply_configured_optimizer()
-        if saved is None or saved == self.schedule_steps or not self.trainer.is_global_zero:
+        if not resumed or not self.trainer.is_global_zero:
             return
         step = self.trainer.global_step
         configs = self.trainer.lr_scheduler_configs
         lambdas = getattr(configs[0].scheduler, "lr_lambdas", None) if configs else None
+        if place is not None and self.schedule_offset != place[2]:  # other steps an epoch: see _resumed_offset
+            was = f" (the checkpoint's: {share:.0%})" if share is not None else ""
+            at = f", with the learning rate at {lambdas[0](step):.0%} of its peak{was}" if lambdas else ""
+            print(f"Resumed at step {step} with {self.steps_per_epoch} steps an epoch, where the checkpoint's run had "
+                  f"{place[1]} (data.batch_size, the number of devices or trainer.accumulate_grad_batches differ): "
+                  f"its schedules, {self.schedule_steps} steps over trainer.max_epochs {self.trainer.max_epochs}, go "
+                  f"on from the checkpoint's place in its epochs, their step {step - self.schedule_offset}{at}.",
+                  file=sys.stderr, flush=True)
+            return
+        if saved is None or saved == self.schedule_steps:
+            return
         now = f" to {lambdas[0](step):.0%}" if lambdas else ""
         jump = f": the learning rate goes from {share:.0%} of its peak{now} at this step" if share is not None else ""
         print(f"Resumed at step {step} with schedules of {self.schedule_steps} steps, where the checkpoint's run had "
