@@ -120,7 +120,7 @@ def test_max_time_short_of_the_schedules_is_said_early_with_what_fits(max_time, 
 def test_a_resumed_run_trains_with_its_own_optimizer_settings_and_says_when_its_schedules_changed(tmp_path, capsys):
     """Restoring a checkpoint put back its optimizer's lr and weight decay: a run resumed with a lower optim.lr (as
     a non-finite loss advises) trained on at the checkpoint's. Another optimizer's state is refused."""
-    from ssl_toolkit.checkpoint import CheckpointError
+    from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint, method_from_checkpoint
     from ssl_toolkit.optim import cosine_schedule
 
     seen = []
@@ -150,6 +150,12 @@ def test_a_resumed_run_trains_with_its_own_optimizer_settings_and_says_when_its_
             "from 7% of its peak to 15% at this step") in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="was trained with optim.name sgd, and this run's is adamw"):
         fit(8, tmp_path / "s6.ckpt", name="adamw", lr=0.005)  # was "KeyError: 'step'"
+    # a method loaded from the checkpoint and trained afresh is not resumed: it said "Resumed at step 0 ..."
+    loaded = method_from_checkpoint(load_checkpoint(str(tmp_path / "s6.ckpt"))).train()
+    capsys.readouterr()
+    pl.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+               enable_model_summary=False, accelerator="cpu").fit(loaded, DigitsDataModule(image_size=16, batch_size=32))
+    assert "Resumed" not in capsys.readouterr().err
 
 
 def test_a_run_resumed_at_another_batch_size_goes_on_from_its_place_in_the_schedules(tmp_path, capsys):
