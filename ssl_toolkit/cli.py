@@ -576,6 +576,34 @@ def _refuse_true_precision(trainer) -> None:
                           f"evaluation callbacks encode in float32. Use --trainer.precision {fix}.")
 
 
+def _barebones(config) -> str | None:
+    """``--trainer.barebones true``, Lightning's mode for timing its loop, refused the settings that can slow it one
+    at a time, and every recipe sets some: the logger (named as ``<...TensorBoardLogger object at 0x7f...>``), then
+    ``log_every_n_steps``, then the recipe's ModelCheckpoint. They are turned off for it (the ModelCheckpoint by
+    _leave_out_checkpointing), with a line that names them; Lightning's own opt-ins (``fast_dev_run``,
+    ``detect_anomaly``, ``profiler``) it still refuses, as asked for."""
+    trainer = config.get("trainer") or {}
+    if not trainer.get("barebones"):
+        return None
+    off = []
+    logger = trainer.get("logger")
+    if logger not in (None, False):
+        name = getattr(logger, "class_path", None) or (logger.get("class_path") if isinstance(logger, dict) else None)
+        off.append(f"the logger ({str(name).rsplit('.', 1)[-1]})" if name else "the logger")
+        trainer.logger = False
+    for key, default in (("log_every_n_steps", 0), ("num_sanity_val_steps", 0), ("enable_checkpointing", False),
+                         ("enable_progress_bar", False),
+                         ("enable_model_summary", False)):
+        if trainer.get(key) not in (None, default):
+            off.append(f"{key} {str(trainer.get(key)).lower()}")
+            setattr(trainer, key, default)
+    # the methods' and callbacks' self.log calls: Lightning warns, once, that they do nothing
+    warnings.filterwarnings("ignore", message=r"You are trying to `self.log\(\)` but `Trainer\(barebones=True\)`")
+    return (f"trainer.barebones: {', '.join(off[:-1]) + ' and ' + off[-1] if len(off) > 1 else off[0]} "
+            f"{'are' if len(off) > 1 else 'is'} turned off, as Lightning's barebones mode needs; this run logs "
+            "nothing." if off else None)
+
+
 def _leave_out_checkpointing(config) -> str | None:
     """Leave the recipe's ModelCheckpoint out of a run that asks for no checkpoints, with a line that says so.
 
@@ -588,7 +616,8 @@ def _leave_out_checkpointing(config) -> str | None:
     """
     trainer = config.get("trainer") or {}
     callbacks = trainer.get("callbacks") or []
-    why = ("trainer.enable_checkpointing is false" if trainer.get("enable_checkpointing") is False else
+    why = ("trainer.barebones" if trainer.get("barebones") else
+           "trainer.enable_checkpointing is false" if trainer.get("enable_checkpointing") is False else
            "fast_dev_run" if trainer.get("fast_dev_run") else None)
     kept = [c for c in callbacks if not str(getattr(c, "class_path", "")).endswith(".ModelCheckpoint")]
     if why and len(kept) < len(callbacks):
@@ -740,7 +769,8 @@ def pretrain(args: list[str]):
         def before_instantiate_classes(self):
             _refuse_lightnings_optimizer(self.config)
             # lines to print once the config has turned out valid, so that an error stays the first line
-            self.notes = [n for n in (_leave_out_checkpointing(self.config), _resolve_last(self.config),
+            self.notes = [n for n in (_barebones(self.config), _leave_out_checkpointing(self.config),
+                                      _resolve_last(self.config),
                                       _resume_requeued_slurm_job(self.config, args)) if n]
             _log_to_resumed_run(self.config)
             self.numbered_run = _number_unlogged_run(self.config)

@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import pytest
@@ -370,6 +371,27 @@ def test_runs_that_ask_for_no_checkpoints_write_none_and_keep_an_earlier_runs(tm
                  "--trainer.callbacks+=pytorch_lightning.callbacks.TQDMProgressBar"]) == 1
     err = capsys.readouterr().err
     assert "`enable_progress_bar=False` but found `TQDMProgressBar`" in err and "trainer.accelerator" not in err, err
+
+def test_barebones_turns_off_at_once_the_settings_lightning_refuses_in_it(tmp_path, monkeypatch, capsys):
+    """--trainer.barebones true, Lightning's mode for timing its loop, was refused one recipe setting at a time: the
+    logger (named `<pytorch_lightning.loggers.tensorboard.TensorBoardLogger object at 0x7f...>`), then
+    log_every_n_steps, then the ModelCheckpoint. They are turned off for it, with lines that name them."""
+    monkeypatch.chdir(tmp_path)
+    quick = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.barebones", "true"]
+    with warnings.catch_warnings():
+        # the kNN callback's self.log: Lightning's warning that it does nothing is not the user's to act on
+        warnings.filterwarnings("error", message=".*barebones.*")
+        assert main([*quick, "--trainer.max_epochs", "1", "--trainer.num_sanity_val_steps", "2",
+                     "--trainer.callbacks.every_n_epochs=1"]) == 0
+    out = capsys.readouterr()
+    assert ("trainer.barebones: the logger (TensorBoardLogger), log_every_n_steps 5 and num_sanity_val_steps 2 are "
+            "turned off, as Lightning's barebones mode needs; this run logs nothing.") in out.err, out.err
+    assert "trainer.barebones: the recipe's ModelCheckpoint is left out and this run writes no checkpoint" in out.err
+    assert "k=20   random init" in out.out and "checkpoint: none" in out.out, out.out
+    assert not [p for p in tmp_path.rglob("*") if p.suffix == ".ckpt" or p.name.startswith("events.out")]
+    assert main([*quick, "--trainer.max_steps", "1", "--trainer.detect_anomaly", "true"]) == 1  # asked for: refused
+    assert "`Trainer(barebones=True, detect_anomaly=True)` was passed" in capsys.readouterr().err
+
 
 @pytest.mark.parametrize("precision,slow,note", [("bf16-mixed", True, True), ("32", True, False),
                                                  ("bf16-mixed", False, False)])
