@@ -254,12 +254,19 @@ def _numbered(folder: str, pattern: str) -> dict[int, str]:
                                                   (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
 
 
-def _resolve_last(config) -> str | None:
+def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
     own version; without a logger the same ``version_*`` folders and SLURM jobs' ``slurm-*`` ones beside them (see
     _unlogged_runs), or ``default_root_dir/checkpoints`` and ``default_root_dir/slurm-*/checkpoints``, where such
-    runs went before), or a fresh start when there is none yet.
-    Lightning's own ``last`` looks only in the new run's folder, which is empty. Returns the line that says which."""
+    runs went before) whose run has this command's model and data settings and seed, or a fresh start when there
+    is none yet (a run folder without a config.yaml counts as the same run). Lightning's own ``last`` looks only in
+    the new run's folder, which is empty.
+
+    Each run of a sweep over the recipe's settings (``--model.optim.lr`` 0.1, 0.3) is its own: ``last`` took the
+    recipe's newest run whatever its settings, so the second of a sweep's chains went on from the first one's run,
+    in its folder. The run's length (``trainer.*``: ``max_epochs``, ``max_time``) may change, and a seed drawn at
+    random (``seed_everything: true``) is not compared; the resumed run records the run's own. ``dump()`` gives
+    this command's config.yaml. Returns the line that says which run it resumes, or why none."""
     if config.get("ckpt_path") != "last":
         return None
     trainer, tensorboard = config.get("trainer") or {}, _tensorboard_runs(config)
@@ -277,9 +284,38 @@ def _resolve_last(config) -> str | None:
                                                           ("version_*", "slurm-*"))]
     pattern = os.path.join(shown, "checkpoints", "last.ckpt")
     found = [f for folder in folders for f in glob.glob(os.path.join(folder, "checkpoints", "last.ckpt"))]
-    config.ckpt_path = max(found, key=os.path.getmtime) if found else None
-    return (f"--ckpt_path last: resuming from {config.ckpt_path}" if found else
-            f"--ckpt_path last: no {pattern} yet, so this run starts afresh")
+    config.ckpt_path = None
+    if not found:
+        return f"--ckpt_path last: no {pattern} yet, so this run starts afresh"
+
+    def compared(values: dict) -> dict:
+        return _flat({key: values.get(key) for key in ("model", "data", "seed_everything")
+                      if key != "seed_everything" or not random_seed})
+
+    ours, others = compared(_settings(dump())), []
+    for ckpt in sorted(found, key=os.path.getmtime, reverse=True):
+        run = os.path.dirname(os.path.dirname(ckpt))
+        if not os.path.isfile(os.path.join(run, "config.yaml")):  # settings unknown (copied there): taken as before
+            config.ckpt_path = ckpt
+            break
+        with open(os.path.join(run, "config.yaml")) as f:
+            saved = _settings(f.read())
+        theirs = compared(saved)
+        if theirs == ours:
+            config.ckpt_path = ckpt
+            if random_seed and isinstance(saved.get("seed_everything"), int):
+                config.seed_everything = saved["seed_everything"]  # the run's own (the checkpoint's states go on)
+            break
+        differ = [f"{key} {theirs.get(key)} -> {ours.get(key)}" for key in sorted({*theirs, *ours}, key=str)
+                  if theirs.get(key) != ours.get(key)]
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        others.append(f"{run} differs in {', '.join(differ[:3])}{more}")
+    if config.ckpt_path is None:
+        return (f"--ckpt_path last: no run with this command's model and data settings and seed has a {pattern} "
+                f"(the newest, {others[0]}), so this run starts afresh. To go on from a run with other settings, "
+                f"give its checkpoint: --ckpt_path {sorted(found, key=os.path.getmtime)[-1]}.")
+    newer = f" ({len(others)} newer run{'s' * (len(others) > 1)} with other settings: {others[0]})" if others else ""
+    return f"--ckpt_path last: resuming from {config.ckpt_path}{newer}"
 
 
 def _slurm_job() -> str | None:
@@ -526,28 +562,41 @@ def _refuse_tuners(trainer) -> None:
                               "to match.")
 
 
+def _settings(text: str) -> dict:
+    """A run's ``config.yaml`` as the settings that make it that run: what pretrain fills in to resume (the
+    checkpoint's path, the logger's version) left out."""
+    import yaml
+
+    values = yaml.safe_load(text) or {}
+    values.pop("ckpt_path", None)
+    loggers = (values.get("trainer") or {}).get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
+            logger["init_args"].pop("version", None)
+    return values
+
+
+def _flat(values, prefix: str = "") -> dict:
+    """Nested settings as ``{"model.optim.lr": 0.3, ...}``, named as their flags (``init_args`` left out)."""
+    if not isinstance(values, dict) or not values:
+        return {prefix: values}
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flat(value, prefix if key == "init_args" else f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
 def _keep_earlier_config(log_dir: str, config: str, step: int) -> str | None:
     """A resumed run writes its ``config.yaml`` over the run folder's: a run resumed with other settings (a longer
     ``max_epochs``, a lower ``optim.lr``) lost the record of those it had trained with so far. When they differ
     (the checkpoint given aside), the earlier one is kept as ``config.to-step-N.yaml``, N the step it resumed
     at; returns the line that says so. What pretrain itself fills in to resume (the checkpoint's path, the
     logger's version) is not a difference."""
-    import yaml
-
-    def given(text: str) -> dict:
-        values = yaml.safe_load(text) or {}
-        values.pop("ckpt_path", None)
-        loggers = (values.get("trainer") or {}).get("logger")
-        for logger in loggers if isinstance(loggers, list) else [loggers]:
-            if isinstance(logger, dict) and isinstance(logger.get("init_args"), dict):
-                logger["init_args"].pop("version", None)
-        return values
-
     path = os.path.join(log_dir, "config.yaml")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        if given(f.read()) == given(config):
+        if _settings(f.read()) == _settings(config):
             return None
     kept = os.path.join(log_dir, f"config.to-step-{step}.yaml")
     for n in itertools.count(1):  # resumed from the same step before, with other settings again
@@ -763,14 +812,16 @@ def pretrain(args: list[str]):
                 "of a chain can be the same command"))
 
         def _set_seed(self):  # LightningCLI's own, before the classes are made
+            self.random_seed = self.config.get("seed_everything") is True
             _choose_random_seed(self.config)
             super()._set_seed()
 
         def before_instantiate_classes(self):
             _refuse_lightnings_optimizer(self.config)
             # lines to print once the config has turned out valid, so that an error stays the first line
+            dump = functools.partial(self.parser.dump, self.config, skip_none=False)
             self.notes = [n for n in (_barebones(self.config), _leave_out_checkpointing(self.config),
-                                      _resolve_last(self.config),
+                                      _resolve_last(self.config, dump, getattr(self, "random_seed", False)),
                                       _resume_requeued_slurm_job(self.config, args)) if n]
             _log_to_resumed_run(self.config)
             self.numbered_run = _number_unlogged_run(self.config)

@@ -590,13 +590,14 @@ def test_a_resumed_run_names_the_settings_that_differ_from_its_checkpoints(tmp_p
     # the limits count from the start of the run: past max_epochs was Lightning's traceback, past max_steps a run
     # that trained nothing and said nothing, both after replacing config.yaml
     config = (ckpt.parents[1] / "config.yaml").read_text()
+    same = ["--ckpt_path", "last", "--model.optim.lr", "0.001", "--data.batch_size", "64"]  # `last`: the same run's
     for flags, limit in ((["2"], "max_epochs 2"), (["3", "--trainer.max_steps", "5"], "max_steps 5")):
-        assert main([*quick, *flags, "--ckpt_path", "last"]) == 1
+        assert main([*quick, *flags, *same]) == 1
         err = capsys.readouterr().err
         assert re.search(rf"last.ckpt has trained 3 epochs \(47 steps\) already, past trainer.{limit}, which counts "
                          "from the start of the run", err) and "Traceback" not in err, err  # 9 + 2 x 19 steps
     assert (ckpt.parents[1] / "config.yaml").read_text() == config
-    assert main([*quick, "3", "--ckpt_path", "last"]) == 0
+    assert main([*quick, "3", *same]) == 0
     assert "all of trainer.max_epochs 3, so nothing is left to train" in capsys.readouterr().err
 
 
@@ -615,12 +616,27 @@ def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_ru
     (runs / "version_7" / "checkpoints").mkdir(parents=True)  # an older run with a higher number: not the newest
     old = runs / "version_7" / "checkpoints" / "last.ckpt"
     old.write_bytes((runs / "version_0" / "checkpoints" / "last.ckpt").read_bytes())
+    shutil.copy(runs / "version_0" / "config.yaml", runs / "version_7")
     os.utime(old, (time.time() - 3600,) * 2)
     assert main([*quick, "--trainer.max_epochs", "2"]) == 0
     last = os.path.relpath(runs / "version_0" / "checkpoints" / "last.ckpt")
     assert f"--ckpt_path last: resuming from {last}" in capsys.readouterr().err
     assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_7"]  # it went on in version_0
     assert torch.load(last, weights_only=True)["global_step"] == 18
+    # each run of a sweep is its own: `last` went on from the recipe's newest run whatever its settings
+    assert main([*quick, "--trainer.max_epochs", "1", "--model.optim.lr", "0.001"]) == 0
+    err = capsys.readouterr().err
+    assert ("--ckpt_path last: no run with this command's model and data settings and seed has a runs/quickstart/"
+            "version_*/checkpoints/last.ckpt (the newest, runs/quickstart/version_0 differs in model.optim.lr 0.003 "
+            f"-> 0.001), so this run starts afresh. To go on from a run with other settings, give its checkpoint: "
+            f"--ckpt_path {last}.") in err, err
+    sweep = runs / "version_8" / "checkpoints" / "last.ckpt"
+    assert torch.load(sweep, weights_only=True)["global_step"] == 9
+    # a seed drawn at random is not compared, and the resumed run keeps the run's own
+    assert main([*quick, "--trainer.max_epochs", "1", "--model.optim.lr", "0.001", "--seed_everything", "true"]) == 0
+    assert f"--ckpt_path last: resuming from {os.path.relpath(sweep)}\n" in capsys.readouterr().err
+    assert "seed_everything: 0\n" in (sweep.parents[1] / "config.yaml").read_text()
+    assert not list(sweep.parents[1].glob("config.to-step-*"))  # no other settings
 
     # max_time is the time trained in all: a job given no more than the checkpoint's went on for one step before
     spent = torch.load(last, weights_only=True)
@@ -632,8 +648,10 @@ def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_ru
     assert "trainer.max_time 2:00:00 is the training time in all, resumed runs included, and" in err, err
     assert "has trained 2:00:00 already. Raise --trainer.max_time" in err
     assert main([*quick, "--trainer.max_epochs", "3", "--trainer.max_time", "00:01:00:00"]) == 0
-    assert "trainer.max_time counts the checkpoint's 0:00:00 of training: this run stops after 1:00:00 more" \
-        in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "trainer.max_time counts the checkpoint's 0:00:00 of training: this run stops after 1:00:00 more" in err
+    assert (f"--ckpt_path last: resuming from {last} (1 newer run with other settings: runs/quickstart/version_8 "
+            "differs in model.optim.lr 0.001 -> 0.003)") in err, err
     assert torch.load(last, weights_only=True)["global_step"] == 27
 
 
