@@ -119,7 +119,7 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path)
             if trainer.global_step == 6:  # epoch 0 has 9 steps; the last checkpoint is step 6's
                 raise RuntimeError("killed")
 
-    def fit(folder, kill=False, ckpt_path=None):
+    def fit(folder, kill=False, ckpt_path=None, batch_size=64):
         pl.seed_everything(0)
         model = MoCoV2(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), queue_size=256,
                        optim=OptimConfig("sgd", lr=0.05, warmup_epochs=0.5), proj_hidden_dim=16, proj_out_dim=8)
@@ -127,7 +127,7 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path)
         trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=WORLD, strategy="ddp_fork", logger=False,
                              enable_progress_bar=False, enable_model_summary=False,
                              callbacks=callbacks + ([Kill()] if kill else []))
-        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=64), ckpt_path=ckpt_path)
+        trainer.fit(model, DigitsDataModule(image_size=16, batch_size=batch_size), ckpt_path=ckpt_path)
         return model  # the spawn strategies load rank 0's final weights back into this process's model
 
     pl.seed_everything(0)
@@ -141,6 +141,10 @@ def test_ddp_run_killed_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path)
     assert not torch.equal(straight["backbone.0.weight"], init["backbone.0.weight"])  # trained weights came back
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k  # weights, key encoder, the queue filled by both ranks, its pointer
+    # at half the batch size it goes on after the 768 images trained on (12 of the epoch's 19 batches of 2 x 32);
+    # it skipped 6 batches of the new size, and 384 images went untrained (then 6 + 13 + 19 steps)
+    fit(tmp_path / "d", ckpt_path=str(tmp_path / "b" / "last.ckpt"), batch_size=32)
+    assert torch.load(tmp_path / "d" / "last.ckpt", weights_only=True)["global_step"] == 6 + (19 - 12) + 19
 
 
 MODEL_B = 6  # images per rank in the model-level test
