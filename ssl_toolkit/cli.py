@@ -265,7 +265,7 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
     Each run of a sweep over the recipe's settings (``--model.optim.lr`` 0.1, 0.3) is its own: ``last`` took the
     recipe's newest run whatever its settings, so the second of a sweep's chains went on from the first one's run,
     in its folder. The run's length (``trainer.*``: ``max_epochs``, ``max_time``) may change, and a seed drawn at
-    random (``seed_everything: true``) is not compared; the resumed run records the run's own. ``dump()`` gives
+    random (``seed_everything: true``) is not compared (see _keep_run_seed). ``dump()`` gives
     this command's config.yaml. Returns the line that says which run it resumes, or why none."""
     if config.get("ckpt_path") != "last":
         return None
@@ -299,12 +299,9 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
             config.ckpt_path = ckpt
             break
         with open(os.path.join(run, "config.yaml")) as f:
-            saved = _settings(f.read())
-        theirs = compared(saved)
+            theirs = compared(_settings(f.read()))
         if theirs == ours:
             config.ckpt_path = ckpt
-            if random_seed and isinstance(saved.get("seed_everything"), int):
-                config.seed_everything = saved["seed_everything"]  # the run's own (the checkpoint's states go on)
             break
         differ = [f"{key} {theirs.get(key)} -> {ours.get(key)}" for key in sorted({*theirs, *ours}, key=str)
                   if theirs.get(key) != ours.get(key)]
@@ -586,6 +583,18 @@ def _flat(values, prefix: str = "") -> dict:
     return flat
 
 
+def _keep_run_seed(config, log_dir: str) -> None:
+    """A run resumed with ``seed_everything: true`` records its run's seed, not the one drawn for it: the
+    checkpoint's random states go on, so config.yaml named a seed the run never had (and differed from the run's
+    own for that alone, see _keep_earlier_config)."""
+    path = os.path.join(log_dir, "config.yaml")
+    if os.path.isfile(path):
+        with open(path) as f:
+            seed = _settings(f.read()).get("seed_everything")
+        if isinstance(seed, int):
+            config.seed_everything = seed
+
+
 def _keep_earlier_config(log_dir: str, config: str, step: int) -> str | None:
     """A resumed run writes its ``config.yaml`` over the run folder's: a run resumed with other settings (a longer
     ``max_epochs``, a lower ``optim.lr``) lost the record of those it had trained with so far. When they differ
@@ -803,6 +812,7 @@ def pretrain(args: list[str]):
             importlib.import_module(module)
 
     class PretrainCLI(LightningCLI):
+        random_seed = False  # seed_everything: true, a seed drawn for this run
         def add_arguments_to_parser(self, parser):  # run=False leaves out fit's own --ckpt_path; resuming needs it
             parser.add_argument("--ckpt_path", type=str | None, default=None, help=(
                 "resume from this checkpoint of an earlier run of the same recipe (e.g. its last.ckpt): weights, "
@@ -821,7 +831,7 @@ def pretrain(args: list[str]):
             # lines to print once the config has turned out valid, so that an error stays the first line
             dump = functools.partial(self.parser.dump, self.config, skip_none=False)
             self.notes = [n for n in (_barebones(self.config), _leave_out_checkpointing(self.config),
-                                      _resolve_last(self.config, dump, getattr(self, "random_seed", False)),
+                                      _resolve_last(self.config, dump, self.random_seed),
                                       _resume_requeued_slurm_job(self.config, args)) if n]
             _log_to_resumed_run(self.config)
             self.numbered_run = _number_unlogged_run(self.config)
@@ -873,6 +883,8 @@ def pretrain(args: list[str]):
     log_dir = cli.trainer.log_dir if cli.trainer.logger is not None or cli.numbered_run else None
     log_dir = log_dir and os.path.abspath(log_dir)
     if ckpt_path and "://" not in ckpt_path and log_dir and cli.trainer.is_global_zero:
+        if cli.random_seed:
+            _keep_run_seed(cli.config, log_dir)
         note = _keep_earlier_config(log_dir, cli.parser.dump(cli.config, skip_none=False), resumed_step)
         if note:
             print(note, file=sys.stderr)

@@ -633,10 +633,16 @@ def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_ru
     sweep = runs / "version_8" / "checkpoints" / "last.ckpt"
     assert torch.load(sweep, weights_only=True)["global_step"] == 9
     # a seed drawn at random is not compared, and the resumed run keeps the run's own
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # set by the runs before: Lightning's ranks inherit it
     assert main([*quick, "--trainer.max_epochs", "1", "--model.optim.lr", "0.001", "--seed_everything", "true"]) == 0
     assert f"--ckpt_path last: resuming from {os.path.relpath(sweep)}\n" in capsys.readouterr().err
     assert "seed_everything: 0\n" in (sweep.parents[1] / "config.yaml").read_text()
     assert not list(sweep.parents[1].glob("config.to-step-*"))  # no other settings
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert main([*quick[:-1], str(sweep), "--trainer.max_epochs", "1", "--model.optim.lr", "0.001",
+                 "--seed_everything", "true"]) == 0  # and from the checkpoint's path: config.yaml named the drawn one
+    assert "seed_everything: 0\n" in (sweep.parents[1] / "config.yaml").read_text()
+    assert not list(sweep.parents[1].glob("config.to-step-*"))
 
     # max_time is the time trained in all: a job given no more than the checkpoint's went on for one step before
     spent = torch.load(last, weights_only=True)
