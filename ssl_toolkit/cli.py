@@ -520,6 +520,12 @@ def _refuse_spawned_ranks(trainer, config) -> None:
                           "!ssl-toolkit pretrain ... --trainer.strategy ddp.")
 
 
+# PL_GLOBAL_SEED as this process started with it: rank 0's seed in the ranks Lightning's launcher starts (or one
+# the user set). A run in this process sets it too, and a later run here (a notebook, a sweep calling main) is not
+# a rank: see _choose_random_seed
+_STARTED_WITH_SEED = os.environ.get("PL_GLOBAL_SEED")
+
+
 def _choose_random_seed(config) -> None:
     """``seed_everything: true`` asks for a random seed (LightningCLI's help: "Set to True to use a random seed"),
     but Lightning 2.6 seeds 0 for it, with a warning ("No seed found, seed set to 0"), so runs meant to differ by
@@ -529,7 +535,7 @@ def _choose_random_seed(config) -> None:
     number."""
     import random
 
-    if config.get("seed_everything") is not True or "PL_GLOBAL_SEED" in os.environ:
+    if config.get("seed_everything") is not True or _STARTED_WITH_SEED is not None:
         return
     together = max(int(os.environ.get(v, "1") or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS"))
     if together > 1:

@@ -208,11 +208,10 @@ def test_seed_everything_true_is_a_random_seed_recorded_in_the_config(tmp_path, 
     found, seed set to 0"), so runs meant to differ by their seed were the same run. Ranks that Lightning's
     launcher starts later inherit rank 0's through PL_GLOBAL_SEED; ranks started together are asked for a number."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
-    for _ in range(2):
+    for _ in range(2):  # in one process, as in a notebook: the first run's PL_GLOBAL_SEED made the second's the same
         assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "1",
                      "--seed_everything", "true"]) == 0
-        monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # Lightning sets it for the ranks it starts
+        assert os.environ["PL_GLOBAL_SEED"]  # Lightning sets it for the ranks it starts
     seeds = [re.search(r"\nseed_everything: (\d+)\n", (tmp_path / "runs" / "quickstart" / f"version_{v}" /
                                                       "config.yaml").read_text()).group(1) for v in (0, 1)]
     assert seeds[0] != seeds[1] and "No seed found" not in capsys.readouterr().err, seeds
@@ -633,12 +632,10 @@ def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_ru
     sweep = runs / "version_8" / "checkpoints" / "last.ckpt"
     assert torch.load(sweep, weights_only=True)["global_step"] == 9
     # a seed drawn at random is not compared, and the resumed run keeps the run's own
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # set by the runs before: Lightning's ranks inherit it
     assert main([*quick, "--trainer.max_epochs", "1", "--model.optim.lr", "0.001", "--seed_everything", "true"]) == 0
     assert f"--ckpt_path last: resuming from {os.path.relpath(sweep)}\n" in capsys.readouterr().err
     assert "seed_everything: 0\n" in (sweep.parents[1] / "config.yaml").read_text()
     assert not list(sweep.parents[1].glob("config.to-step-*"))  # no other settings
-    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
     assert main([*quick[:-1], str(sweep), "--trainer.max_epochs", "1", "--model.optim.lr", "0.001",
                  "--seed_everything", "true"]) == 0  # and from the checkpoint's path: config.yaml named the drawn one
     assert "seed_everything: 0\n" in (sweep.parents[1] / "config.yaml").read_text()
