@@ -254,6 +254,10 @@ def _numbered(folder: str, pattern: str) -> dict[int, str]:
                                                   (os.listdir(folder) if os.path.isdir(folder) else [])) if m}
 
 
+# model and data settings that change how fast a run goes, not what it trains: a chain's jobs may differ in them
+_SPEED_ONLY = {"model.channels_last", "data.num_workers", "data.pin_memory", "data.resident", "data.cache_dir"}
+
+
 def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
     """``--ckpt_path last``: the newest ``last.ckpt`` of the logger's run folders (``version_*``, or the logger's
     own version; without a logger the same ``version_*`` folders and SLURM jobs' ``slurm-*`` ones beside them (see
@@ -264,9 +268,10 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
 
     Each run of a sweep over the recipe's settings (``--model.optim.lr`` 0.1, 0.3) is its own: ``last`` took the
     recipe's newest run whatever its settings, so the second of a sweep's chains went on from the first one's run,
-    in its folder. The run's length (``trainer.*``: ``max_epochs``, ``max_time``) may change, and a seed drawn at
-    random (``seed_everything: true``) is not compared (see _keep_run_seed). ``dump()`` gives
-    this command's config.yaml. Returns the line that says which run it resumes, or why none."""
+    in its folder. The trainer's settings (``max_epochs``, ``max_time``, ...) and those that change only the speed
+    (``_SPEED_ONLY``) may change, and a seed drawn at random (``seed_everything: true``) is not compared (see
+    _keep_run_seed). ``dump()`` gives this command's config.yaml. Returns the line that says which run it resumes,
+    or why none."""
     if config.get("ckpt_path") != "last":
         return None
     trainer, tensorboard = config.get("trainer") or {}, _tensorboard_runs(config)
@@ -289,8 +294,8 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
         return f"--ckpt_path last: no {pattern} yet, so this run starts afresh"
 
     def compared(values: dict) -> dict:
-        return _flat({key: values.get(key) for key in ("model", "data", "seed_everything")
-                      if key != "seed_everything" or not random_seed})
+        return _what_it_trains({key: values.get(key) for key in ("model", "data", "seed_everything")
+                                if key != "seed_everything" or not random_seed})
 
     ours, others = compared(_settings(dump())), []
     for ckpt in sorted(found, key=os.path.getmtime, reverse=True):
@@ -589,6 +594,11 @@ def _flat(values, prefix: str = "") -> dict:
     return flat
 
 
+def _what_it_trains(values: dict) -> dict:
+    """Settings (from _settings) flat, as their flags name them, without those that change only the speed."""
+    return {key: value for key, value in _flat(values).items() if key not in _SPEED_ONLY}
+
+
 def _keep_run_seed(config, log_dir: str) -> None:
     """A run resumed with ``seed_everything: true`` records its run's seed, not the one drawn for it: the
     checkpoint's random states go on, so config.yaml named a seed the run never had (and differed from the run's
@@ -606,12 +616,12 @@ def _keep_earlier_config(log_dir: str, config: str, step: int) -> str | None:
     ``max_epochs``, a lower ``optim.lr``) lost the record of those it had trained with so far. When they differ
     (the checkpoint given aside), the earlier one is kept as ``config.to-step-N.yaml``, N the step it resumed
     at; returns the line that says so. What pretrain itself fills in to resume (the checkpoint's path, the
-    logger's version) is not a difference."""
+    logger's version) is not a difference, nor are the settings of speed only (_SPEED_ONLY)."""
     path = os.path.join(log_dir, "config.yaml")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        if _settings(f.read()) == _settings(config):
+        if _what_it_trains(_settings(f.read())) == _what_it_trains(_settings(config)):
             return None
     kept = os.path.join(log_dir, f"config.to-step-{step}.yaml")
     for n in itertools.count(1):  # resumed from the same step before, with other settings again
