@@ -263,6 +263,11 @@ def test_eval_commands_refuse_bad_checkpoints_and_data(tmp_path, capsys):
     assert main(["knn", "--ckpt", str(tmp_path / "x.ckpt")]) == 1
     err = capsys.readouterr().err
     assert "could not be read (UnpicklingError: Unsupported operand" in err and "weights_only" not in err, err
+    for text, error in (("hello\n", "KeyError: 101"), ("a,b\n1,2\n", "IndexError: pop from empty list")):
+        (tmp_path / "x.ckpt").write_text(text)  # text files: torch's unpickler raised these, and the message was "101"
+        assert main(["knn", "--ckpt", str(tmp_path / "x.ckpt")]) == 1
+        err = capsys.readouterr().err
+        assert f"x.ckpt could not be read ({error}); the file is truncated or not a PyTorch checkpoint" in err, err
     # another library's Lightning checkpoint, its hyperparameters an argparse.Namespace (as lightning-bolts saved):
     # the reason, not torch's advice to load it with weights_only=False, nor "truncated"
     torch.save({"state_dict": {}, "hyper_parameters": argparse.Namespace(lr=0.1)}, tmp_path / "bolts.ckpt")
