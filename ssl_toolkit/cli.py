@@ -263,8 +263,8 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
     own version; without a logger the same ``version_*`` folders and SLURM jobs' ``slurm-*`` ones beside them (see
     _unlogged_runs), or ``default_root_dir/checkpoints`` and ``default_root_dir/slurm-*/checkpoints``, where such
     runs went before) whose run has this command's model and data settings and seed, or a fresh start when there
-    is none yet (a run folder without a config.yaml counts as the same run). Lightning's own ``last`` looks only in
-    the new run's folder, which is empty.
+    is none yet (a run folder without a readable config.yaml counts as the same run). Lightning's own ``last``
+    looks only in the new run's folder, which is empty.
 
     Each run of a sweep over the recipe's settings (``--model.optim.lr`` 0.1, 0.3) is its own: ``last`` took the
     recipe's newest run whatever its settings, so the second of a sweep's chains went on from the first one's run,
@@ -300,11 +300,14 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
     ours, others = compared(_settings(dump())), []
     for ckpt in sorted(found, key=os.path.getmtime, reverse=True):
         run = os.path.dirname(os.path.dirname(ckpt))
-        if not os.path.isfile(os.path.join(run, "config.yaml")):  # settings unknown (copied there): taken as before
+        saved = None
+        if os.path.isfile(os.path.join(run, "config.yaml")):
+            with open(os.path.join(run, "config.yaml")) as f:
+                saved = _settings(f.read())
+        if saved is None or "unreadable" in saved:  # settings unknown (copied there, cut short): taken as before
             config.ckpt_path = ckpt
             break
-        with open(os.path.join(run, "config.yaml")) as f:
-            theirs = compared(_settings(f.read()))
+        theirs = compared(saved)
         if theirs == ours:
             config.ckpt_path = ckpt
             break
@@ -572,10 +575,16 @@ def _refuse_tuners(trainer) -> None:
 
 def _settings(text: str) -> dict:
     """A run's ``config.yaml`` as the settings that make it that run: what pretrain fills in to resume (the
-    checkpoint's path, the logger's version) left out."""
+    checkpoint's path, the logger's version) left out. One that is not YAML (cut short by a kill while it was
+    written) gives ``{"unreadable": ...}``."""
     import yaml
 
-    values = yaml.safe_load(text) or {}
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        return {"unreadable": str(e).splitlines()[0]}
+    if not isinstance(values, dict):
+        return {"unreadable": f"a {type(values).__name__}, not settings"}
     values.pop("ckpt_path", None)
     loggers = (values.get("trainer") or {}).get("logger")
     for logger in loggers if isinstance(loggers, list) else [loggers]:

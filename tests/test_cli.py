@@ -647,6 +647,12 @@ def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_ru
                  "--seed_everything", "true"]) == 0  # and from the checkpoint's path: config.yaml named the drawn one
     assert "seed_everything: 0\n" in (sweep.parents[1] / "config.yaml").read_text()
     assert not list(sweep.parents[1].glob("config.to-step-*"))
+    # a config.yaml cut short (a kill while it was written) was a yaml traceback in every later run: its settings are
+    # unknown, and its run is taken as a run without one is; a resume keeps it aside
+    (sweep.parents[1] / "config.yaml").write_text("seed_everything: 0\nmodel:\n  class_path: [ssl_tool")
+    assert main([*quick, "--trainer.max_epochs", "1", "--model.optim.lr", "0.001"]) == 0
+    assert f"--ckpt_path last: resuming from {os.path.relpath(sweep)}\n" in capsys.readouterr().err
+    assert "class_path: [ssl_tool" in (sweep.parents[1] / "config.to-step-9.yaml").read_text()
 
     # max_time is the time trained in all: a job given no more than the checkpoint's went on for one step before
     spent = torch.load(last, weights_only=True)
