@@ -528,10 +528,11 @@ def _refuse_spawned_ranks(trainer, config) -> None:
                           "!ssl-toolkit pretrain ... --trainer.strategy ddp.")
 
 
-# PL_GLOBAL_SEED as this process started with it: rank 0's seed in the ranks Lightning's launcher starts (or one
-# the user set). A run in this process sets it too, and a later run here (a notebook, a sweep calling main) is not
-# a rank: see _choose_random_seed
-_STARTED_WITH_SEED = os.environ.get("PL_GLOBAL_SEED")
+# The environment this process started with. PL_GLOBAL_SEED: rank 0's seed in the ranks Lightning's launcher starts
+# (or one the user set); WORLD_SIZE, SLURM_NTASKS: ranks started together (torchrun, srun). A run in this process
+# sets PL_GLOBAL_SEED and, on several devices, WORLD_SIZE too, and a later run here (a notebook, a sweep calling
+# main) is neither: see _choose_random_seed
+_STARTED_ENV = {name: os.environ.get(name) for name in ("PL_GLOBAL_SEED", "WORLD_SIZE", "SLURM_NTASKS")}
 
 
 def _choose_random_seed(config) -> None:
@@ -543,9 +544,9 @@ def _choose_random_seed(config) -> None:
     number."""
     import random
 
-    if config.get("seed_everything") is not True or _STARTED_WITH_SEED is not None:
+    if config.get("seed_everything") is not True or _STARTED_ENV["PL_GLOBAL_SEED"] is not None:
         return
-    together = max(int(os.environ.get(v, "1") or 1) for v in ("WORLD_SIZE", "SLURM_NTASKS"))
+    together = max(int(_STARTED_ENV[name] or 1) for name in ("WORLD_SIZE", "SLURM_NTASKS"))
     if together > 1:
         raise ConfigError(f"seed_everything: true gives each of the {together} ranks started together (torchrun, "
                           "srun) its own random seed, and a DDP run needs one for all. Give a number: "

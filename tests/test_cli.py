@@ -207,6 +207,8 @@ def test_seed_everything_true_is_a_random_seed_recorded_in_the_config(tmp_path, 
     """LightningCLI documents `seed_everything: true` as a random seed; Lightning 2.6 seeded 0 for it ("No seed
     found, seed set to 0"), so runs meant to differ by their seed were the same run. Ranks that Lightning's
     launcher starts later inherit rank 0's through PL_GLOBAL_SEED; ranks started together are asked for a number."""
+    from ssl_toolkit import cli
+
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # in one process, as in a notebook: the first run's PL_GLOBAL_SEED made the second's the same
         assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "1",
@@ -215,7 +217,10 @@ def test_seed_everything_true_is_a_random_seed_recorded_in_the_config(tmp_path, 
     seeds = [re.search(r"\nseed_everything: (\d+)\n", (tmp_path / "runs" / "quickstart" / f"version_{v}" /
                                                       "config.yaml").read_text()).group(1) for v in (0, 1)]
     assert seeds[0] != seeds[1] and "No seed found" not in capsys.readouterr().err, seeds
-    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's ranks
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as Lightning's launcher leaves it after a run on 2 devices: not a rank
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "1",
+                 "--seed_everything", "true"]) == 0  # was refused as one of "the 2 ranks started together"
+    monkeypatch.setitem(cli._STARTED_ENV, "WORLD_SIZE", "2")  # torchrun's ranks start with it
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--seed_everything", "true"]) == 1
     assert "Give a number: --seed_everything 1234." in capsys.readouterr().err
 
