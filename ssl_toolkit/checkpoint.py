@@ -79,16 +79,19 @@ def check_resume(path: str, model) -> dict:
     return ckpt
 
 
-def _settings(values, prefix: str = "") -> dict:
+def flat_settings(values, prefix: str = "") -> dict:
     """Nested settings as ``{"optim.lr": 0.3, ...}``, lists as tuples (a YAML list and a tuple field compare
-    equal); the class as ``class_path``, without Lightning's other private keys (``_instantiator``)."""
+    equal); the class as ``class_path``, without Lightning's other private keys (``_instantiator``). A config's
+    ``init_args`` level is left out of the names, as its flags leave it out (``--model.optim.lr``)."""
     out = {}
     for key, value in dict(values).items():
         key = "class_path" if key == "_class_path" else str(key)
         if key.startswith("_"):
             continue
-        if isinstance(value, dict):
-            out.update(_settings(value, f"{prefix}{key}."))
+        if key == "init_args" and isinstance(value, dict):
+            out.update(flat_settings(value, prefix))
+        elif isinstance(value, dict):
+            out.update(flat_settings(value, f"{prefix}{key}."))
         else:
             out[prefix + key] = tuple(value) if isinstance(value, list) else value
     return out
@@ -103,7 +106,7 @@ def resume_differences(ckpt: dict, model, datamodule=None) -> str | None:
                               ("data", ckpt.get("datamodule_hyper_parameters"), getattr(datamodule, "hparams", None))):
         if not before or now is None:
             continue
-        before, now = _settings(before), _settings(now)
+        before, now = flat_settings(before), flat_settings(now)
         changed += [f"{part}.{key} {before.get(key, '(none)')} -> {now.get(key, '(none)')}"
                     for key in sorted(before.keys() | now.keys()) if before.get(key, "(none)") != now.get(key, "(none)")]
     if not changed:

@@ -594,19 +594,11 @@ def _settings(text: str) -> dict:
     return values
 
 
-def _flat(values, prefix: str = "") -> dict:
-    """Nested settings as ``{"model.optim.lr": 0.3, ...}``, named as their flags (``init_args`` left out)."""
-    if not isinstance(values, dict) or not values:
-        return {prefix: values}
-    flat = {}
-    for key, value in values.items():
-        flat.update(_flat(value, prefix if key == "init_args" else f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
 def _what_it_trains(values: dict) -> dict:
     """Settings (from _settings) flat, as their flags name them, without those that change only the speed."""
-    return {key: value for key, value in _flat(values).items() if key not in _SPEED_ONLY}
+    from ssl_toolkit.checkpoint import flat_settings
+
+    return {key: value for key, value in flat_settings(values).items() if key not in _SPEED_ONLY}
 
 
 def _keep_run_seed(config, log_dir: str) -> None:
