@@ -298,12 +298,10 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
                                 if key != "seed_everything" or not random_seed})
 
     ours, others = compared(_settings(dump())), []
-    for ckpt in sorted(found, key=os.path.getmtime, reverse=True):
+    found.sort(key=os.path.getmtime, reverse=True)
+    for ckpt in found:
         run = os.path.dirname(os.path.dirname(ckpt))
-        saved = None
-        if os.path.isfile(os.path.join(run, "config.yaml")):
-            with open(os.path.join(run, "config.yaml")) as f:
-                saved = _settings(f.read())
+        saved = _run_folder_settings(run)
         if saved is None or "unreadable" in saved:  # settings unknown (copied there, cut short): taken as before
             config.ckpt_path = ckpt
             break
@@ -318,7 +316,7 @@ def _resolve_last(config, dump, random_seed: bool = False) -> str | None:
     if config.ckpt_path is None:
         return (f"--ckpt_path last: no run with this command's model and data settings and seed has a {pattern} "
                 f"(the newest, {others[0]}), so this run starts afresh. To go on from a run with other settings, "
-                f"give its checkpoint: --ckpt_path {sorted(found, key=os.path.getmtime)[-1]}.")
+                f"give its checkpoint: --ckpt_path {found[0]}.")
     newer = f" ({len(others)} newer run{'s' * (len(others) > 1)} with other settings: {others[0]})" if others else ""
     return f"--ckpt_path last: resuming from {config.ckpt_path}{newer}"
 
@@ -601,30 +599,33 @@ def _what_it_trains(values: dict) -> dict:
     return {key: value for key, value in flat_settings(values).items() if key not in _SPEED_ONLY}
 
 
-def _keep_run_seed(config, log_dir: str) -> None:
-    """A run resumed with ``seed_everything: true`` records its run's seed, not the one drawn for it: the
-    checkpoint's random states go on, so config.yaml named a seed the run never had (and differed from the run's
-    own for that alone, see _keep_earlier_config)."""
-    path = os.path.join(log_dir, "config.yaml")
-    if os.path.isfile(path):
-        with open(path) as f:
-            seed = _settings(f.read()).get("seed_everything")
-        if isinstance(seed, int):
-            config.seed_everything = seed
-
-
-def _keep_earlier_config(log_dir: str, config: str, step: int) -> str | None:
-    """A resumed run writes its ``config.yaml`` over the run folder's: a run resumed with other settings (a longer
-    ``max_epochs``, a lower ``optim.lr``) lost the record of those it had trained with so far. When they differ
-    (the checkpoint given aside), the earlier one is kept as ``config.to-step-N.yaml``, N the step it resumed
-    at; returns the line that says so. What pretrain itself fills in to resume (the checkpoint's path, the
-    logger's version) is not a difference, nor are the settings of speed only (_SPEED_ONLY)."""
-    path = os.path.join(log_dir, "config.yaml")
+def _run_folder_settings(folder: str) -> dict | None:
+    """The settings of the run in ``folder``, from its ``config.yaml`` (see _settings); None without one."""
+    path = os.path.join(folder, "config.yaml")
     if not os.path.isfile(path):
         return None
     with open(path) as f:
-        if _what_it_trains(_settings(f.read())) == _what_it_trains(_settings(config)):
-            return None
+        return _settings(f.read())
+
+
+def _keep_run_seed(config, saved: dict) -> None:
+    """A run resumed with ``seed_everything: true`` records its run's seed (``saved``: its run folder's settings),
+    not the one drawn for it: the checkpoint's random states go on, so config.yaml named a seed the run never had
+    (and differed from the run's own for that alone, see _keep_earlier_config)."""
+    if isinstance(saved.get("seed_everything"), int):
+        config.seed_everything = saved["seed_everything"]
+
+
+def _keep_earlier_config(log_dir: str, saved: dict, config: str, step: int) -> str | None:
+    """A resumed run writes its ``config.yaml`` over the run folder's: a run resumed with other settings (a longer
+    ``max_epochs``, a lower ``optim.lr``) lost the record of those it had trained with so far. When they differ
+    (the checkpoint given aside), the earlier one is kept as ``config.to-step-N.yaml``, N the step it resumed
+    at; returns the line that says so. ``saved``: the settings in the run folder's config.yaml. What pretrain
+    itself fills in to resume (the checkpoint's path, the logger's version) is not a difference, nor are the
+    settings of speed only (_SPEED_ONLY)."""
+    if _what_it_trains(saved) == _what_it_trains(_settings(config)):
+        return None
+    path = os.path.join(log_dir, "config.yaml")
     kept = os.path.join(log_dir, f"config.to-step-{step}.yaml")
     for n in itertools.count(1):  # resumed from the same step before, with other settings again
         if not os.path.exists(kept):
@@ -900,10 +901,12 @@ def pretrain(args: list[str]):
     # the run's own folder: the logger's (None under fast_dev_run) or, without a logger, the one numbered for it
     log_dir = cli.trainer.log_dir if cli.trainer.logger is not None or cli.numbered_run else None
     log_dir = log_dir and os.path.abspath(log_dir)
-    if ckpt_path and "://" not in ckpt_path and log_dir and cli.trainer.is_global_zero:
+    resumed_here = ckpt_path and "://" not in ckpt_path and log_dir and cli.trainer.is_global_zero
+    saved = _run_folder_settings(log_dir) if resumed_here else None
+    if saved is not None:
         if cli.random_seed:
-            _keep_run_seed(cli.config, log_dir)
-        note = _keep_earlier_config(log_dir, cli.parser.dump(cli.config, skip_none=False), resumed_step)
+            _keep_run_seed(cli.config, saved)
+        note = _keep_earlier_config(log_dir, saved, cli.parser.dump(cli.config, skip_none=False), resumed_step)
         if note:
             print(note, file=sys.stderr)
     made = log_dir and _first_missing(log_dir)  # the run folder is new; made: with the parents it needs
