@@ -159,10 +159,9 @@ class BaseSSLModule(pl.LightningModule):
         self.schedule_steps: int | None = None  # the optimizer steps the schedules span, set with them
         self.steps_per_epoch: int | None = None  # their steps of one epoch
         self.schedule_offset = 0  # the global step at the schedules' step 0: see _resumed_offset
-        # a checkpoint resumed from: its global step, steps an epoch and schedule offset
-        self._resumed_place: tuple[int, int | None, int] | None = None
-        # a checkpoint resumed from: its schedules' steps and lr share (None when the run did not resume)
-        self._resumed_schedule: tuple[int | None, float | None] | None = None
+        # the checkpoint a run resumes from (None when it did not): its global step, and its schedules' steps,
+        # steps an epoch, offset and learning rate (a share of the peak), each None when it has none
+        self._resumed: dict | None = None
         self._configured_groups: list[dict] = []  # this run's optimizer settings, per param group
         self.batch_images: torch.Tensor | None = None  # the current training batch before the view policy
         self._unchecked: tuple[int, HostFlag, dict[str, torch.Tensor]] | None = None  # (step, finite?, terms)
@@ -290,9 +289,9 @@ class BaseSSLModule(pl.LightningModule):
         epochs (``trainer.max_epochs``, not ``max_steps``). They go on from the checkpoint's place in its epochs:
         they started at the checkpoint's global step, counted at the old size, so a run resumed at twice the batch
         size after half its epochs was already at their end (the learning rate at its minimum for all the rest)."""
-        if self._resumed_place is None:
+        if self._resumed is None:
             return 0
-        step, per_epoch, offset = self._resumed_place
+        step, per_epoch, offset = (self._resumed[k] for k in ("step", "steps_per_epoch", "schedule_offset"))
         epochs = self.trainer.max_epochs
         if per_epoch is None or not epochs or epochs < 0 or self.schedule_steps != self.steps_per_epoch * epochs:
             return 0  # a checkpoint from before the steps an epoch were saved, or schedules that span max_steps
@@ -390,9 +389,10 @@ class BaseSSLModule(pl.LightningModule):
         saved = checkpoint.get("lr_schedulers") or [{}]
         rates = saved[0].get("_last_lr"), saved[0].get("base_lrs")
         ours = checkpoint.get("ssl_toolkit", {})
-        self._resumed_schedule = (ours.get("schedule_steps"), rates[0][0] / rates[1][0] if all(rates) else None)
-        self._resumed_place = (checkpoint.get("global_step", 0), ours.get("steps_per_epoch"),
-                               ours.get("schedule_offset", 0))
+        self._resumed = {"step": checkpoint.get("global_step", 0), "schedule_steps": ours.get("schedule_steps"),
+                         "steps_per_epoch": ours.get("steps_per_epoch"),
+                         "schedule_offset": ours.get("schedule_offset", 0),
+                         "share": rates[0][0] / rates[1][0] if all(rates) else None}
 
     def on_train_start(self) -> None:
         """Say when a resumed run's schedules span another length than the checkpoint's run did: ``max_epochs``,
@@ -400,22 +400,24 @@ class BaseSSLModule(pl.LightningModule):
         learning rate jumps at the resumed step (a finished 6-epoch quickstart resumed with ``max_epochs`` 12
         went from 0% to 65% of its peak) and the decays follow the new length: often meant (training a finished
         run on), and not otherwise visible."""
-        resumed, (saved, share) = self._resumed_schedule is not None, self._resumed_schedule or (None, None)
-        place, self._resumed_schedule, self._resumed_place = self._resumed_place, None, None
-        if resumed:
-            self._apply_configured_optimizer()
-        if not resumed or not self.trainer.is_global_zero:
+        resumed, self._resumed = self._resumed, None
+        if resumed is None:
             return
+        self._apply_configured_optimizer()
+        if not self.trainer.is_global_zero:
+            return
+        saved, share = resumed["schedule_steps"], resumed["share"]
         step = self.trainer.global_step
         configs = self.trainer.lr_scheduler_configs
         lambdas = getattr(configs[0].scheduler, "lr_lambdas", None) if configs else None
-        if place is not None and self.schedule_offset != place[2]:  # other steps an epoch: see _resumed_offset
+        if self.schedule_offset != resumed["schedule_offset"]:  # other steps an epoch: see _resumed_offset
             was = f" (the checkpoint's: {share:.0%})" if share is not None else ""
             at = f", with the learning rate at {lambdas[0](step):.0%} of its peak{was}" if lambdas else ""
             print(f"Resumed at step {step} with {self.steps_per_epoch} steps an epoch, where the checkpoint's run had "
-                  f"{place[1]} (data.batch_size, the number of devices or trainer.accumulate_grad_batches differ): "
-                  f"its schedules, {self.schedule_steps} steps over trainer.max_epochs {self.trainer.max_epochs}, go "
-                  f"on from the checkpoint's place in its epochs, their step {step - self.schedule_offset}{at}.",
+                  f"{resumed['steps_per_epoch']} (data.batch_size, the number of devices or "
+                  f"trainer.accumulate_grad_batches differ): its schedules, {self.schedule_steps} steps over "
+                  f"trainer.max_epochs {self.trainer.max_epochs}, go on from the checkpoint's place in its epochs, "
+                  f"their step {step - self.schedule_offset}{at}.",
                   file=sys.stderr, flush=True)
             return
         if saved is None or saved == self.schedule_steps:
