@@ -248,6 +248,32 @@ def test_large_jpegs_are_decoded_reduced_to_the_centred_square_in_every_orientat
     assert (x[0].flip(1, 2).float() - area.float()).abs().mean() > 40  # the photo upside down: 56
 
 
+def test_hidden_files_and_folders_are_not_images_or_classes(tmp_path):
+    """A folder copied from a Mac (to a USB drive, a share, a zip) has a ``._name`` metadata file beside each image
+    and, unzipped, a ``__MACOSX/`` copy of the tree of them; Jupyter leaves ``.ipynb_checkpoints``. None of them
+    are images or classes: they had stopped the run as unreadable images, or as a class folder without images."""
+    root = make_folder(tmp_path / "imgs")
+    apple_double = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(64)  # its magic, then a header
+    for d in (root / "train" / "cat", root / "__MACOSX" / "train" / "cat", root / "val" / ".ipynb_checkpoints"):
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "._0.png").write_bytes(apple_double)
+    (root / "train" / ".ipynb_checkpoints").mkdir()  # an empty class folder, in train/ only
+    dm = ImageFolderDataModule(str(root), image_size=8)
+    dm.setup()
+    assert dm.splits.classes == ["cat", "dog"] and len(dm.splits.y_train) == 6 and len(dm.splits.y_test) == 6
+    photos = tmp_path / "photos"  # unlabelled, unzipped from a Mac
+    for d in (photos / "2020", photos / "__MACOSX" / "2020", photos / ".thumbnails"):
+        d.mkdir(parents=True)
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(photos / "2020" / "a.jpg")
+    Image.fromarray(np.zeros((12, 12, 3), np.uint8)).save(photos / ".thumbnails" / "a.jpg")
+    for d in (photos / "2020", photos / "__MACOSX" / "2020"):
+        (d / "._a.jpg").write_bytes(apple_double)
+    assert images.image_files(photos) == [str(photos / "2020" / "a.jpg")]
+    dm = ImageFolderDataModule(str(photos), image_size=8)
+    dm.setup()
+    assert dm.splits.x_train.shape == (1, 3, 8, 8)
+
+
 def test_image_folder_empty_class_and_missing_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="dog has no images"):
         ImageFolderDataModule(str(make_folder(tmp_path / "a", empty_class=True))).setup()

@@ -21,11 +21,23 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 SPLIT_FOLDERS = ("train", "val", "test")  # a labelled image folder: train/<class>/*, and val/<class>/* or test/
 
 
+def listed(name: str) -> bool:
+    """Whether a file or folder named ``name`` is part of an image folder. Hidden names (``.*``) and ``__MACOSX``
+    are not, as ``ls`` does not show them: the ``._photo.jpg`` metadata files macOS writes beside each photo on
+    USB drives, network shares and in zips (and ``__MACOSX/``, where a zip made on a Mac keeps them) are not
+    images and cannot be decoded, and a ``.ipynb_checkpoints`` folder is not a class."""
+    return not name.startswith(".") and name != "__MACOSX"
+
+
 def image_files(folder: str | Path) -> list[str]:
-    """Every image file under ``folder`` (by extension; subfolders included, symlinked folders not followed),
-    sorted."""
-    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
-                  if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS)
+    """Every image file under ``folder`` (by extension; subfolders included, symlinked folders not followed,
+    hidden files and folders left out: :func:`listed`), sorted."""
+    found = []
+    for root, folders, files in os.walk(folder):
+        folders[:] = [d for d in folders if listed(d)]  # not walked into
+        found += [os.path.join(root, f) for f in files
+                  if listed(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
 
 
 ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 flipped and/or rotated, undone by these (as ImageOps.exif_transpose)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit.data.base import DecodesFiles, InMemoryDataModule, Splits
-from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, image_files, report_unreadable
+from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, image_files, listed, report_unreadable
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,8 @@ class NpzDataModule(InMemoryDataModule):
 
 class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
     """An image folder: labelled, ``root/train/<class>/*`` and ``root/val/<class>/*`` (or ``test/``), or unlabelled,
-    any images under ``root`` (subfolders included) when it has neither ``train/`` nor ``val/``.
+    any images under ``root`` (subfolders included) when it has neither ``train/`` nor ``val/``. Hidden files and
+    folders (``.*``: macOS's ``._photo.jpg``, ``.ipynb_checkpoints``) and ``__MACOSX/`` are left out.
 
     Images are decoded once (in ``num_workers`` processes), resized so the shorter side is
     ``image_size`` and centre-cropped, and kept in memory as uint8: plan ``N * 3 * image_size^2``
@@ -218,7 +219,7 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
         self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
 
     def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
-        classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+        classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and listed(d.name))
         if not classes:
             raise FileNotFoundError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>.")
         paths, labels = [], []
