@@ -502,6 +502,41 @@ def test_a_mid_epoch_resume_at_another_batch_size_goes_on_after_the_images_train
     assert (f"training the {again} images after those again" in err) == (again > 0), err
 
 
+def test_a_mid_epoch_resume_under_gradient_accumulation_starts_on_a_whole_step(tmp_path, capsys):
+    """Lightning counts accumulated batches from the epoch's first: a resume moved to a batch between two steps
+    (3 batches of 64 are 1.5 of 128) made its first step of one batch where the others sum two."""
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
+
+    class Killed(Exception):
+        pass
+
+    class Record(Callback):
+        def __init__(self, kill=False):
+            self.steps, self.kill = [], kill  # (batch index, optimizer steps after it)
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if self.kill and trainer.global_step == 3:
+                raise Killed
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.steps.append((batch_idx, trainer.global_step))
+
+    def fit(batch_size, accumulate, record, ckpt_path=None):
+        pl.seed_everything(0)
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, accumulate_grad_batches=accumulate, callbacks=[
+                                 ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=3), record])
+        trainer.fit(tiny(), DigitsDataModule(image_size=16, batch_size=batch_size), ckpt_path=ckpt_path)
+
+    with pytest.raises(Killed):
+        fit(64, 1, Record(kill=True))
+    rest = Record()
+    fit(128, 2, rest, ckpt_path=str(tmp_path / "last.ckpt"))  # 192 images trained: 1.5 batches of 128
+    assert rest.steps[:4] == [(0, 3), (1, 4), (2, 4), (3, 5)], rest.steps  # from the epoch's start: 2 a step
+    assert "goes on from batch 0 of the epoch (the first of 2 summed into a step), training the 192 images after " \
+        "those again." in capsys.readouterr().err
+
+
 def test_a_mid_epoch_place_moves_with_the_number_of_devices():
     """Devices take turns through the epoch's order, so images a batch is data.batch_size times the devices."""
     from ssl_toolkit.data.base import move_epoch_position
@@ -531,6 +566,12 @@ def test_a_mid_epoch_place_moves_with_the_number_of_devices():
     taken, total, note = moved(128, 1)  # as many images a batch, in another order
     assert (taken, total) == (6, 15) and other in note and "data.batch_size 64 on 2 devices); at 128 a batch" in note
     assert moved(64, 2) == (6, 15, None) and moved(32, 4) == (6, 15, None) and moved(64, 4, done=True) == (6, 15, None)
+    c = checkpoint()  # accumulated 4 batches a step: from batch 4, the first of a step, and 2 batches again
+    note = move_epoch_position(c, DigitsDataModule(image_size=16, batch_size=64), 2, accumulate=4)
+    assert c["DigitsDataModule"]["epoch_order"]["taken"] == 4 and note.endswith(
+        "at 128 a batch this run goes on from batch 4 of the epoch (the first of 4 summed into a step), training the "
+        "256 images after those again.")
+    assert move_epoch_position(checkpoint(), DigitsDataModule(image_size=16, batch_size=64), 2, accumulate=3) is None
 
 
 @pytest.mark.parametrize("signals", ["SIGTERM", "SIGTERM while accumulating", "Ctrl-C twice"])

@@ -84,25 +84,28 @@ class EpochOrder:
         self.resume = None if state["epoch_done"] else (state["seed"], state["taken"])
 
 
-def move_epoch_position(checkpoint: dict, datamodule, world_size: int) -> str | None:
+def move_epoch_position(checkpoint: dict, datamodule, world_size: int, accumulate: int = 1) -> str | None:
     """Put a checkpoint's place in its epoch into batches of this run's size; returns the line that says so.
 
     The place is a count of batches, the DataModule's and Lightning's own. Resumed at another batch size or
     number of devices, the same count of the new batches skipped other images than were trained on: 64 -> 128
     after 6 batches left 384 of the epoch's 1152 images untrained, 128 -> 48 after 3 trained 240 twice. The epoch's
     order of images is the same at any batch size (devices take turns through it), so both counts become the whole
-    new batches in the images trained on, and those past the last of them are trained on again. Rewrites
-    ``checkpoint`` before Lightning restores the DataModule and its loops from it.
+    new batches in the images trained on, and those past the last of them are trained on again. Under gradient
+    accumulation (``accumulate`` batches a step; Lightning counts them from the epoch's first batch) the count is
+    rounded down to whole steps: from a count between them, the first step summed fewer batches, at the same
+    weight each (3 of 4: a step three quarters as long). Rewrites ``checkpoint`` before Lightning restores the
+    DataModule and its loops from it.
     """
     state = (checkpoint.get(type(datamodule).__qualname__) or {}).get("epoch_order")
     if not state or state["epoch_done"] or "batch_size" not in state or not isinstance(datamodule, InMemoryDataModule):
         return None  # between two epochs, or from before the batch size was saved
     was, now = (state["batch_size"], state["world_size"]), (datamodule.batch_size, world_size)
     other_order = (was[1] == 1) != (now[1] == 1)  # one device shuffles with its own generator, several by the epoch
-    if was[0] * was[1] == now[0] * now[1] and not other_order:
-        return None
     images = state["taken"] * was[0] * was[1]
-    taken = images // (now[0] * now[1])
+    taken = images // (now[0] * now[1]) // accumulate * accumulate
+    if taken == state["taken"] and was[0] * was[1] == now[0] * now[1] and not other_order:
+        return None
     progress = checkpoint["loops"]["fit_loop"]["epoch_loop.batch_progress"]
     for counts in (progress["current"], progress["total"]):
         for key in counts:
@@ -115,7 +118,8 @@ def move_epoch_position(checkpoint: dict, datamodule, world_size: int) -> str | 
 
     return (f"The checkpoint stopped {images} images into its epoch, at {was[0] * was[1]} a batch (data.batch_size "
             f"{was[0]} on {devices(was[1])}); at {now[0] * now[1]} a batch this run goes on from batch {taken} of "
-            f"the epoch" + (f", training the {again} images after those again" if again else "")
+            f"the epoch" + (f" (the first of {accumulate} summed into a step)" if accumulate > 1 else "")
+            + (f", training the {again} images after those again" if again else "")
             + (" (the epoch's order on one device is not that on several: which images were trained on is not kept, "
                "only how many)" if other_order else "") + ".")
 

@@ -383,7 +383,8 @@ class BaseSSLModule(pl.LightningModule):
         if self.trainer.datamodule is not None:
             from ssl_toolkit.data.base import move_epoch_position
 
-            note = move_epoch_position(checkpoint, self.trainer.datamodule, self.trainer.world_size)
+            note = move_epoch_position(checkpoint, self.trainer.datamodule, self.trainer.world_size,
+                                       self.trainer.accumulate_grad_batches)
             if note and self.trainer.is_global_zero:
                 print(note, file=sys.stderr, flush=True)
         saved = checkpoint.get("lr_schedulers") or [{}]
