@@ -1347,13 +1347,14 @@ def search(args: list[str]) -> None:
     _add_on_corrupt(p)
     a = p.parse_args(args)
     from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.data.images import decode_files
     from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, faiss, list_images, load_paths,
                                          write_gallery)
 
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
                                 "--embeddings FOLDER")
-    if not os.path.exists(a.query):  # was "1 of 1 images could not be read ... or set --on-corrupt skip"
+    if not os.path.exists(a.query):
         raise FileNotFoundError(f"--query {a.query!r} does not exist. Pass an image, or a folder of images.")
     with open(a.index + ".json") as f:
         info = json.load(f)
@@ -1365,6 +1366,10 @@ def search(args: list[str]) -> None:
                          "checkpoint the index was built from, or re-run ssl-toolkit embed and index.")
     idx = faiss.read_index(a.index)
     queries = list_images(a.query) if os.path.isdir(a.query) else [a.query]
+    unreadable = [] if os.path.isdir(a.query) else decode_files(queries, 8, 0)[2]  # one image: skipping leaves none
+    if unreadable:  # was "1 of 1 images ... could not be read ... or set --on-corrupt skip", then "None of the 1"
+        raise ValueError(f"--query {a.query!r} cannot be read as an image ({unreadable[0][1]}). Pass an image file, "
+                         "or a folder of images.")
     emb, kept = embed_paths(encoder_from_checkpoint(ckpt), queries, info["image_size"], _device(a),
                             on_corrupt=a.on_corrupt, where=a.query)
     if emb.shape[1] != idx.d:

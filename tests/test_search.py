@@ -172,11 +172,16 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     assert "query: " + str(broken / "ok.png") in capsys.readouterr().out
     (tmp_path / "allbad").mkdir()
     (tmp_path / "allbad" / "bad.jpg").write_bytes(b"not a jpeg")
-    for command in (["embed", "--ckpt", ckpt, "--images", str(tmp_path / "allbad"), "--out", str(tmp_path / "c")],
-                    ["search", "--index", index, "--query", str(tmp_path / "allbad" / "bad.jpg")]):
-        assert main([*command, "--on-corrupt", "skip"]) == 1  # both went on with nothing: 0 embeddings, no query
-        assert "None of the 1 images in" in capsys.readouterr().err
+    embed = ["embed", "--ckpt", ckpt, "--images", str(tmp_path / "allbad"), "--out", str(tmp_path / "c")]
+    assert main([*embed, "--on-corrupt", "skip"]) == 1  # it went on with nothing: 0 embeddings
+    assert "None of the 1 images in" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()
+    for skip in ([], ["--on-corrupt", "skip"]):  # one query: "1 of 1 images ... or set --on-corrupt skip", then with
+        assert main(["search", "--index", index, "--query", str(tmp_path / "allbad" / "bad.jpg"), *skip]) == 1  # it,
+        assert capsys.readouterr().err.strip().endswith(  # "None of the 1 images"
+            f"error: --query '{tmp_path / 'allbad' / 'bad.jpg'}' cannot be read as an image (UnidentifiedImageError: "
+            f"cannot identify image file '{tmp_path / 'allbad' / 'bad.jpg'}'). Pass an image file, or a folder of "
+            "images.")
     assert main(["search", "--index", index, "--query", str(broken / "typo.png")]) == 1
     assert capsys.readouterr().err.strip().endswith(f"error: --query '{broken / 'typo.png'}' does not exist. Pass an "
                                                     "image, or a folder of images.")
