@@ -38,7 +38,7 @@ commands:
   export     the backbone for use without the toolkit:  ssl-toolkit export --ckpt RUN.ckpt --format onnx
   embed      embeddings of a folder of images:  ssl-toolkit embed --ckpt RUN.ckpt --images DIR --out emb/
   index      a FAISS index of embeddings (+ retrieval metrics):  ssl-toolkit index --embeddings emb/ [--type ivf]
-  search     nearest images of a query, with a gallery:  ssl-toolkit search --index emb/index.faiss --query IMG
+  search     nearest images of a query image or (CLIP) a caption:  ssl-toolkit search --index emb/index.faiss --query IMG
   map        2-D map of embeddings (PNG) and TensorBoard projector:  ssl-toolkit map --embeddings emb/
 
 Run `ssl-toolkit COMMAND --help` for the options of each command; `ssl-toolkit --version` for the versions
@@ -1279,10 +1279,14 @@ def embed(args: list[str]) -> None:
     p.add_argument("--workers", type=functools.partial(_count, least=0),
                    help="decoding processes (default: one per CPU core; 0: this process)")
     p.add_argument("--batch-size", type=_count, default=256, help="images per forward pass")
+    p.add_argument("--space", default="backbone", choices=["backbone", "joint"],
+                   help="backbone: the encoder's features (default); joint: a CLIP checkpoint's image-text space, "
+                        "where `search --text` finds images by a caption")
     _add_precision(p)
     a = p.parse_args(args)
-    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
-    from ssl_toolkit.eval.search import backbone_fingerprint, embed_paths, folder_labels, list_images, save_embeddings
+    from ssl_toolkit.checkpoint import load_checkpoint
+    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, folder_labels, image_embedder,
+                                         list_images, save_embeddings)
     from ssl_toolkit.export import metadata
 
     _use_precision(a)
@@ -1291,16 +1295,18 @@ def embed(args: list[str]) -> None:
     paths = list_images(a.images)
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     start = time.perf_counter()
-    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), paths, size, device, a.batch_size, a.workers, a.on_corrupt,
-                            where=a.images)
+    embedder = image_embedder(ckpt, a.space)
+    emb, kept = embed_paths(embedder, paths, size, device, a.batch_size, a.workers, a.on_corrupt, where=a.images)
     labelled = folder_labels(a.images, kept)
     meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
-            "fingerprint": backbone_fingerprint(ckpt), "images": os.path.abspath(a.images), "image_size": size,
+            "space": a.space, "fingerprint": backbone_fingerprint(ckpt, a.space), "images": os.path.abspath(a.images),
+            "image_size": size,
             "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None,
             "precision": a.precision}
     save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
     n = len(kept)
-    print(f"embedded {n:,} image{'s' * (n != 1)} ({len(paths) - n:,} skipped) to {emb.shape[1]}-d in "
+    print(f"embedded {n:,} image{'s' * (n != 1)} ({len(paths) - n:,} skipped) to {emb.shape[1]}-d"
+          f"{' (CLIP image-text space)' if a.space == 'joint' else ''} in "
           f"{time.perf_counter() - start:.1f} s{f'; {len(labelled[0])} classes' if labelled else ''}: wrote {a.out}")
 
 
@@ -1321,7 +1327,8 @@ def index(args: list[str]) -> None:
     out = a.out or os.path.join(a.embeddings, "index.faiss" if a.type == "flat" else "index-ivf.faiss")
     faiss.write_index(idx, out)
     info = {"embeddings": os.path.abspath(a.embeddings), "type": a.type, "count": len(paths), "dim": meta["dim"],
-            "checkpoint": meta["checkpoint"], "fingerprint": meta["fingerprint"], "image_size": meta["image_size"]}
+            "checkpoint": meta["checkpoint"], "fingerprint": meta["fingerprint"], "image_size": meta["image_size"],
+            "space": meta.get("space", "backbone")}
     if a.type == "ivf":
         info.update(nlist=idx.nlist, nprobe=idx.nprobe, recall_at_10_vs_exact=recall_against_exact(idx, emb))
         print(f"IVF index ({idx.nlist} cells, nprobe {idx.nprobe}): recall@10 against exact search "
@@ -1337,41 +1344,53 @@ def index(args: list[str]) -> None:
 
 
 def search(args: list[str]) -> None:
-    p = _parser("search", "Nearest images of a query image (or a folder of queries) in an index; prints them with "
-                          "scores and writes a gallery.", ckpt=False)
+    p = _parser("search", "Nearest images of a query image (or a folder of queries), or with a CLIP checkpoint of "
+                          "a caption, in an index; prints them with scores and writes a gallery.", ckpt=False)
     p.add_argument("--index", required=True, help="index file written by `ssl-toolkit index`")
-    p.add_argument("--query", required=True, help="an image, or a folder of query images")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--query", help="an image, or a folder of query images")
+    query.add_argument("--text", nargs="+", help="captions to find images of ('a dog on the grass'), each a query: "
+                                                 "the index of a CLIP checkpoint's `embed --space joint`")
     p.add_argument("-k", type=_count, default=10, help="neighbours per query (default 10)")
     p.add_argument("--ckpt", help="checkpoint to embed the queries (default: the one the index was built from)")
     p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
     _add_on_corrupt(p)
     a = p.parse_args(args)
-    from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+    from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.data.images import decode_files
-    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, faiss, list_images, load_paths,
-                                         write_gallery)
+    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, embed_texts, faiss, image_embedder,
+                                         list_images, load_paths, write_gallery)
 
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
                                 "--embeddings FOLDER")
-    if not os.path.exists(a.query):
+    if a.query is not None and not os.path.exists(a.query):
         raise FileNotFoundError(f"--query {a.query!r} does not exist. Pass an image, or a folder of images.")
     with open(a.index + ".json") as f:
         info = json.load(f)
+    space = info.get("space", "backbone")
+    if a.text and space != "joint":
+        raise ValueError(f"--text compares captions with images in a CLIP checkpoint's image-text space; this index "
+                         f"holds the encoder features of {info['checkpoint']}. Embed with a CLIP checkpoint and "
+                         "--space joint (ssl-toolkit embed --ckpt CLIP.ckpt --images DIR --out FOLDER --space joint), "
+                         "then index that folder.")
     given = a.ckpt or info["checkpoint"]
     ckpt = load_checkpoint(given)
-    if backbone_fingerprint(ckpt) != info["fingerprint"]:
+    if backbone_fingerprint(ckpt, space) != info["fingerprint"]:
         raise ValueError(f"The index was built from other weights ({info['checkpoint']}, fingerprint "
-                         f"{info['fingerprint']}); {given} has {backbone_fingerprint(ckpt)}. Query with the "
+                         f"{info['fingerprint']}); {given} has {backbone_fingerprint(ckpt, space)}. Query with the "
                          "checkpoint the index was built from, or re-run ssl-toolkit embed and index.")
     idx = faiss.read_index(a.index)
-    queries = list_images(a.query) if os.path.isdir(a.query) else [a.query]
-    unreadable = [] if os.path.isdir(a.query) else decode_files(queries, 8, 0)[2]  # one image: skipping leaves none
-    if unreadable:  # was "1 of 1 images ... could not be read ... or set --on-corrupt skip", then "None of the 1"
-        raise ValueError(f"--query {a.query!r} cannot be read as an image ({unreadable[0][1]}). Pass an image file, "
-                         "or a folder of images.")
-    emb, kept = embed_paths(encoder_from_checkpoint(ckpt), queries, info["image_size"], _device(a),
-                            on_corrupt=a.on_corrupt, where=a.query)
+    if a.text:
+        emb, kept = embed_texts(ckpt, a.text, _device(a)), a.text
+    else:
+        queries = list_images(a.query) if os.path.isdir(a.query) else [a.query]
+        unreadable = [] if os.path.isdir(a.query) else decode_files(queries, 8, 0)[2]  # one: skipping leaves none
+        if unreadable:  # was "1 of 1 images ... could not be read ... or set --on-corrupt skip", then "None of the 1"
+            raise ValueError(f"--query {a.query!r} cannot be read as an image ({unreadable[0][1]}). Pass an image "
+                             "file, or a folder of images.")
+        emb, kept = embed_paths(image_embedder(ckpt, space), queries, info["image_size"], _device(a),
+                                on_corrupt=a.on_corrupt, where=a.query)
     if emb.shape[1] != idx.d:
         raise ValueError(f"The checkpoint gives {emb.shape[1]}-d embeddings but the index holds {idx.d}-d ones; "
                          "query with the checkpoint the index was built from.")
@@ -1379,10 +1398,10 @@ def search(args: list[str]) -> None:
     scores, ids = idx.search(emb.numpy(), min(a.k, idx.ntotal))
     found = [[(paths[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0] for row_s, row_i in zip(scores, ids)]
     for q, row in zip(kept, found):
-        print(f"query: {q}")
+        print(f"query: {json.dumps(q) if a.text else q}")
         for rank, (path, score) in enumerate(row, 1):
             print(f"  {rank:3d}. {score:.4f}  {path}")
-    print(f"wrote {write_gallery(a.out or a.index + '.gallery.html', kept, found)}")
+    print(f"wrote {write_gallery(a.out or a.index + '.gallery.html', kept, found, texts=bool(a.text))}")
 
 
 def map_(args: list[str]) -> None:

@@ -2,7 +2,8 @@
 
 An embeddings folder holds ``embeddings.npy`` (L2-normalised rows, float16 or float32), ``paths.txt`` (one image
 per row, in the same order) and ``meta.json`` (checkpoint, its backbone fingerprint, method, backbone, dim,
-preprocessing, and the class of each image when the folder had class subfolders). An index is a FAISS
+preprocessing, the space: the encoder's features or a CLIP checkpoint's image-text space, and the class of each
+image when the folder had class subfolders). An index is a FAISS
 inner-product index (cosine on the normalised rows) with ``<index>.json`` beside it.
 """
 
@@ -33,14 +34,52 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-def backbone_fingerprint(ckpt: dict) -> str:
-    """SHA-256 of a checkpoint's backbone weights: which weights made an embedding, wherever the file moved."""
+SPACES = ("backbone", "joint")  # what an embeddings folder holds: encoder features, or CLIP's image-text space
+
+
+def backbone_fingerprint(ckpt: dict, space: str = "backbone") -> str:
+    """SHA-256 of a checkpoint's backbone weights: which weights made an embedding, wherever the file moved. In the
+    ``joint`` space CLIP's image projection counts too (LiT runs from one locked tower share the backbone)."""
+    prefixes = ("backbone.",) if space == "backbone" else ("backbone.", "image_proj.")
     h = hashlib.sha256()
     for k, t in sorted(ckpt["state_dict"].items()):
-        if k.startswith("backbone."):
+        if k.startswith(prefixes):
             h.update(k.encode())
             h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+def _clip_model(ckpt: dict, why: str):
+    """The CLIP module of a CLIP checkpoint (Lightning and Kornia load here); another method's gets ``why``."""
+    from ssl_toolkit.checkpoint import import_class, method_from_checkpoint
+    from ssl_toolkit.errors import CheckpointError
+    from ssl_toolkit.methods import CLIP
+
+    cls = import_class(ckpt["ssl_toolkit"]["method"])
+    if not issubclass(cls, CLIP):
+        raise CheckpointError(f"{why}; this is a {cls.__name__} checkpoint.")
+    return method_from_checkpoint(ckpt, expected=CLIP)
+
+
+def image_embedder(ckpt: dict, space: str = "backbone") -> torch.nn.Module:
+    """uint8 images to features: the checkpoint's encoder (backbone with its input normalisation), or in the
+    ``joint`` space a CLIP checkpoint's encoder and image projection, where its captions are embedded too."""
+    from ssl_toolkit.checkpoint import encoder_from_checkpoint
+
+    if space == "backbone":
+        return encoder_from_checkpoint(ckpt)
+    model = _clip_model(ckpt, "--space joint embeds images in a CLIP checkpoint's image-text space, for search "
+                              "--text; leave --space out for the encoder's features, or pass a CLIP checkpoint")
+    return torch.nn.Sequential(model.encoder(), model.image_proj)  # as CLIP.embed_images, before normalising
+
+
+def embed_texts(ckpt: dict, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+    """L2-normalised ``(M, E)`` float32 embeddings of ``texts`` by a CLIP checkpoint's text tower, with the
+    tokenizer it was trained with."""
+    model = _clip_model(ckpt, "Text queries need a CLIP checkpoint").to(device)
+    tokens = model.tokenizer().encode(texts, model.text_config.context_length).to(device)  # (M, L)
+    with evaluating(model, device):
+        return model.embed_texts(tokens).float().cpu()
 
 
 @torch.no_grad()
@@ -181,13 +220,15 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[
             "mAP_per_class": per_class, "queries": len(queries)}
 
 
-def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str, float]]], size: int = 96) -> str:
-    """An HTML page (``.html``) or one PNG grid (``.png``): each query followed by its neighbours and scores."""
+def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str, float]]], size: int = 96,
+                  texts: bool = False) -> str:
+    """An HTML page (``.html``) or one PNG grid (``.png``): each query followed by its neighbours and scores.
+    ``texts``: the queries are captions, not image paths (the PNG grid leaves their cell black)."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if out.endswith(".png"):
         from torchvision.utils import save_image
 
-        rows = [[q] + [p for p, _ in found] for q, found in zip(queries, neighbours)]
+        rows = [[None if texts else q] + [p for p, _ in found] for q, found in zip(queries, neighbours)]
         width = max(len(r) for r in rows)
         flat = [p for r in rows for p in r + [None] * (width - len(r))]
         images, keep, _ = decode_images([p for p in flat if p], size, 0, "skip", "the gallery")
@@ -204,9 +245,14 @@ def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str,
         return (f'<figure><img src="{src}" width="{size}" height="{size}" style="object-fit:cover">'
                 f"<figcaption>{html.escape(caption)}</figcaption></figure>")
 
+    def text_cell(text: str) -> str:
+        return (f'<figure><div style="width:{size}px;height:{size}px;display:flex;align-items:center;'
+                f'justify-content:center;text-align:center;background:#eee;font:13px sans-serif">{html.escape(text)}'
+                "</div><figcaption>text query</figcaption></figure>")
+
     body = "".join(
         '<div style="display:flex;gap:8px;align-items:flex-start;margin-bottom:12px">'
-        + cell(q, "query: " + os.path.basename(q))
+        + (text_cell(q) if texts else cell(q, "query: " + os.path.basename(q)))
         + "".join(cell(p, f"{s:.3f} {os.path.basename(p)}") for p, s in found) + "</div>"
         for q, found in zip(queries, neighbours))
     with open(out, "w") as f:
