@@ -95,12 +95,29 @@ def concise_config_error(message: str) -> str:
              "Given value type:", "Given value:", "Errors:", "Subclass types expect one of", "a class path (str)",
              "a dict with class_path entry", "a dict without class_path", "a dict with parameters accepted")
     if "Problem with given class_path" in message:  # the reason is given; these only restate the option's type
-        noise += ("Not a valid subclass of", "Expected a <class")  # and its other forms (trainer.logger: a bool)
-    keep = [line.strip() for line in message.splitlines() if line.strip() and not any(n in line for n in noise)]
+        noise += ("Not a valid subclass of",)  # and its other forms (trainer.logger: a bool)
+        message = "\n".join(line for line in message.splitlines()  # but not the reason: a setting's wrong type
+                             if "Expected a <class" not in line or ". Got value: " in line)
+    else:  # a plain value's: what was given (a class's settings name theirs in their reason)
+        message = message.replace("Given value: ", "Given: ")
+    keep = [_type_reason(line.strip()) for line in message.splitlines()
+            if line.strip() and not any(n in line for n in noise)]
     # once each: a class-typed option that is also a list of them (trainer.logger) gives each reason twice
     keep = list(dict.fromkeys(line.lstrip("- ") for line in keep)) + _did_you_mean(message)
     return "\n  ".join(keep) + "\nRun `ssl-toolkit pretrain --help` for every option, or add --print_config to see the " \
                                 "resolved config."
+
+
+_KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
+          "tuple": "a list, [a, b]", "list": "a list, [a, b]", "dict": "a mapping, {key: value}"}
+
+
+def _type_reason(line: str) -> str:
+    """jsonargparse's ``Expected a <class 'float'>. Got value: abc`` as ``Expected a number; got abc``."""
+    m = re.fullmatch(r"(- )?Expected a <class '(\w+)'>(?:\. Got value: (.*))?", line)
+    if not m or m[2] not in _KINDS:
+        return line
+    return f"{m[1] or ''}Expected {_KINDS[m[2]]}" + (f"; got {m[3]}" if m[3] is not None else "")
 
 
 def _accepted(owner) -> dict:

@@ -146,7 +146,11 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     (["--model.init_args.optim.lrr", "0.1"], "Did you mean 'lr'?"),
     (["--trainr.max_epochs", "3"], "Did you mean 'trainer'?"),
     (["--model", "ssl_toolkit.methods.SimCLRR"], "has no attribute 'SimCLRR'\n  Did you mean 'SimCLR'?"),
-    (["--trainer.max_epochs", "many"], 'key "trainer.max_epochs"'),
+    (["--trainer.max_epochs", "many"], 'key "trainer.max_epochs":\n  Expected a whole number\n  Given: many'),
+    # a method's or data's setting of the wrong type ended at its name: 'Parser key "optim.lr":' and no reason
+    (["--model.init_args.optim.lr", "abc"], 'Parser key "optim.lr":\n  Expected a number; got abc'),
+    (["--data.batch_size", "1.5"], 'Parser key "batch_size":\n  Expected a whole number; got 1.5'),
+    (["--model.init_args.views.scale", "0.2"], 'Parser key "views.scale":\n  Expected a list, [a, b]; got 0.2'),
     (["--model.init_args.optim.name", "adam"], "optim.name must be one of sgd, lars, adamw; got 'adam'"),
     (["--model.init_args.views.flip_p", "2"], "views.flip_p is a probability in [0, 1]; got 2.0"),
     (["--model.init_args.backbone.name", "vgg"], "Set backbone.name to one of"),
