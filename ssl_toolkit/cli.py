@@ -108,6 +108,25 @@ def concise_config_error(message: str) -> str:
                                 "resolved config."
 
 
+def _name_broken_config(message: str, args: list[str]) -> str:
+    """A YAML syntax error of a ``--config`` file with the file's name where jsonargparse says ``"<unicode string>"``."""
+    if "<unicode string>" not in message:
+        return message
+    import yaml
+
+    configs = [b for a, b in zip(args, args[1:]) if a == "--config"] + [
+        a.removeprefix("--config=") for a in args if a.startswith("--config=")]
+    for path in configs:
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError:
+            return message.replace("<unicode string>", path)
+        except OSError:  # not there: jsonargparse's own error says so
+            pass
+    return message
+
+
 _KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
           "tuple": "a list, [a, b]", "list": "a list, [a, b]", "dict": "a mapping, {key: value}"}
 
@@ -887,7 +906,7 @@ def pretrain(args: list[str]):
                 "plugins": [{"class_path": "ssl_toolkit.saving.AtomicCheckpointIO"}],
                 "callbacks": [StopAndSave(), TimeOutrunsSchedules()]})  # appended to the recipe's callbacks
     except (ArgumentError, ValueError) as e:  # jsonargparse wraps the config classes' own checks in ValueError
-        raise ConfigError(concise_config_error(str(e))) from None
+        raise ConfigError(concise_config_error(_name_broken_config(str(e), args))) from None
     except _Finished as e:  # every rank gets here; say it once
         from lightning_fabric.utilities.rank_zero import rank_zero_only
 

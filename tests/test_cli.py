@@ -141,6 +141,17 @@ def test_cifar10_recipe_runs_one_batch(method, cifar_small, tmp_path, monkeypatc
     assert code == 0  # batch 8 (MoCo's bn_splits 8 divides it): bf16 convolutions on a CPU without AVX-512 are slow
 
 
+def test_a_recipe_that_is_not_valid_yaml_is_named_in_the_error(capsys, tmp_path, monkeypatch):
+    """jsonargparse says where the YAML breaks, in "<unicode string>": which of the --config files was not said."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.yaml").write_text("trainer:\n  max_epochs: 2\n model:\n")
+    for config in (["--config", "mine.yaml"], ["--config=mine.yaml"],
+                   ["--config", str(ROOT / "recipes" / "quickstart.yaml"), "--config", "mine.yaml"]):
+        assert main(["pretrain", *config]) == 1
+        err = capsys.readouterr().err
+        assert 'in "mine.yaml", line 3, column 2' in err and "<unicode string>" not in err, err
+
+
 @pytest.mark.parametrize("args,message", [
     (["--model.init_args.temprature", "0.3"], "Option 'temprature' is not accepted\n  Did you mean 'temperature'?"),
     (["--model.init_args.optim.lrr", "0.1"], "Did you mean 'lr'?"),
