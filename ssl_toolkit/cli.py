@@ -98,8 +98,8 @@ def concise_config_error(message: str) -> str:
         noise += ("Not a valid subclass of",)  # and its other forms (trainer.logger: a bool)
         message = "\n".join(line for line in message.splitlines()  # but not the reason: a setting's wrong type
                              if "Expected a <class" not in line or ". Got value: " in line)
-    else:  # a plain value's: what was given (a class's settings name theirs in their reason)
-        message = message.replace("Given value: ", "Given: ")
+    elif re.search(r"Given value type: <class '(str|int|float|bool)'>", message):  # a plain value's type: what was
+        message = message.replace("Given value: ", "Given: ")  # given (not a class's settings: a long Namespace)
     keep = [_type_reason(line.strip()) for line in message.splitlines()
             if line.strip() and not any(n in line for n in noise)]
     # once each: a class-typed option that is also a list of them (trainer.logger) gives each reason twice
@@ -913,7 +913,12 @@ def pretrain(args: list[str]):
         if rank_zero_only.rank == 0:
             print(e, file=sys.stderr)
         return None
-    except MisconfigurationException as e:  # Lightning: trainer settings this machine cannot run (no GPU, ...)
+    except (MisconfigurationException, TypeError) as e:  # Lightning: settings this machine cannot run (no GPU, ...)
+        import traceback
+
+        if isinstance(e, TypeError) and not any(  # its devices parser raises TypeError: --trainer.devices -2 on CPUs
+                "accelerators" in frame.filename for frame in traceback.extract_tb(e.__traceback__)):
+            raise
         hardware = re.search(r"accelerator|device|gpu|cuda|mps|tpu|strategy|precision|node", str(e), re.I)
         raise ConfigError(f"{e}\nCheck trainer.accelerator, trainer.devices, trainer.strategy and trainer.precision "
                           "(--trainer.accelerator auto runs on whatever this machine has)." if hardware else

@@ -158,12 +158,16 @@ def test_a_recipe_that_is_not_valid_yaml_is_named_in_the_error(capsys, tmp_path,
     (["--trainr.max_epochs", "3"], "Did you mean 'trainer'?"),
     (["--model", "ssl_toolkit.methods.SimCLRR"], "has no attribute 'SimCLRR'\n  Did you mean 'SimCLR'?"),
     (["--trainer.max_epochs", "many"], 'key "trainer.max_epochs":\n  Expected a whole number\n  Given: many'),
+    # tracebacks: Lightning's TypeError from its CPU device parser, and torch's from resizing digits to -3 px
+    (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0.\nCheck "
+                                  "trainer.accelerator, trainer.devices"),
+    (["--data.image_size", "-3"], "data.image_size must be >= 1; got -3."),
     # a method's or data's setting of the wrong type ended at its name: 'Parser key "optim.lr":' and no reason
     (["--model.init_args.optim.lr", "abc"], 'Parser key "optim.lr":\n  Expected a number; got abc'),
     (["--data.batch_size", "1.5"], 'Parser key "batch_size":\n  Expected a whole number; got 1.5'),
     (["--model.init_args.views.scale", "0.2"], 'Parser key "views.scale":\n  Expected a list, [a, b]; got 0.2'),
     (["--model.init_args.optim.name", "adam"], "optim.name must be one of sgd, lars, adamw; got 'adam'"),
-    (["--model.init_args.views.flip_p", "2"], "views.flip_p is a probability in [0, 1]; got 2.0"),
+    (["--model.init_args.views.flip_p", "2"], "error: views.flip_p is a probability in [0, 1]; got 2.0.\nRun `ssl-"),
     (["--model.init_args.backbone.name", "vgg"], "Set backbone.name to one of"),
     (["--unknown", "1"], "unrecognized arguments: --unknown"),
     (["--lr", "0.1"], "Did you mean --model.optim.lr?"),  # was "ambiguous option: --lr could match --lr_scheduler"

@@ -48,6 +48,8 @@ class DigitsDataModule(InMemoryDataModule):
 
     def __init__(self, image_size: int = 32, batch_size: int = 256, num_workers: int = 0, resident: bool = False):
         super().__init__(batch_size, num_workers, resident)
+        if image_size < 1:  # was torch's "Input and output sizes should be greater than 0" from the first load
+            raise ValueError(f"data.image_size must be >= 1; got {image_size}.")
         self.save_hyperparameters()
         self.image_size = image_size
 
