@@ -23,6 +23,9 @@ def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int = 2, batch_n
     """
     if num_layers < 1:
         raise ValueError(f"An MLP head needs at least 1 layer; got num_layers={num_layers}.")
+    if out_dim < 1 or (num_layers > 1 and hidden_dim < 1):  # 0 was an IndexError in the first step, or no output
+        raise ValueError(f"A head's widths must be >= 1; got hidden {hidden_dim}, output {out_dim}. Set the method's "
+                         "head widths (as it names them: proj_hidden_dim and proj_out_dim, hidden_dim, bottleneck_dim).")
     layers, d = [], in_dim
     for _ in range(num_layers - 1):
         layers += [nn.Linear(d, hidden_dim, bias=not batch_norm)]
@@ -62,6 +65,9 @@ class DINOHead(nn.Module):
     def __init__(self, in_dim: int, out_dim: int = 4096, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  num_layers: int = 3, batch_norm: bool = False, norm_last_layer: bool = True):
         super().__init__()
+        if out_dim < 1:  # was "cannot reshape tensor of 0 elements" in the first step
+            raise ValueError(f"DINO's out_dim (prototypes) must be >= 1; got {out_dim}. It uses 65536 on ImageNet, "
+                             "4096 is common on CIFAR.")
         self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, batch_norm, activation=nn.GELU)
         self.last_layer = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck_dim, out_dim, bias=False))
         g = self.last_layer.parametrizations.weight.original0
@@ -129,6 +135,8 @@ class ColorizationHead(nn.Module):
 
     def __init__(self, in_dim: int, num_bins: int, width: int = 256):
         super().__init__()
+        if width < 1:
+            raise ValueError(f"The colorization head's head_width must be >= 1; got {width}.")
         self.inner = nn.Sequential(nn.Conv2d(in_dim, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),
                                    nn.ReLU(inplace=True))
         self.outer = nn.Sequential(nn.Conv2d(width, width, 3, padding=1, bias=False), nn.BatchNorm2d(width),

@@ -3,8 +3,12 @@ import torch
 from torch import nn
 
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
-from ssl_toolkit.heads import mlp, projection_head
+from ssl_toolkit.heads import ColorizationHead, DINOHead, mlp, projection_head
+from ssl_toolkit.methods import OptimConfig
+from ssl_toolkit.methods.cpc import ContextNetwork
 from ssl_toolkit.optim import LARS, cosine_schedule, param_groups
+from ssl_toolkit.views import PatchGridViews
+from ssl_toolkit.views.pretext import hamming_permutations
 
 
 @pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("tiny_cnn", 64)])
@@ -146,3 +150,25 @@ def test_lars_multi_tensor_step_equals_the_per_tensor_rule_over_steps():
                             0.3, 0.9, wd, 0.02, exclude)
         for p, r in zip(params, ref):
             assert torch.allclose(p.detach(), r, atol=1e-6), step
+
+
+@pytest.mark.parametrize("make,message", [
+    # a cosine "decay" that rose all run, and momentum or betas that diverge, were accepted
+    (lambda: OptimConfig("adamw", lr=0.003, min_lr=1.0), "Set optim.min_lr 1.0 (needs >= 0 and <= optim.lr 0.003)."),
+    (lambda: OptimConfig("sgd", momentum=2.0), "Set optim.momentum 2.0 (needs in [0, 1))."),
+    (lambda: OptimConfig("adamw", betas=(1.5, 0.9)), "Set optim.betas [1.5, 0.9] (needs two values in [0, 1))."),
+    (lambda: OptimConfig("sgd", lr=0.0, weight_decay=-1.0), "Set optim.lr 0.0 (needs > 0), optim.weight_decay -1.0"),
+    # an IndexError in the first step (hidden 0), or a head with no output that trained on nothing (output 0)
+    (lambda: mlp(8, 0, 4), "A head's widths must be >= 1; got hidden 0, output 4."),
+    (lambda: projection_head(8, 16, 0), "A head's widths must be >= 1; got hidden 16, output 0."),
+    (lambda: DINOHead(8, out_dim=0), "DINO's out_dim (prototypes) must be >= 1; got 0."),  # "cannot reshape"
+    (lambda: ColorizationHead(8, 10, width=0), "head_width must be >= 1; got 0."),  # conv weight of size [0, ...]
+    (lambda: ContextNetwork(8, hidden=0), "context_dim >= 1 and context_layers >= 0; got 0, 3."),
+    (lambda: PatchGridViews(patch=40, stride=4)(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)),
+     "CPC's patch of 40 px is larger than the 32x32 images"),  # "maximum size for tensor at dimension 2 is 32"
+    (lambda: hamming_permutations(1, n=4), "num_permutations must be in [2, 24]"),  # one class: nothing to learn
+])
+def test_settings_that_cannot_train_are_refused_with_the_setting_named(make, message):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert message in str(e.value), str(e.value)

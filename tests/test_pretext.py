@@ -66,7 +66,7 @@ def test_permutation_set_is_unique_fixed_and_keeps_its_minimum_hamming_distance(
     assert min_pairwise_hamming(hamming_permutations(24, n=4)) == 2  # all 4!: two permutations differ in >= 2 places
     with pytest.raises(ValueError, match="lower num_permutations to"):
         hamming_permutations(100, min_distance=8)
-    with pytest.raises(ValueError, match=r"num_permutations must be in \[1, 24\]"):
+    with pytest.raises(ValueError, match=r"num_permutations must be in \[2, 24\]"):
         hamming_permutations(25, n=4)
 
 

@@ -77,8 +77,18 @@ class OptimConfig:
     def __post_init__(self):
         if self.name not in ("sgd", "lars", "adamw"):
             raise ValueError(f"optim.name must be one of sgd, lars, adamw; got {self.name!r}.")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup_epochs < 0 or self.min_lr < 0:
-            raise ValueError(f"optim needs lr > 0 and weight_decay, warmup_epochs, min_lr >= 0; got {self}.")
+        wrong = [f"optim.{name} {value} (needs {need})" for name, value, ok, need in (
+            ("lr", self.lr, self.lr > 0, "> 0"),
+            ("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            ("warmup_epochs", self.warmup_epochs, self.warmup_epochs >= 0, ">= 0"),
+            # above lr the cosine "decay" rose all run; momentum or betas >= 1 diverge
+            ("min_lr", self.min_lr, 0 <= self.min_lr and (self.lr <= 0 or self.min_lr <= self.lr),
+             f">= 0 and <= optim.lr {self.lr}"),
+            ("momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
+            ("betas", list(self.betas), len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             "two values in [0, 1)")) if not ok]
+        if wrong:
+            raise ValueError(f"Set {', '.join(wrong)}.")
 
 
 def rng_states() -> dict:

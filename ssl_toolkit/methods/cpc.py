@@ -45,6 +45,9 @@ class ContextNetwork(nn.Module):
 
     def __init__(self, dim: int, hidden: int = 256, layers: int = 3):
         super().__init__()
+        if hidden < 1 or layers < 0:
+            raise ValueError(f"CPC's context network needs context_dim >= 1 and context_layers >= 0; got {hidden}, "
+                             f"{layers}.")
         self.inp = nn.Conv2d(dim, hidden, 1)
         self.blocks = nn.ModuleList(nn.Sequential(nn.ReLU(), RowCausalConv(hidden, hidden), nn.ReLU(),
                                                   nn.Conv2d(hidden, hidden, 1)) for _ in range(layers))

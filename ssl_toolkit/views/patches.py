@@ -23,6 +23,9 @@ def patch_grid(images: torch.Tensor, patch: int, stride: int) -> torch.Tensor:
         [[8.0, 9.0], [12.0, 13.0]]
     """
     b, c, h, w = images.shape
+    if patch > min(h, w):  # was torch's "maximum size for tensor at dimension 2 is 32 but size is 40"
+        raise ValueError(f"CPC's patch of {patch} px is larger than the {h}x{w} images; set model patch below it (8 px "
+                         "at 32 px, with stride 4: a 7x7 grid).")
     if h != w or (h - patch) % stride:
         raise ValueError(f"A patch grid needs square images with (size - patch) divisible by stride; got {h}x{w}, "
                          f"patch {patch}, stride {stride}. Resize images to (G - 1) * stride + patch.")

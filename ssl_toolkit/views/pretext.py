@@ -91,8 +91,9 @@ def hamming_permutations(num: int, n: int = 9, min_distance: int | None = None, 
 def _hamming_permutations(num: int, n: int, min_distance: int | None, seed: int) -> torch.Tensor:
     """The selection of :func:`hamming_permutations`, cached: P = 1000 of 9! candidates takes seconds."""
     all_perms = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.int8)  # (n!, n)
-    if not 1 <= num <= len(all_perms):
-        raise ValueError(f"jigsaw num_permutations must be in [1, {len(all_perms)}] for {n} tiles; got {num}.")
+    if not 2 <= num <= len(all_perms):  # one is a task with one answer: nothing to learn
+        raise ValueError(f"jigsaw num_permutations must be in [2, {len(all_perms)}] for {n} tiles; got {num}. The "
+                         "paper uses 1000, 100 on CIFAR.")
     first = int(torch.randint(len(all_perms), (1,), generator=torch.Generator().manual_seed(seed)))
     chosen = [first]
     dist = (all_perms != all_perms[first]).sum(1)  # (n!,) distance of every candidate to the chosen set
