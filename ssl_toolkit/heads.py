@@ -102,6 +102,8 @@ class ConvDecoder(nn.Module):
         if size < 8 or size != 4 * 2**steps:
             raise ValueError(f"The inpainting decoder needs a crop_size of 4 x a power of 2 (8, 16, 32, 64, 128); "
                              f"got {size}. Set views.crop_size.")
+        if width < 1:  # was a torch error on a weight of size [0, ...] in the first step
+            raise ValueError(f"The inpainting decoder's decoder_width must be >= 1; got {width}.")
         self.width = width
         self.fc = nn.Linear(in_dim, width * 16)
         layers, c = [], width

@@ -3,12 +3,12 @@ import torch
 from torch import nn
 
 from ssl_toolkit.backbones import BackboneConfig, Encoder, build_backbone
-from ssl_toolkit.heads import ColorizationHead, DINOHead, mlp, projection_head
-from ssl_toolkit.methods import OptimConfig
+from ssl_toolkit.heads import ColorizationHead, ConvDecoder, DINOHead, mlp, projection_head
+from ssl_toolkit.methods import DINO, Jigsaw, OptimConfig
 from ssl_toolkit.methods.cpc import ContextNetwork
 from ssl_toolkit.optim import LARS, cosine_schedule, param_groups
 from ssl_toolkit.views import PatchGridViews
-from ssl_toolkit.views.pretext import hamming_permutations
+from ssl_toolkit.views.pretext import JigsawViews, hamming_permutations
 
 
 @pytest.mark.parametrize("name,dim", [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("tiny_cnn", 64)])
@@ -169,6 +169,22 @@ def test_lars_multi_tensor_step_equals_the_per_tensor_rule_over_steps():
     (lambda: hamming_permutations(1, n=4), "num_permutations must be in [2, 24]"),  # one class: nothing to learn
 ])
 def test_settings_that_cannot_train_are_refused_with_the_setting_named(make, message):
+    with pytest.raises(ValueError) as e:
+        make()
+    assert message in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: JigsawViews(grid=0), "A jigsaw grid needs at least 2x2 tiles; got grid 0."),  # ZeroDivisionError
+    (lambda: JigsawViews(grid=1), "A jigsaw grid needs at least 2x2 tiles; got grid 1."),  # "not a multiple of 1"
+    (lambda: Jigsaw(BackboneConfig("tiny_cnn", width=4), tile_dim=0), "jigsaw tile_dim must be >= 1; got 0."),
+    (lambda: ConvDecoder(8, 32, width=0), "decoder_width must be >= 1; got 0."),
+    (lambda: DINO(BackboneConfig("tiny_cnn", width=4), warmup_teacher_temp_epochs=-1),  # torch: "number of steps
+     "DINO got warmup_teacher_temp_epochs -1: epochs must be >= 0"),  # must be non-negative" in the first step
+    (lambda: DINO(BackboneConfig("tiny_cnn", width=4), local_scale=(0.5, 0.1), local_blur_p=2.0),  # was views.scale
+     "DINO got local_scale [0.5, 0.1], local_blur_p 2.0:"),
+])
+def test_method_settings_that_cannot_train_are_refused_with_the_setting_named(make, message):
     with pytest.raises(ValueError) as e:
         make()
     assert message in str(e.value), str(e.value)

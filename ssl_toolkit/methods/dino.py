@@ -67,6 +67,17 @@ class DINO(BaseSSLModule):
                              "Set both to 2 values, e.g. [1.0, 0.1] and [0.0, 0.2].")
         if min(student_temp, teacher_temp, warmup_teacher_temp) <= 0:
             raise ValueError("DINO temperatures must be > 0 (student 0.1, teacher 0.04-0.07).")
+        # named here: the view config's own checks would name views.scale and views.blur_p
+        wrong = [f"{name} {value}" for name, value, ok in (
+            ("warmup_teacher_temp_epochs", warmup_teacher_temp_epochs, warmup_teacher_temp_epochs >= 0),  # a traceback
+            ("freeze_last_layer_epochs", freeze_last_layer_epochs, freeze_last_layer_epochs >= 0),
+            ("local_scale", list(local_scale), len(local_scale) == 2 and 0 < local_scale[0] <= local_scale[1] <= 1),
+            ("global_blur_p", list(global_blur_p), all(0 <= p <= 1 for p in global_blur_p)),
+            ("global_solarize_p", list(global_solarize_p), all(0 <= p <= 1 for p in global_solarize_p)),
+            ("local_blur_p", local_blur_p, 0 <= local_blur_p <= 1)) if not ok]
+        if wrong:
+            raise ValueError(f"DINO got {', '.join(wrong)}: epochs must be >= 0, local_scale 0 < min <= max <= 1 (the "
+                             "paper: [0.05, 0.4]) and probabilities in [0, 1].")
         if not 0 <= center_momentum < 1 or not 0 <= momentum <= final_momentum <= 1:
             raise ValueError(f"DINO needs 0 <= center_momentum < 1 and 0 <= momentum <= final_momentum <= 1; got "
                              f"{center_momentum}, {momentum}, {final_momentum}. Paper: 0.9, 0.996, 1.0.")

@@ -48,6 +48,8 @@ class Jigsaw(BaseSSLModule):
                  min_distance: int | None = None, normalize_tiles: bool = True, tile_dim: int = 256,
                  hidden_dim: int = 1024, channels_last: bool = False):
         super().__init__(backbone, optim, views, channels_last)
+        if tile_dim < 1:  # was "cannot reshape tensor of 0 elements" in the first step
+            raise ValueError(f"jigsaw tile_dim must be >= 1; got {tile_dim}. The paper's fc6 has 512 per tile.")
         self.save_config(input="tiles", grid=grid, tile=tile, num_permutations=num_permutations, min_distance=min_distance,
                          normalize_tiles=normalize_tiles, tile_dim=tile_dim, hidden_dim=hidden_dim)
         self.view_policy = JigsawViews(views, grid, tile, num_permutations, min_distance, normalize_tiles)

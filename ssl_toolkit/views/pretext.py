@@ -185,7 +185,9 @@ class JigsawViews(nn.Module):
     def __init__(self, config: ViewConfig = ViewConfig(crop_size=30), grid: int = 3, tile: int = 8,
                  num_permutations: int = 100, min_distance: int | None = None, normalize_tiles: bool = True):
         super().__init__()
-        if grid < 2 or config.crop_size % grid:
+        if grid < 2:  # 1 was "not a multiple of 1", 0 a ZeroDivisionError
+            raise ValueError(f"A jigsaw grid needs at least 2x2 tiles; got grid {grid}. The paper uses 3.")
+        if config.crop_size % grid:
             raise ValueError(f"A {grid}x{grid} jigsaw grid must divide the crop: views.crop_size {config.crop_size} is "
                              f"not a multiple of {grid}. Use crop_size {max(grid, config.crop_size // grid * grid)} "
                              f"or {(config.crop_size // grid + 1) * grid}.")
