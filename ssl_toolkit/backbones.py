@@ -129,6 +129,9 @@ class ViT(nn.Module):
 
     def __init__(self, image_size: int, patch_size: int, num_layers: int, num_heads: int, hidden_dim: int):
         super().__init__()
+        if patch_size < 1 or num_layers < 1:  # 0: "integer modulo by zero", and a ViT of no layers
+            raise ValueError(f"A ViT needs backbone.patch_size >= 1 and backbone.vit_layers >= 1; got {patch_size}, "
+                             f"{num_layers}.")
         if image_size % patch_size:
             raise ValueError(f"ViT image_size {image_size} is not a multiple of patch_size {patch_size}.")
         import torchvision

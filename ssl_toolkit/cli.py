@@ -913,6 +913,14 @@ def pretrain(args: list[str]):
         if rank_zero_only.rank == 0:
             print(e, file=sys.stderr)
         return None
+    except RuntimeError as e:
+        twice = re.match(r"Found more than one stateful callback of type `(\w+)`", str(e))
+        if not twice:
+            raise
+        # a second KNNCallback added to a recipe that has one: Lightning's RuntimeError and its traceback
+        raise ConfigError(f"trainer.callbacks has {twice[1]} twice (a recipe's own, and one added with "
+                          f"--trainer.callbacks+=?), which checkpoints cannot keep apart. Keep one: to change the "
+                          f"recipe's {twice[1]}, copy the recipe and edit it.") from None
     except (MisconfigurationException, TypeError) as e:  # Lightning: settings this machine cannot run (no GPU, ...)
         import traceback
 

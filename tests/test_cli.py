@@ -162,6 +162,9 @@ def test_a_recipe_that_is_not_valid_yaml_is_named_in_the_error(capsys, tmp_path,
     (["--trainer.devices", "-2"], "`devices` selected with `CPUAccelerator` should be an int > 0.\nCheck "
                                   "trainer.accelerator, trainer.devices"),
     (["--data.image_size", "-3"], "data.image_size must be >= 1; got -3."),
+    (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1; got 0."),  # division
+    (["--model.init_args.backbone.name", "vit_tiny", "--model.init_args.backbone.patch_size", "0"],
+     "A ViT needs backbone.patch_size >= 1 and backbone.vit_layers >= 1; got 0, 12."),  # "integer modulo by zero"
     # a method's or data's setting of the wrong type ended at its name: 'Parser key "optim.lr":' and no reason
     (["--model.init_args.optim.lr", "abc"], 'Parser key "optim.lr":\n  Expected a number; got abc'),
     (["--data.batch_size", "1.5"], 'Parser key "batch_size":\n  Expected a whole number; got 1.5'),
@@ -185,6 +188,9 @@ def test_a_recipe_that_is_not_valid_yaml_is_named_in_the_error(capsys, tmp_path,
     # replaced batch 128 by the largest that fit (from 2 up), with the lr scaled for 128; on digits, stopped at 2048
     (["--trainer.callbacks+=BatchSizeFinder"], "BatchSizeFinder is not supported: it would replace the recipe's "
                                                "batch size"),
+    # a traceback: Lightning's "Found more than one stateful callback of type `KNNCallback`"
+    (["--trainer.callbacks+=ssl_toolkit.eval.KNNCallback", "--trainer.callbacks.temperature", "0.1"],
+     "trainer.callbacks has KNNCallback twice (a recipe's own, and one added with --trainer.callbacks+=?)"),
     # trained, but the steps after training ran outside the processes that trained: no final last.ckpt
     (["--trainer.devices", "2", "--trainer.strategy", "ddp_notebook"], "(fork), which pretrain does not support. Use "
                                                                        "--trainer.strategy ddp"),

@@ -34,6 +34,8 @@ def schedule_steps(trainer) -> tuple[int, int]:
     for ``warmup_epochs`` times its whole length, or for a step. A run with no set length is refused: the
     schedules need one.
     """
+    if trainer.accumulate_grad_batches < 1:  # Lightning takes 0; the epoch's steps were a ZeroDivisionError
+        raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1; got {trainer.accumulate_grad_batches}.")
     total = trainer.estimated_stepping_batches  # loads the training data when needed
     if not 1 <= total < math.inf:
         raise ConfigError(
