@@ -1002,6 +1002,9 @@ def resolve_data(spec: str | None, ckpt: dict):
     elif spec.endswith((".yaml", ".yml")):
         import yaml
 
+        if not os.path.isfile(spec):  # was "[Errno 2] No such file or directory"
+            raise FileNotFoundError(f"--data {spec!r}: no such recipe file. Pass a recipe .yaml, an .npz file, an image "
+                                    "or caption folder or 'digits', or omit --data for the checkpoint's own dataset.")
         with open(spec) as f:
             data = (yaml.safe_load(f) or {}).get("data")
         if not isinstance(data, dict) or "class_path" not in data:

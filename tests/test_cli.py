@@ -73,6 +73,8 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys):
     # each protocol and each --data keeps its own default result file: the first probe's is still there
     assert json.loads((cwd / (ckpt + ".probe.json")).read_text())["protocol"] == "cached features"
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--data", "digits", "--k", "20", "--fp16"]) == 0
+    assert main(["knn", "--ckpt", str(cwd / ckpt), "--data", "mine.yaml"]) == 1  # "[Errno 2] No such file or ..."
+    assert "error: --data 'mine.yaml': no such recipe file." in capsys.readouterr().err
     assert json.loads((cwd / (ckpt + ".knn.digits.json")).read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--precision", "bf16", "--out",
                  str(cwd / "knn_bf16.json")]) == 0

@@ -266,6 +266,8 @@ def test_augmented_probe_learns_with_the_backbone_frozen():
     assert out["top1"] > 85.0 and out["top5"] > out["top1"], out
     with pytest.raises(ValueError, match="scale"):
         augmented_linear_probe(encoder, DigitsDataModule(image_size=16), scale=(0.0, 1.0))
+    with pytest.raises(ValueError, match=r"a flip probability in \[0, 1\]; got 100, 0.1, 0.0, \(0.08, 1.0\), 2.0"):
+        augmented_linear_probe(encoder, DigitsDataModule(image_size=16), flip_p=2.0)  # was taken as "always"
 
 
 def _tiny_run(device):

@@ -186,9 +186,9 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
     from ssl_toolkit.progress import Progress
     from ssl_toolkit.views import functional as VF
 
-    if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1:
-        raise ValueError(f"The augmented probe needs epochs >= 1, lr > 0, weight_decay >= 0 and 0 < scale <= 1; got "
-                         f"{epochs}, {lr}, {weight_decay}, {scale}.")
+    if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1 or not 0 <= flip_p <= 1:
+        raise ValueError(f"The augmented probe needs epochs >= 1, lr > 0, weight_decay >= 0, 0 < scale <= 1 and a flip "
+                         f"probability in [0, 1]; got {epochs}, {lr}, {weight_decay}, {scale}, {flip_p}.")
     datamodule.setup()
     x_all, y_all = datamodule.splits.x_train, datamodule.splits.y_train
     size = getattr(encoder, "input_size", None) or x_all.shape[-1]

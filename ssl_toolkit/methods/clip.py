@@ -61,6 +61,9 @@ class CLIP(BaseSSLModule):
         if not (init_temperature > 0 and 1 / init_temperature <= max_logit_scale):
             raise ValueError(f"CLIP needs 0 < 1 / init_temperature <= max_logit_scale; got init_temperature="
                              f"{init_temperature}, max_logit_scale={max_logit_scale} (paper: 0.07 and 100).")
+        if embed_dim < 1:  # 0 trained on empty embeddings and said nothing
+            raise ValueError(f"CLIP's embed_dim (the joint space) must be >= 1; got {embed_dim}. CLIP ViT-B/32 uses "
+                             "512.")
         source = None
         if image_checkpoint:
             from ssl_toolkit.checkpoint import CheckpointError, load_checkpoint
