@@ -1352,8 +1352,7 @@ def embed(args: list[str]) -> None:
     labelled = folder_labels(a.images, kept)
     meta = {**metadata(ckpt, "embeddings", int(emb.shape[1])), "checkpoint": os.path.abspath(a.ckpt),
             "space": a.space, "fingerprint": backbone_fingerprint(ckpt, a.space), "images": os.path.abspath(a.images),
-            "image_size": size,
-            "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None,
+            "image_size": size, "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None,
             "precision": a.precision}
     save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
     n = len(kept)

@@ -34,9 +34,6 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-SPACES = ("backbone", "joint")  # what an embeddings folder holds: encoder features, or CLIP's image-text space
-
-
 def backbone_fingerprint(ckpt: dict, space: str = "backbone") -> str:
     """SHA-256 of a checkpoint's backbone weights: which weights made an embedding, wherever the file moved. In the
     ``joint`` space CLIP's image projection counts too (LiT runs from one locked tower share the backbone)."""
