@@ -1134,11 +1134,30 @@ def _clip(args):
     return model, dm, _info(args, ckpt, dm, device), device
 
 
+def _can_write(path: str, folder: bool = False) -> None:
+    """Refuse an output path before the work that fills it (extracting features, training a probe, embedding a
+    folder), not after: a file where a folder must be, a file's part of the path, or a folder this user may not
+    write in (a colleague's read-only checkpoint folder, where results go by default)."""
+    target = os.path.abspath(path)
+    if os.path.exists(target) and os.path.isdir(target) != folder:
+        raise ValueError(f"cannot write {path!r}: it is a {'file' if folder else 'folder'}, where a "
+                         f"{'folder' if folder else 'file'} is written. Choose another path (--out).")
+    parent = target if folder and os.path.isdir(target) else os.path.dirname(target)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"cannot write {path!r}: {parent!r} is a file, not a folder. Choose another path (--out).")
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {path!r}: this user may not write in {parent!r}. Choose another path "
+                         "(--out).")
+
+
 def _write(args, command: str, result: dict) -> None:
     """The result as JSON to ``--out`` or next to the checkpoint: ``<ckpt>.<command>.json`` on the checkpoint's own
     data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay."""
     dataset = re.sub(r"[^\w.-]+", "_", result["dataset"]) if args.data else None
     out = args.out or ".".join(filter(None, (args.ckpt, command, dataset, "json")))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out results/knn.json: results/ made
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"wrote {out}")
@@ -1160,6 +1179,7 @@ def knn(args: list[str]) -> None:
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     a = p.parse_args(args)
     _use_precision(a)
+    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
     if a.index == "flat":
@@ -1211,6 +1231,7 @@ def probe(args: list[str]) -> None:
     p.add_argument("--flip-p", type=float, default=0.5, help="flip probability with --augment (0 for digits, text)")
     a = p.parse_args(args)
     _use_precision(a)
+    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
     if a.augment:
         if len(a.lr) > 1 or len(a.weight_decay) > 1:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
@@ -1252,6 +1273,7 @@ def retrieval(args: list[str]) -> None:
     p.add_argument("--split", default="test", choices=["train", "test"], help="images to search (default: test)")
     a = p.parse_args(args)
     _use_precision(a)
+    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
     model, dm, info, device = _clip(a)
     if not hasattr(dm, "captions"):
         raise ValueError(f"--data {a.data!r} has no captions; retrieval needs a caption folder (captions.txt + images/) "
@@ -1272,6 +1294,7 @@ def zeroshot(args: list[str]) -> None:
                                                         f"(default: {DEFAULT_TEMPLATES[0]!r})")
     a = p.parse_args(args)
     _use_precision(a)
+    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
     if a.data is None:
         raise ValueError("zeroshot needs a labelled --data (an .npz file, an image folder, a recipe or 'digits'); "
                          "its class names make the prompts.")
@@ -1289,6 +1312,7 @@ def pictures(args: list[str]) -> None:
                                  "colours of test images.")
     p.add_argument("--num", type=_count, default=16, help="test images to show (default 16)")
     a = p.parse_args(args)
+    _can_write(a.out or f"{a.ckpt}.pictures", folder=True)
     from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
     from ssl_toolkit.eval import save_pictures, view_pictures
 
@@ -1336,6 +1360,7 @@ def embed(args: list[str]) -> None:
                         "where `search --text` finds images by a caption")
     _add_precision(p)
     a = p.parse_args(args)
+    _can_write(a.out, folder=True)  # before the folder is embedded
     from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, folder_labels, image_embedder,
                                          list_images, save_embeddings)
@@ -1518,6 +1543,15 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("SSL_TOOLKIT_DEBUG"):
             raise
         print(f"ssl-toolkit {argv[0]}: error: {e}", file=sys.stderr)
+        return 1
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:  # an output path: was a
+        if os.environ.get("SSL_TOOLKIT_DEBUG"):  # traceback ending in "[Errno 17] File exists: 'emb'"
+            raise
+        why = {FileExistsError: "a file is where a folder has to be made", NotADirectoryError: "a part of the path "
+               "is a file, not a folder", IsADirectoryError: "it is a folder, where a file is written",
+               PermissionError: "this user may not write there"}[type(e)]
+        print(f"ssl-toolkit {argv[0]}: error: cannot write {e.filename!r}: {why}. Choose another path.",
+              file=sys.stderr)
         return 1
     return 0
 

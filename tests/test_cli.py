@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cli_command, run_cli, small_cifar
-from ssl_toolkit import progress
+from ssl_toolkit import cli, progress
 from ssl_toolkit.cli import main
 from ssl_toolkit.eval import features
 
@@ -41,7 +41,7 @@ def test_pretrain_prints_no_lightning_adverts(quickstart):
     assert "GPU available: False" in err  # Lightning's own info lines are kept
 
 
-def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys):
+def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys, monkeypatch):
     cwd, out, _ = quickstart
     ckpt = re.search(r"checkpoint: (\S+)", out).group(1)
     knn = run_cli("knn", "--ckpt", ckpt, "--k", "20", "--out", "knn.json", cwd=cwd)
@@ -75,6 +75,20 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys):
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--data", "digits", "--k", "20", "--fp16"]) == 0
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--data", "mine.yaml"]) == 1  # "[Errno 2] No such file or ..."
     assert "error: --data 'mine.yaml': no such recipe file." in capsys.readouterr().err
+    # an --out that cannot be written is refused before the features are extracted (a traceback after them), and
+    # one in a folder not made yet gets its folder ("No such file or directory" after them)
+    (cwd / "taken").write_text("a file")
+    extracted = []
+    monkeypatch.setattr(cli, "_features", lambda *a: extracted.append(a))
+    for out, message in ((cwd / "taken" / "knn.json", f"'{cwd / 'taken'}' is a file, not a folder."),
+                         (cwd, "it is a folder, where a file is written.")):
+        assert main(["knn", "--ckpt", str(cwd / ckpt), "--out", str(out)]) == 1
+        assert f"error: cannot write '{out}': {message}" in capsys.readouterr().err
+    assert main(["pictures", "--ckpt", str(cwd / ckpt), "--out", str(cwd / "taken")]) == 1
+    assert "it is a file, where a folder is written" in capsys.readouterr().err
+    assert not extracted
+    monkeypatch.undo()
+    assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--out", str(cwd / "results" / "knn.json")]) == 0
     assert json.loads((cwd / (ckpt + ".knn.digits.json")).read_text())["top1"]["20"] == pytest.approx(trained, abs=0.2)
     assert main(["knn", "--ckpt", str(cwd / ckpt), "--k", "20", "--precision", "bf16", "--out",
                  str(cwd / "knn_bf16.json")]) == 0
@@ -234,8 +248,6 @@ def test_seed_everything_true_is_a_random_seed_recorded_in_the_config(tmp_path, 
     """LightningCLI documents `seed_everything: true` as a random seed; Lightning 2.6 seeded 0 for it ("No seed
     found, seed set to 0"), so runs meant to differ by their seed were the same run. Ranks that Lightning's
     launcher starts later inherit rank 0's through PL_GLOBAL_SEED; ranks started together are asked for a number."""
-    from ssl_toolkit import cli
-
     monkeypatch.chdir(tmp_path)
     for _ in range(2):  # in one process, as in a notebook: the first run's PL_GLOBAL_SEED made the second's the same
         assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.max_steps", "1",
@@ -278,8 +290,6 @@ def test_help_lists_options_and_commands(capsys):
 
 
 def test_ctrl_c_in_a_command_is_a_one_line_exit_130_not_a_traceback(monkeypatch, capsys):
-    from ssl_toolkit import cli
-
     def interrupted(args):
         raise KeyboardInterrupt
 
@@ -434,8 +444,6 @@ def test_barebones_turns_off_at_once_the_settings_lightning_refuses_in_it(tmp_pa
 def test_bf16_on_a_cpu_slow_at_it_says_to_train_in_fp32(precision, slow, note, tmp_path, monkeypatch, capsys):
     """The GPU recipes' bf16-mixed, run on a CPU without bf16 instructions (--trainer.accelerator cpu, or auto
     without a GPU), made SimCLR's step 19x slower than fp32 without a word."""
-    from ssl_toolkit import cli
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(cli, "_bf16_is_slow_on_this_cpu", lambda: slow)
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--trainer.fast_dev_run", "1",
