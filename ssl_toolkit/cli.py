@@ -1398,9 +1398,11 @@ def index(args: list[str]) -> None:
     a = p.parse_args(args)
     from ssl_toolkit.eval.search import build_index, faiss, load_embeddings, recall_against_exact, retrieval_metrics
 
+    out = a.out or os.path.join(a.embeddings, "index.faiss" if a.type == "flat" else "index-ivf.faiss")
+    _can_write(out)  # faiss's own error came as a RuntimeError traceback, after building the index
     emb, paths, meta = load_embeddings(a.embeddings)
     idx = build_index(emb, a.type, a.nlist, a.nprobe)
-    out = a.out or os.path.join(a.embeddings, "index.faiss" if a.type == "flat" else "index-ivf.faiss")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     faiss.write_index(idx, out)
     info = {"embeddings": os.path.abspath(a.embeddings), "type": a.type, "count": len(paths), "dim": meta["dim"],
             "checkpoint": meta["checkpoint"], "fingerprint": meta["fingerprint"], "image_size": meta["image_size"],

@@ -153,15 +153,19 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
         main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "b"), "--workers", "-1"])
     assert "argument --workers: needs a whole number >= 0; got '-1'" in capsys.readouterr().err
     assert json.loads((tmp_path / "b" / "meta.json").read_text())["skipped"] == 1
-    (tmp_path / "taken").write_text("a file")  # output paths that cannot be written: a traceback before
+    (tmp_path / "taken").write_text("a file")  # output paths that cannot be written: a traceback, after embedding
     assert main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "taken"), "--on-corrupt",
                  "skip"]) == 1
     assert capsys.readouterr().err.strip().endswith(
-        f"error: cannot write '{tmp_path / 'taken'}': a file is where a folder has to be made. Choose another path.")
-    assert main(["embed", "--ckpt", ckpt, "--images", str(broken), "--out", str(tmp_path / "taken" / "emb"),
-                 "--on-corrupt", "skip"]) == 1
-    assert "a part of the path is a file, not a folder" in capsys.readouterr().err
+        f"error: cannot write '{tmp_path / 'taken'}': it is a file, where a folder is written. Choose another path "
+        "(--out).")
+    assert main(["index", "--embeddings", str(tmp_path / "b"), "--out", str(tmp_path / "taken" / "i.faiss")]) == 1
+    assert f"'{tmp_path / 'taken'}' is a file, not a folder. Choose another path (--out)." in capsys.readouterr().err
     assert main(["index", "--embeddings", str(tmp_path / "b")]) == 0
+    assert main(["search", "--index", str(tmp_path / "b" / "index.faiss"), "--query", str(broken / "ok.png"),
+                 "--out", str(tmp_path / "taken" / "g.html")]) == 1  # checked when written: one line, no traceback
+    assert capsys.readouterr().err.strip().endswith(f"error: cannot write '{tmp_path / 'taken'}': a file is where a "
+                                                    "folder has to be made. Choose another path.")
     other = checkpoint(tmp_path / "other.ckpt", NpzDataModule(str(cifar_small), batch_size=64), seed=1)
     index = str(tmp_path / "b" / "index.faiss")
     assert main(["search", "--index", index, "--query", str(broken / "ok.png"), "--ckpt", other]) == 1
