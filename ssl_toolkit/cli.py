@@ -128,15 +128,20 @@ def _name_broken_config(message: str, args: list[str]) -> str:
 
 
 _KINDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "a string",
-          "tuple": "a list, [a, b]", "list": "a list, [a, b]", "dict": "a mapping, {key: value}"}
+          "tuple": "a list, [a, b]", "list": "a list, [a, b]", "Iterable": "a list, [a, b]",
+          "dict": "a mapping, {key: value}"}
 
 
 def _type_reason(line: str) -> str:
-    """jsonargparse's ``Expected a <class 'float'>. Got value: abc`` as ``Expected a number; got abc``."""
-    m = re.fullmatch(r"(- )?Expected a <class '(\w+)'>(?:\. Got value: (.*))?", line)
-    if not m or m[2] not in _KINDS:
-        return line
-    return f"{m[1] or ''}Expected {_KINDS[m[2]]}" + (f"; got {m[3]}" if m[3] is not None else "")
+    """jsonargparse's ``Expected a <class 'float'>. Got value: abc`` as ``Expected a number; got abc``, and its
+    ``Expected a dot import path string: abc`` (a class-typed option, trainer.logger) as a class path."""
+    m = re.fullmatch(r"(- )?Expected a <class '(?:[\w.]+\.)?(\w+)'>(?:\. Got value: (.*))?", line)
+    if m and m[2] in _KINDS:
+        return f"{m[1] or ''}Expected {_KINDS[m[2]]}" + (f"; got {m[3]}" if m[3] is not None else "")
+    m = re.fullmatch(r"(- )?Expected a dot import path string: (.*)", line)
+    if m:
+        return f"{m[1] or ''}Expected a class path (package.module.Class); got {m[2]}"
+    return line
 
 
 def _accepted(owner) -> dict:

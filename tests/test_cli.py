@@ -185,6 +185,8 @@ def test_a_recipe_that_is_not_valid_yaml_is_named_in_the_error(capsys, tmp_path,
     (["--model.init_args.optim.lr", "abc"], 'Parser key "optim.lr":\n  Expected a number; got abc'),
     (["--data.batch_size", "1.5"], 'Parser key "batch_size":\n  Expected a whole number; got 1.5'),
     (["--model.init_args.views.scale", "0.2"], 'Parser key "views.scale":\n  Expected a list, [a, b]; got 0.2'),
+    (["--trainer.logger", "abc"], "Expected a class path (package.module.Class); got abc\n  Expected a list, [a, b]\n"
+                                  "  Expected true or false\n  Given: abc"),  # "dot import path", "<class 'co..."
     (["--model.init_args.optim.name", "adam"], "optim.name must be one of sgd, lars, adamw; got 'adam'"),
     (["--model.init_args.views.flip_p", "2"], "error: views.flip_p is a probability in [0, 1]; got 2.0.\nRun `ssl-"),
     (["--model.init_args.backbone.name", "vgg"], "Set backbone.name to one of"),
