@@ -179,6 +179,7 @@ def test_a_recipe_that_is_not_valid_yaml_is_named_in_the_error(capsys, tmp_path,
                                   "trainer.accelerator, trainer.devices"),
     (["--data.image_size", "-3"], "data.image_size must be >= 1; got -3."),
     (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches must be >= 1; got 0."),  # division
+    (["--trainer.max_epochs", "-1", "--trainer.max_steps", "0"], "trainer.max_steps 0 leaves this run no step"),
     (["--model.init_args.backbone.name", "vit_tiny", "--model.init_args.backbone.patch_size", "0"],
      "A ViT needs backbone.patch_size >= 1 and backbone.vit_layers >= 1; got 0, 12."),  # "integer modulo by zero"
     # a method's or data's setting of the wrong type ended at its name: 'Parser key "optim.lr":' and no reason

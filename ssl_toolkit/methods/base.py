@@ -37,6 +37,9 @@ def schedule_steps(trainer) -> tuple[int, int]:
     if trainer.accumulate_grad_batches < 1:  # Lightning takes 0; the epoch's steps were a ZeroDivisionError
         raise ConfigError(f"trainer.accumulate_grad_batches must be >= 1; got {trainer.accumulate_grad_batches}.")
     total = trainer.estimated_stepping_batches  # loads the training data when needed
+    if total == 0 and trainer.max_steps == 0:  # the message below said max_steps "is not set"
+        raise ConfigError("trainer.max_steps 0 leaves this run no step to train. Set --trainer.max_steps N (or -1, "
+                          "and --trainer.max_epochs N).")
     if not 1 <= total < math.inf:
         raise ConfigError(
             "A method's schedules (the learning rate's warmup and cosine decay, the EMA momentum, DINO's teacher "
