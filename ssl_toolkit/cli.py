@@ -1157,6 +1157,15 @@ def _can_write(path: str, folder: bool = False) -> None:
                          "(--out).")
 
 
+def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
+    """An evaluation command's arguments (knn, probe, retrieval, zeroshot), with its precision set and its result
+    path checked before the work (the default is next to the checkpoint)."""
+    a = p.parse_args(args)
+    _use_precision(a)
+    _can_write(a.out or a.ckpt + ".json")
+    return a
+
+
 def _write(args, command: str, result: dict) -> None:
     """The result as JSON to ``--out`` or next to the checkpoint: ``<ckpt>.<command>.json`` on the checkpoint's own
     data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay."""
@@ -1182,9 +1191,7 @@ def knn(args: list[str]) -> None:
                    "ivf (approximate; its neighbour recall against exact is reported)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default sqrt(N))")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
-    a = p.parse_args(args)
-    _use_precision(a)
-    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
+    a = _parse_eval(p, args)
     train, test, num_classes, info = _features(a)
     start = time.perf_counter()
     if a.index == "flat":
@@ -1234,9 +1241,7 @@ def probe(args: list[str]) -> None:
                    "each epoch through the frozen backbone (slower: the backbone runs every epoch)")
     p.add_argument("--scale", type=float, nargs=2, default=[0.08, 1.0], help="crop area range with --augment")
     p.add_argument("--flip-p", type=float, default=0.5, help="flip probability with --augment (0 for digits, text)")
-    a = p.parse_args(args)
-    _use_precision(a)
-    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
+    a = _parse_eval(p, args)
     if a.augment:
         if len(a.lr) > 1 or len(a.weight_decay) > 1:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
@@ -1276,9 +1281,7 @@ def retrieval(args: list[str]) -> None:
     p = _eval_parser("retrieval", "Image->text and text->image recall@K of a CLIP checkpoint on held-out captions.")
     p.add_argument("--k", type=_count, nargs="+", default=[1, 5, 10], help="K of recall@K (default: 1 5 10)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="images to search (default: test)")
-    a = p.parse_args(args)
-    _use_precision(a)
-    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
+    a = _parse_eval(p, args)
     model, dm, info, device = _clip(a)
     if not hasattr(dm, "captions"):
         raise ValueError(f"--data {a.data!r} has no captions; retrieval needs a caption folder (captions.txt + images/) "
@@ -1297,9 +1300,7 @@ def zeroshot(args: list[str]) -> None:
     p = _eval_parser("zeroshot", "Zero-shot classification of a CLIP checkpoint from prompts built on class names.")
     p.add_argument("--template", action="append", help="prompt with {} for the class name; repeat to average several "
                                                         f"(default: {DEFAULT_TEMPLATES[0]!r})")
-    a = p.parse_args(args)
-    _use_precision(a)
-    _can_write(a.out or a.ckpt + ".json")  # the default is next to the checkpoint
+    a = _parse_eval(p, args)
     if a.data is None:
         raise ValueError("zeroshot needs a labelled --data (an .npz file, an image folder, a recipe or 'digits'); "
                          "its class names make the prompts.")

@@ -53,9 +53,9 @@ def _clip_model(ckpt: dict, why: str):
     from ssl_toolkit.methods import CLIP
 
     cls = import_class(ckpt["ssl_toolkit"]["method"])
-    if not issubclass(cls, CLIP):
+    if not issubclass(cls, CLIP):  # method_from_checkpoint's own check, with what this command was asked to do
         raise CheckpointError(f"{why}; this is a {cls.__name__} checkpoint.")
-    return method_from_checkpoint(ckpt, expected=CLIP)
+    return method_from_checkpoint(ckpt)
 
 
 def image_embedder(ckpt: dict, space: str = "backbone") -> torch.nn.Module:
