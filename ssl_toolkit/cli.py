@@ -1369,13 +1369,13 @@ def embed(args: list[str]) -> None:
     _can_write(a.out, folder=True)  # before the folder is embedded
     from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, folder_labels, image_embedder,
-                                         list_images, save_embeddings)
+                                         list_images, save_embeddings, stale_indexes)
     from ssl_toolkit.export import metadata
 
     _use_precision(a)
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
-    paths = list_images(a.images)
+    paths = list_images(os.path.abspath(a.images))  # absolute: search and its gallery work from any folder
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     start = time.perf_counter()
     embedder = image_embedder(ckpt, a.space)
@@ -1385,11 +1385,15 @@ def embed(args: list[str]) -> None:
             "space": a.space, "fingerprint": backbone_fingerprint(ckpt, a.space), "images": os.path.abspath(a.images),
             "image_size": size, "skipped": len(paths) - len(kept), "classes": labelled[0] if labelled else None,
             "precision": a.precision}
-    save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
+    digest = save_embeddings(a.out, emb, kept, meta, a.dtype, labelled[1] if labelled else None)
     n = len(kept)
     print(f"embedded {n:,} image{'s' * (n != 1)} ({len(paths) - n:,} skipped) to {emb.shape[1]}-d"
           f"{' (CLIP image-text space)' if a.space == 'joint' else ''} in "
           f"{time.perf_counter() - start:.1f} s{f'; {len(labelled[0])} classes' if labelled else ''}: wrote {a.out}")
+    stale = stale_indexes(a.out, digest)
+    if stale:
+        print(f"{', '.join(stale)} in {a.out} hold{'s' * (len(stale) == 1)} the embeddings this replaced; build "
+              f"{'it' if len(stale) == 1 else 'them'} again for search: ssl-toolkit index --embeddings {a.out}")
 
 
 def index(args: list[str]) -> None:
@@ -1412,7 +1416,7 @@ def index(args: list[str]) -> None:
     faiss.write_index(idx, out)
     info = {"embeddings": os.path.abspath(a.embeddings), "type": a.type, "count": len(paths), "dim": meta["dim"],
             "checkpoint": meta["checkpoint"], "fingerprint": meta["fingerprint"], "image_size": meta["image_size"],
-            "space": meta.get("space", "backbone")}
+            "space": meta.get("space", "backbone"), "embeddings_digest": meta.get("digest")}
     if a.type == "ivf":
         info.update(nlist=idx.nlist, nprobe=idx.nprobe, recall_at_10_vs_exact=recall_against_exact(idx, emb))
         print(f"IVF index ({idx.nlist} cells, nprobe {idx.nprobe}): recall@10 against exact search "
@@ -1443,7 +1447,7 @@ def search(args: list[str]) -> None:
     from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.data.images import decode_files
     from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, embed_texts, faiss, image_embedder,
-                                         list_images, load_paths, write_gallery)
+                                         index_paths, list_images, write_gallery)
 
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
@@ -1458,13 +1462,14 @@ def search(args: list[str]) -> None:
                          f"holds the encoder features of {info['checkpoint']}. Embed with a CLIP checkpoint and "
                          "--space joint (ssl-toolkit embed --ckpt CLIP.ckpt --images DIR --out FOLDER --space joint), "
                          "then index that folder.")
+    idx = faiss.read_index(a.index)
+    paths = index_paths(a.index, info, idx.ntotal)  # before the queries are embedded
     given = a.ckpt or info["checkpoint"]
     ckpt = load_checkpoint(given)
     if backbone_fingerprint(ckpt, space) != info["fingerprint"]:
         raise ValueError(f"The index was built from other weights ({info['checkpoint']}, fingerprint "
                          f"{info['fingerprint']}); {given} has {backbone_fingerprint(ckpt, space)}. Query with the "
                          "checkpoint the index was built from, or re-run ssl-toolkit embed and index.")
-    idx = faiss.read_index(a.index)
     if a.text:
         emb, kept = embed_texts(ckpt, a.text, _device(a)), a.text
     else:
@@ -1478,7 +1483,6 @@ def search(args: list[str]) -> None:
     if emb.shape[1] != idx.d:
         raise ValueError(f"The checkpoint gives {emb.shape[1]}-d embeddings but the index holds {idx.d}-d ones; "
                          "query with the checkpoint the index was built from.")
-    paths = load_paths(info["embeddings"])
     scores, ids = idx.search(emb.numpy(), min(a.k, idx.ntotal))
     found = [[(paths[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0] for row_s, row_i in zip(scores, ids)]
     for q, row in zip(kept, found):

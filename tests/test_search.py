@@ -79,6 +79,46 @@ def test_embed_index_search_round_trip(gallery, tmp_path, capsys):
     assert grid.shape[:2] == (2 + 30 * 98, 2 + 4 * 98)  # 30 rows of query + 3 neighbours, 96 px and 2 px padding
 
 
+def test_search_refuses_an_index_of_replaced_embeddings_and_follows_a_moved_folder(gallery, tmp_path, monkeypatch,
+                                                                                    capsys):
+    """An embeddings folder embedded again (other images, the same count) kept its index, and search paired the old
+    rows with the new paths: airplanes found for a bird, named as birds. A folder moved with its index stopped at
+    "[Errno 2] No such file or directory: '.../paths.txt'". Relative --images paths were stored as given, so a
+    search from another folder printed paths that were not there and its gallery's links were broken."""
+    root, ckpt = gallery
+    monkeypatch.chdir(root)
+    emb = tmp_path / "emb"
+    index = str(emb / "index.faiss")
+    assert main(["embed", "--ckpt", ckpt, "--images", "images/airplane", "--out", str(emb)]) == 0
+    assert main(["index", "--embeddings", str(emb)]) == 0
+    assert main(["embed", "--ckpt", ckpt, "--images", "images/bird", "--out", str(emb)]) == 0  # 30 images, as before
+    assert (f"index.faiss in {emb} holds the embeddings this replaced; build it again for search: ssl-toolkit index "
+            f"--embeddings {emb}") in capsys.readouterr().out
+    bird = str(root / "images" / "bird" / sorted(p.name for p in (root / "images" / "bird").iterdir())[0])
+    assert main(["search", "--index", index, "--query", bird]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: {index} was built from other embeddings than {emb} holds now (30 images of {root / 'images' / 'bird'}"
+        f": embedded again since, or changed by hand). Build the index again: ssl-toolkit index --embeddings {emb}")
+    assert main(["index", "--embeddings", str(emb)]) == 0
+    capsys.readouterr()
+    moved = tmp_path / "moved"
+    emb.rename(moved)
+    monkeypatch.chdir(tmp_path)
+    assert main(["search", "--index", str(moved / "index.faiss"), "--query", bird, "-k", "3"]) == 0
+    found = [line.split()[2] for line in capsys.readouterr().out.splitlines()[1:4]]
+    assert found[0] == bird and all(p.startswith(str(root / "images" / "bird")) for p in found), found
+    srcs = re.findall(r'<img src="([^"]*)"', (moved / "index.faiss.gallery.html").read_text())
+    assert len(srcs) == 4 and all((moved / urllib.parse.unquote(html.unescape(s))).is_file() for s in srcs)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (moved / "index.faiss").rename(alone / "index.faiss")
+    (moved / "index.faiss.json").rename(alone / "index.faiss.json")
+    moved.rename(tmp_path / "gone")
+    assert main(["search", "--index", str(alone / "index.faiss"), "--query", bird]) == 1
+    assert f"was built from the embeddings in {emb}, which are not there any more, nor beside the index" in \
+        capsys.readouterr().err
+
+
 def test_folder_labels_read_class_folders_also_under_train_and_val():
     from ssl_toolkit.eval.search import folder_labels
 
@@ -170,7 +210,7 @@ def test_bad_input_says_the_fix(gallery, tmp_path, capsys, cifar_small):
     index = str(tmp_path / "b" / "index.faiss")
     assert main(["search", "--index", index, "--query", str(broken / "ok.png"), "--ckpt", other]) == 1
     assert "The index was built from other weights" in capsys.readouterr().err
-    faiss.write_index(build_index(np.eye(7, dtype=np.float32)), index)  # an index of another dimension
+    faiss.write_index(build_index(np.eye(7, dtype=np.float32)[:1]), index)  # an index of another dimension
     assert main(["search", "--index", index, "--query", str(broken / "ok.png")]) == 1
     assert "64-d embeddings but the index holds 7-d ones" in capsys.readouterr().err
     assert main(["index", "--embeddings", str(tmp_path / "empty")]) == 1

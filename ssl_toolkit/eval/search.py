@@ -125,24 +125,71 @@ def folder_labels(folder: str, paths: list[str]) -> tuple[list[str], list[int]] 
     return classes, [index[q[level]] for q in parts]
 
 
+def embeddings_digest(embeddings: np.ndarray, paths: list[str]) -> str:
+    """SHA-256 of an embeddings folder's rows (as stored) and paths: an index records which embeddings it holds, so
+    a search on an index whose folder was embedded again refuses, where it had paired the old rows with the new
+    paths."""
+    h = hashlib.sha256(np.ascontiguousarray(embeddings).view(np.uint8).tobytes())
+    h.update("\n".join(paths).encode())
+    return h.hexdigest()[:16]
+
+
 def save_embeddings(folder: str, embeddings: torch.Tensor, paths: list[str], meta: dict, dtype: str = "float32",
-                    labels: list[int] | None = None) -> None:
-    """Write an embeddings folder (see the module docstring); ``labels`` go to ``labels.npy``."""
+                    labels: list[int] | None = None) -> str:
+    """Write an embeddings folder (see the module docstring); ``labels`` go to ``labels.npy``. Returns the
+    :func:`embeddings_digest` that ``meta.json`` records."""
     os.makedirs(folder, exist_ok=True)
-    np.save(os.path.join(folder, "embeddings.npy"), embeddings.numpy().astype(dtype))
+    stored = embeddings.numpy().astype(dtype)
+    digest = embeddings_digest(stored, paths)
+    np.save(os.path.join(folder, "embeddings.npy"), stored)
     if labels is not None:
         np.save(os.path.join(folder, "labels.npy"), np.asarray(labels, dtype=np.int64))
     with open(os.path.join(folder, "paths.txt"), "w") as f:
         f.write("\n".join(paths) + "\n")
     with open(os.path.join(folder, "meta.json"), "w") as f:
         json.dump({**meta, "count": len(paths), "dim": int(embeddings.shape[1]), "dtype": dtype,
-                   "l2_normalized": True}, f, indent=2)
+                   "l2_normalized": True, "digest": digest}, f, indent=2)
+    return digest
 
 
 def load_paths(folder: str) -> list[str]:
     """The image paths of an embeddings folder, in the order of its rows."""
     with open(os.path.join(folder, "paths.txt")) as f:
         return f.read().splitlines()
+
+
+def index_paths(index: str, info: dict, rows: int) -> list[str]:
+    """The image paths of an index's ``rows``, from the embeddings folder ``info`` (the index's ``.json``) names or,
+    when that folder has moved (to another disk or machine) or was embedded again, from the index's own folder
+    (its copy). An index whose rows are not the embeddings of either folder's paths is refused."""
+    named, beside = info["embeddings"], os.path.dirname(os.path.abspath(index))
+    found = [f for f in dict.fromkeys((named, beside)) if os.path.isfile(os.path.join(f, "meta.json"))]
+    if not found:  # was "[Errno 2] No such file or directory: '.../paths.txt'"
+        raise FileNotFoundError(f"{index} was built from the embeddings in {named}, which are not there any more, nor "
+                                "beside the index. Keep the index in its embeddings folder when moving it, or build "
+                                "it again: ssl-toolkit index --embeddings FOLDER")
+    for folder in found:
+        with open(os.path.join(folder, "meta.json")) as f:
+            meta = json.load(f)
+        paths = load_paths(folder)  # an index from before digests were recorded is matched by its row count
+        if len(paths) == rows and info.get("embeddings_digest", meta.get("digest")) == meta.get("digest"):
+            return paths
+    raise ValueError(f"{index} was built from other embeddings than {found[0]} holds now ({len(paths):,} images of "
+                     f"{meta.get('images', 'a folder')}: embedded again since, or changed by hand). Build the index "
+                     f"again: ssl-toolkit index --embeddings {found[0]}")
+
+
+def stale_indexes(folder: str, digest: str) -> list[str]:
+    """The indexes in an embeddings folder that were built from its embeddings before they were replaced by the
+    ``digest`` ones."""
+    stale = []
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".faiss.json"):
+            with open(os.path.join(folder, name)) as f:
+                info = json.load(f)
+            if info.get("embeddings") == os.path.abspath(folder) and info.get("embeddings_digest") != digest:
+                stale.append(name.removesuffix(".json"))
+    return stale
 
 
 def load_embeddings(folder: str) -> tuple[np.ndarray, list[str], dict]:
