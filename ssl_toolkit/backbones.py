@@ -258,9 +258,33 @@ class Encoder(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (or [0, 1] float) images -> the ``(B, 3, s, s)`` input of the backbone, before any tiling."""
-        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()  # (B, 3, H, W) in [0, 1]
+    def prepare(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """uint8 (or [0, 1] float) images -> the ``(B, 3, s, s)`` input of the backbone, before any tiling.
+
+        Anything else is refused with the fix: a float image in 0-255, or one already normalised, had given
+        features far from the right ones, and channels-last images torch's broadcasting error. ``check_range``
+        False skips the range check of float images, the one check that reads the values (a device sync), for
+        callers whose images are in [0, 1] by construction."""
+        shape = tuple(images.shape)
+        if images.ndim != 4 or shape[1] not in (1, 3):
+            hint = (" (channels last: pass images.permute(0, 3, 1, 2))" if images.ndim == 4 and shape[3] in (1, 3)
+                    else " (one image: pass images[None])" if images.ndim == 3 and shape[0] in (1, 3) else "")
+            raise ValueError(f"The encoder takes a batch of images (B, 3, H, W), or grey (B, 1, H, W); got shape "
+                             f"{shape}{hint}.")
+        if images.dtype == torch.uint8:
+            x = images.float() / 255.0  # (B, C, H, W) in [0, 1]
+        elif not images.is_floating_point():
+            raise ValueError(f"The encoder takes uint8 images (0-255) or float ones in [0, 1]; got {images.dtype}. "
+                             "Pass images.to(torch.uint8) for whole numbers in 0-255.")
+        else:
+            x = images.float()
+            low, high = (float(v) for v in x.aminmax()) if check_range and x.numel() else (0.0, 1.0)
+            if low < -1e-3 or high > 1 + 1e-3:
+                raise ValueError(f"Float images must be RGB in [0, 1]; these range from {low:.3g} to {high:.3g}. "
+                                 "Divide 0-255 values by 255 (or pass uint8), and do not normalise them: the encoder "
+                                 "applies its training normalisation itself.")
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # grey as RGB
         if self.input_size is not None and x.shape[-2:] != (self.input_size, self.input_size):
             x = nn.functional.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
                                           antialias=True, align_corners=False)
@@ -270,8 +294,8 @@ class Encoder(nn.Module):
             return lightness_input(x)
         return (x - self.mean) / self.std
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = self.prepare(images)
+    def forward(self, images: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        x = self.prepare(images, check_range)
         if self.tiles is not None:
             from ssl_toolkit.views.pretext import centre_tiles
 

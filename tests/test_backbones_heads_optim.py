@@ -39,6 +39,30 @@ def test_encoder_normalises_uint8_like_training():
     assert torch.allclose(enc(x), net.eval()((x.float() / 255 - 0.5) / 0.25))
 
 
+def test_encoder_refuses_images_it_would_misread_with_the_fix():
+    """The Python API takes uint8 images or float ones in [0, 1]. A float image in 0-255 (``read_image(f).float()``)
+    or one normalised already gave features far from the right ones without a word, and channels-last images
+    (numpy's layout) torch's "The size of tensor a (32) must match the size of tensor b (3)"."""
+    net, _ = build_backbone("tiny_cnn", width=4)
+    enc = Encoder(net, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)).eval()
+    x = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    assert torch.allclose(enc(x.float() / 255), enc(x))
+    for bad in (x.float(), (x.float() / 255 - 0.5) / 0.25):
+        with pytest.raises(ValueError, match=r"Float images must be RGB in \[0, 1\]; these range from .* Divide 0-255 "
+                                             "values by 255 .*do not normalise them"):
+            enc(bad)
+    assert enc(x.float(), check_range=False).shape == (2, 32)  # the augmented probe's crops: no device sync
+    with pytest.raises(ValueError, match=r"got shape \(2, 16, 16, 3\) \(channels last: pass images.permute\(0, 3, 1, "
+                                         r"2\)\)"):
+        enc(x.permute(0, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"got shape \(3, 16, 16\) \(one image: pass images\[None\]\)"):
+        enc(x[0])
+    with pytest.raises(ValueError, match="got torch.int64. Pass images.to"):
+        enc(x.long())
+    grey = x[:, :1]
+    assert torch.allclose(enc(grey), enc(grey.expand(-1, 3, -1, -1)))  # grey as RGB
+
+
 def test_heads_from_one_builder():
     head = projection_head(512, 1024, 128)
     assert [type(m) for m in head] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_toolkit.backbones import Encoder
 
 def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int, epochs: int = 100,
                  lr: float = 0.1, weight_decay: float = 0.0, batch_size: int = 1024, seed: int = 0) -> nn.Module:
@@ -169,7 +170,7 @@ def bn_linear(dim: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, num_classes))
 
 
-def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr: float = 0.1,
+def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: float = 0.1,
                            weight_decay: float = 0.0, batch_size: int = 256, device: torch.device | str = "cpu",
                            scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5,
                            seed: int = 0) -> dict[str, float]:
@@ -207,7 +208,7 @@ def augmented_linear_probe(encoder: nn.Module, datamodule, epochs: int = 100, lr
                 boxes = VF.sample_crop_boxes(len(x), x.shape[-2], x.shape[-1], scale, (3 / 4, 4 / 3), device=device)
                 x = VF.resized_crop(x, boxes, size, torch.rand(len(x), device=device) < flip_p)  # (b, 3, s, s)
                 with torch.no_grad(), evaluating(encoder, device):
-                    feats = encoder(x).float()
+                    feats = encoder(x, check_range=False).float()  # crops of uint8 images: in [0, 1], no sync
                 clf.train()
                 loss = F.cross_entropy(clf(feats), y_all[idx].to(device))
                 opt.zero_grad(set_to_none=True)
