@@ -993,9 +993,10 @@ def pretrain(args: list[str]):
     return cli.trainer
 
 
-def resolve_data(spec: str | None, ckpt: dict):
+def resolve_data(spec: str | None, ckpt: dict, test_only: bool = False):
     """The DataModule to evaluate on: ``--data`` (a recipe YAML, an .npz file, an image folder, a caption folder
-    with ``captions.txt`` or ``digits``) or, when omitted, the one recorded in the checkpoint."""
+    with ``captions.txt`` or ``digits``) or, when omitted, the one recorded in the checkpoint. ``test_only``: for
+    commands that use the test split alone (zero-shot, retrieval, pictures), which loads nothing else."""
     from ssl_toolkit.checkpoint import datamodule_from_checkpoint, import_class
     from ssl_toolkit.data import CaptionDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
 
@@ -1024,7 +1025,7 @@ def resolve_data(spec: str | None, ckpt: dict):
     else:
         raise FileNotFoundError(f"--data {spec!r} is neither a recipe .yaml, an .npz file, an image or caption folder "
                                 "nor 'digits'. Omit --data to use the dataset recorded in the checkpoint.")
-    return dm
+    return dm.only_test() if test_only else dm  # an image folder's training images were decoded for nothing
 
 
 def _count(text: str, least: int = 1) -> int:
@@ -1127,7 +1128,7 @@ def _features(args):
     return train, test, dm.num_classes, info
 
 
-def _clip(args):
+def _clip(args, test_only: bool):
     """The CLIP model of ``--ckpt`` (a clear error for another method's checkpoint) and the data to score."""
     from ssl_toolkit.checkpoint import load_checkpoint, method_from_checkpoint
     from ssl_toolkit.methods import CLIP
@@ -1135,7 +1136,7 @@ def _clip(args):
     device = _device(args)
     ckpt = load_checkpoint(args.ckpt)
     model = method_from_checkpoint(ckpt, expected=CLIP).to(device)
-    dm = resolve_data(args.data, ckpt)
+    dm = resolve_data(args.data, ckpt, test_only)
     return model, dm, _info(args, ckpt, dm, device), device
 
 
@@ -1282,7 +1283,7 @@ def retrieval(args: list[str]) -> None:
     p.add_argument("--k", type=_count, nargs="+", default=[1, 5, 10], help="K of recall@K (default: 1 5 10)")
     p.add_argument("--split", default="test", choices=["train", "test"], help="images to search (default: test)")
     a = _parse_eval(p, args)
-    model, dm, info, device = _clip(a)
+    model, dm, info, device = _clip(a, test_only=a.split == "test")
     if not hasattr(dm, "captions"):
         raise ValueError(f"--data {a.data!r} has no captions; retrieval needs a caption folder (captions.txt + images/) "
                          "or a recipe with a CaptionDataModule.")
@@ -1304,7 +1305,7 @@ def zeroshot(args: list[str]) -> None:
     if a.data is None:
         raise ValueError("zeroshot needs a labelled --data (an .npz file, an image folder, a recipe or 'digits'); "
                          "its class names make the prompts.")
-    model, dm, info, device = _clip(a)
+    model, dm, info, device = _clip(a, test_only=True)
     templates = a.template or list(DEFAULT_TEMPLATES)
     result = zero_shot(model, dm, templates, "test", device, a.batch_size)
     print(f"zero-shot on {info['dataset']} ({dm.num_classes} classes): top-1 {result['top1']:.2f}%, "
@@ -1326,7 +1327,7 @@ def pictures(args: list[str]) -> None:
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
     model = method_from_checkpoint(ckpt).to(device)
-    dm = resolve_data(a.data, ckpt)
+    dm = resolve_data(a.data, ckpt, test_only=True)
     images, _ = next(dm.iter_split("test", a.num))
     torch.manual_seed(0)
     for path in save_pictures(view_pictures(model, images), a.out or f"{a.ckpt}.pictures"):

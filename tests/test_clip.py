@@ -9,6 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import ROOT, mapped_from
 from ssl_toolkit.backbones import BackboneConfig, TextConfig, TextTransformer
@@ -343,7 +344,19 @@ def test_retrieval_and_zeroshot_commands_reproduce_the_run_from_the_checkpoint(t
     data = _dog_or_person(dm, tmp_path / "dog_or_person.npz")
     assert main(["zeroshot", "--ckpt", str(path), "--data", str(data), "--template", "a photo of a {}."]) == 0
     assert "mean per class" in capsys.readouterr().out
-    assert json.loads(open(f"{path}.zeroshot.dog_or_person.npz.json").read())["classes"] == ["dog", "person"]
+    scored = json.loads(open(f"{path}.zeroshot.dog_or_person.npz.json").read())
+    assert scored["classes"] == ["dog", "person"]
+    # the same images as an image folder: only val/ is decoded, so an unreadable training image does not stop it
+    arrays = np.load(data)
+    for split in ("train", "val"):
+        for c, name in enumerate(["dog", "person"]):
+            (tmp_path / "folder" / split / name).mkdir(parents=True)
+            for i in np.flatnonzero(arrays["y_test"] == c):
+                Image.fromarray(arrays["x_test"][i].transpose(1, 2, 0)).save(tmp_path / "folder" / split / name / f"{i}.png")
+    (tmp_path / "folder" / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["zeroshot", "--ckpt", str(path), "--data", str(tmp_path / "folder"), "--out", str(tmp_path / "z.json"),
+                 "--template", "a photo of a {}."]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "z.json").read_text())["top1"] == scored["top1"]
     assert main(["knn", "--ckpt", str(path), "--k", "5"]) == 1  # the checkpoint's data has captions, not labels
     assert "has no class labels" in capsys.readouterr().err
     assert main(["knn", "--ckpt", str(path), "--k", "5", "--data", str(data), "--out", str(tmp_path / "k.json")]) == 0

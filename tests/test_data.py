@@ -127,6 +127,43 @@ def test_image_folder_decodes_resizes_and_center_crops(tmp_path):
     assert torch.equal(x, dm.splits.x_test) and y.tolist() == [0, 0, 0, 1, 1, 1]
 
 
+def test_evaluators_of_the_test_split_load_nothing_else(tmp_path, flickr, count_cache_work, monkeypatch):
+    """zeroshot, retrieval and pictures use the test split alone (``only_test``). An image folder's training images
+    were decoded for them too (a CIFAR-10 folder: 50,000 decoded to score 10,000), and an unreadable one stopped
+    them; a caption folder's were decoded, an .npz file's read."""
+    from ssl_toolkit.data import CaptionDataModule
+
+    root = make_folder(tmp_path / "imgs", corrupt=True)  # the unreadable files are training images
+    full = ImageFolderDataModule(str(root), image_size=16, on_corrupt="skip", num_workers=0)
+    full.setup()
+    decodes, _ = count_cache_work()
+    dm = ImageFolderDataModule(str(root), image_size=16, num_workers=0).only_test()
+    dm.setup()
+    assert decodes == [6]  # val/'s six images, nothing of train/
+    assert torch.equal(dm.splits.x_test, full.splits.x_test) and torch.equal(dm.splits.y_test, full.splits.y_test)
+    assert dm.num_classes == 2 and next(dm.iter_split("test", 6))[1].tolist() == [0, 0, 0, 1, 1, 1]
+    for use in (lambda: dm.split_size("train"), dm.train_dataloader):
+        with pytest.raises(RuntimeError, match="was loaded with its test split only"):
+            use()
+
+    read = []
+    getitem = np.lib.npyio.NpzFile.__getitem__
+    monkeypatch.setattr(np.lib.npyio.NpzFile, "__getitem__", lambda f, k: read.append(k) or getitem(f, k))
+    npz = NpzDataModule(write_npz(tmp_path / "a.npz")).only_test()
+    npz.setup()
+    assert "x_train" not in read and npz.splits.x_test.shape == (8, 3, 8, 8) and npz.num_classes == 4
+
+    decodes.clear()
+    captions = CaptionDataModule(str(flickr), image_size=8, num_workers=0).only_test()
+    texts, image = captions.captions("test")
+    assert decodes == [200] and len(captions.splits.x_test) == 200 and len(texts) == 1000 and image.max() == 199
+    whole = CaptionDataModule(str(flickr), image_size=8, num_workers=0)
+    assert whole.captions("test")[0] == texts and torch.equal(whole.splits.x_test, captions.splits.x_test)
+    assert torch.equal(whole.tokens["test"], captions.tokens["test"])  # the tokenizer of the training captions
+    with pytest.raises(RuntimeError, match="was loaded with its test split only"):
+        captions.captions("train")
+
+
 def test_an_image_folder_without_train_and_val_is_unlabelled(tmp_path):
     root = tmp_path / "photos"
     for i, sub in enumerate(["", "2019", "2019/june", "2020", "2020"]):

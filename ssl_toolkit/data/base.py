@@ -189,6 +189,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.resident, self.pin_memory = resident, pin_memory
         self.splits: Splits | None = None
+        self.test_only = False  # only_test(): the training split need not be loaded
         self.order = EpochOrder()  # the training position, saved in checkpoints for an exact mid-epoch resume
         self._device_cache: dict[tuple[str, str], torch.Tensor] = {}
 
@@ -196,11 +197,19 @@ class InMemoryDataModule(pl.LightningDataModule):
         """Decode the dataset into uint8 tensors; called once, by :meth:`setup`."""
         raise NotImplementedError(f"{type(self).__name__} must implement load().")
 
+    def only_test(self) -> "InMemoryDataModule":
+        """Load the test split alone, for evaluators that use nothing else (zero-shot, retrieval, pictures): an
+        image or caption folder's training images are not decoded, an ``.npz`` file's not read. Sources whose
+        training split costs next to nothing (digits) load it anyway. Call before :meth:`setup`."""
+        if self.splits is None:
+            self.test_only = True
+        return self
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
         s = self.load()
-        for name in ("x_train", "x_test"):
+        for name in ("x_test",) if self.test_only and not len(s.x_train) else ("x_train", "x_test"):
             check_images(getattr(s, name), name, self.name)
         for x, y, split in ((s.x_train, s.y_train, "train"), (s.x_test, s.y_test, "test")):
             if y.ndim != 1 or len(y) != len(x):
@@ -214,7 +223,7 @@ class InMemoryDataModule(pl.LightningDataModule):
         return len(self.splits.classes)
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()
+        self._checked_split("train")
         s = self.splits
         if len(s.y_train) < self.batch_size:
             raise ValueError(f"{self.name}: batch_size {self.batch_size} is larger than the training set "
@@ -274,6 +283,9 @@ class InMemoryDataModule(pl.LightningDataModule):
         if split not in ("train", "test"):
             raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
         self.setup()
+        if split == "train" and self.test_only and not len(self.splits.y_train):
+            raise RuntimeError(f"{self.name} was loaded with its test split only (only_test()); make another data "
+                               "module for the training split.")
         return self._split(split)
 
     def split_size(self, split: str) -> int:

@@ -123,28 +123,32 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
     def _parts(self, listing) -> list[tuple[str, list[str]]]:
         """The held-out and the training images, each split one part."""
         folder = str(Path(self.root) / self.images_dir)
-        return [(folder, [os.path.join(folder, n) for n in names]) for names in listing[1:3]]
+        return [(folder, [os.path.join(folder, n) for n in names]) for names in listing[1:2 if self.test_only else 3]]
 
     def load(self) -> Splits:
         (by_image, test, train, missing), decoded = self.listed_and_decoded()
-        (x_test, keep_test, bad_test), (x_train, keep_train, bad_train) = decoded
+        (x_test, keep_test, bad_test), *rest = decoded  # only_test(): the training images are not decoded
+        x_train, keep_train, bad_train = rest[0] if rest else (None, None, [])
         where = str(Path(self.root) / self.images_dir)
-        report_unreadable(bad_test + bad_train, len(test) + len(train), where, self.on_corrupt)
+        report_unreadable(bad_test + bad_train, len(test) + len(train) * bool(rest), where, self.on_corrupt)
         self.num_skipped = missing + len(bad_test) + len(bad_train)
-        names = {"train": [train[i] for i in keep_train.tolist()], "test": [test[i] for i in keep_test.tolist()]}
+        names = {"train": [train[i] for i in keep_train.tolist()]} if rest else {}
+        names["test"] = [test[i] for i in keep_test.tolist()]
         for split, kept in names.items():
             if not kept:
                 raise ValueError(f"None of the {'training' if split == 'train' else 'held-out'} images in {where} "
                                  "could be read" + (" (change data.split_seed or data.val_images to hold out "
                                                     "others)." if split == "test" else "."))
             self.texts[split] = [c for n in kept for c in by_image[n]]  # grouped by image
-        self.tokenizer = (CaptionTokenizer.from_file(self.tokenizer_file) if self.tokenizer_file
-                          else CaptionTokenizer.train(self.texts["train"], self.vocab_size))
+        self.tokenizer = (CaptionTokenizer.from_file(self.tokenizer_file) if self.tokenizer_file else
+                          CaptionTokenizer.train([c for n in names.get("train", train) for c in by_image[n]],
+                                                 self.vocab_size))
         for split, kept in names.items():
             counts = torch.tensor([len(by_image[n]) for n in kept])
             self.tokens[split] = self.tokenizer.encode(self.texts[split], self.context_length)  # (M, L)
             self.caption_image[split] = torch.repeat_interleave(torch.arange(len(kept)), counts)  # (M,)
             self.offsets[split] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (N + 1,)
+        x_train = x_test[:0] if x_train is None else x_train
         return Splits(x_train, torch.arange(len(x_train)), x_test, torch.arange(len(x_test)), [])
 
     def train_batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +166,5 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
         Evaluators tokenize these with the model's own tokenizer, so a checkpoint is scored with the
         tokenizer it was trained with, whatever this data module would train.
         """
-        self.setup()
-        if split not in self.texts:
-            raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
+        self._checked_split(split)
         return self.texts[split], self.caption_image[split]

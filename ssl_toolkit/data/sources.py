@@ -114,9 +114,14 @@ class CIFARDataModule(InMemoryDataModule):
             ) from None
 
     def load(self) -> Splits:
-        tr, te = self._dataset(True), self._dataset(False)
-        return Splits(_to_nchw(tr.data, "train images", self.variant), torch.tensor(tr.targets),
-                      _to_nchw(te.data, "test images", self.variant), torch.tensor(te.targets), list(tr.classes))
+        te = self._dataset(False)
+        x_test = _to_nchw(te.data, "test images", self.variant)
+        if self.test_only:
+            return Splits(x_test[:0], torch.zeros(0, dtype=torch.long), x_test, torch.tensor(te.targets),
+                          list(te.classes))
+        tr = self._dataset(True)
+        return Splits(_to_nchw(tr.data, "train images", self.variant), torch.tensor(tr.targets), x_test,
+                      torch.tensor(te.targets), list(tr.classes))
 
 
 class NpzDataModule(InMemoryDataModule):
@@ -148,10 +153,12 @@ class NpzDataModule(InMemoryDataModule):
             if missing:
                 raise KeyError(f"{self.path}: missing array(s) {', '.join(missing)}; found {', '.join(f.files)}. "
                                f"The file needs {', '.join(self.KEYS)} (and optionally classes).")
-            arrays = {k: f[k] for k in f.files}
+            arrays = {k: f[k] for k in f.files if not (self.test_only and k == "x_train")}  # read when accessed
         y_train, y_test, classes = self._labels(arrays)
-        return Splits(_to_nchw(arrays["x_train"], "x_train", self.path), y_train,
-                      _to_nchw(arrays["x_test"], "x_test", self.path), y_test, classes)
+        x_test = _to_nchw(arrays["x_test"], "x_test", self.path)
+        if self.test_only:
+            return Splits(x_test[:0], y_train[:0], x_test, y_test, classes)
+        return Splits(_to_nchw(arrays["x_train"], "x_train", self.path), y_train, x_test, y_test, classes)
 
     def _labels(self, arrays: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Integer labels (class names from ``classes``, else the numbers), or class names as strings, numbered in
@@ -264,10 +271,12 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
         return classes, [(str(train_dir), train_paths, train_labels), (str(eval_dir), test_paths, test_labels)]
 
     def _parts(self, listing) -> list[tuple[str, list[str]]]:
-        return [(folder, paths) for folder, paths, _ in listing[1]]
+        parts = [(folder, paths) for folder, paths, _ in listing[1]]
+        return parts[1:] if self.test_only and len(parts) == 2 else parts  # only_test(): val/ alone is decoded
 
     def load(self) -> Splits:
         (classes, splits), decoded = self.listed_and_decoded()
+        splits = splits[len(splits) - len(decoded):]  # only_test(): val/ (or test/) alone
         with_bad = {folder: len(paths) for (folder, paths, _), (_, _, bad) in zip(splits, decoded) if bad}
         report_unreadable([b for _, _, bad in decoded for b in bad], sum(with_bad.values()), " and ".join(with_bad),
                           self.on_corrupt)
@@ -280,6 +289,7 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
             log.info("%s: %d unlabelled images (no train/ and val/ class folders)", self.root, len(x))
             y = torch.zeros(len(x), dtype=torch.long)
             return Splits(x, y, x, y, [])  # no classes; "test" is the training set itself, no copy
-        (x_train, keep_train, _), (x_test, keep_test, _) = decoded
-        return Splits(x_train, torch.tensor(splits[0][2])[keep_train], x_test, torch.tensor(splits[1][2])[keep_test],
-                      classes)
+        labels = [torch.tensor(labels)[keep] for (_, _, labels), (_, keep, _) in zip(splits, decoded)]
+        if len(decoded) == 1:  # only_test()
+            return Splits(decoded[0][0][:0], labels[0][:0], decoded[0][0], labels[0], classes)
+        return Splits(decoded[0][0], labels[0], decoded[1][0], labels[1], classes)
