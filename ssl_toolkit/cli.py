@@ -993,12 +993,15 @@ def pretrain(args: list[str]):
     return cli.trainer
 
 
-def resolve_data(spec: str | None, ckpt: dict, test_only: bool = False):
+def resolve_data(spec: str | None, ckpt: dict, test_only: bool = False, on_corrupt: str | None = None):
     """The DataModule to evaluate on: ``--data`` (a recipe YAML, an .npz file, an image folder, a caption folder
     with ``captions.txt`` or ``digits``) or, when omitted, the one recorded in the checkpoint. ``test_only``: for
-    commands that use the test split alone (zero-shot, retrieval, pictures), which loads nothing else."""
+    commands that use the test split alone (zero-shot, retrieval, pictures), which loads nothing else.
+    ``on_corrupt``: the command's ``--on-corrupt`` for image and caption folders (``None``: the data's own, ``fail``
+    for a folder given as ``--data``), and the option their unreadable-file errors name."""
     from ssl_toolkit.checkpoint import datamodule_from_checkpoint, import_class
     from ssl_toolkit.data import CaptionDataModule, DigitsDataModule, ImageFolderDataModule, NpzDataModule
+    from ssl_toolkit.data.base import DecodesFiles
 
     crop = ckpt["hyper_parameters"]["views"]["crop_size"]
     if spec is None:
@@ -1025,6 +1028,8 @@ def resolve_data(spec: str | None, ckpt: dict, test_only: bool = False):
     else:
         raise FileNotFoundError(f"--data {spec!r} is neither a recipe .yaml, an .npz file, an image or caption folder "
                                 "nor 'digits'. Omit --data to use the dataset recorded in the checkpoint.")
+    if isinstance(dm, DecodesFiles):  # their errors named data.on_corrupt=skip, which no command takes
+        dm.on_corrupt, dm.skip_setting = on_corrupt or dm.on_corrupt, "--on-corrupt skip"
     return dm.only_test() if test_only else dm  # an image folder's training images were decoded for nothing
 
 
@@ -1051,6 +1056,9 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
     p.add_argument("--batch-size", type=_count, default=512, help="images per forward pass during feature extraction")
     _add_precision(p)
+    p.add_argument("--on-corrupt", choices=["fail", "skip"],
+                   help="unreadable images of an image or caption folder: stop with the list of them or leave them "
+                        "out (default: fail for --data FOLDER, else the setting the data was trained with)")
     p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json, or "
                                  "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented); "
                                  "for pictures, a folder (default <ckpt>.pictures)")
@@ -1108,7 +1116,7 @@ def _encoder_and_data(args):
     device = _device(args)
     ckpt = load_checkpoint(args.ckpt)
     encoder = encoder_from_checkpoint(ckpt).to(device)
-    dm = resolve_data(args.data, ckpt)
+    dm = resolve_data(args.data, ckpt, on_corrupt=args.on_corrupt)
     if dm.num_classes < 1:
         raise ValueError(f"{dm.name} has no class labels (unlabelled images, or image-caption data); pass --data "
                          "with a labelled set (.npz, an image folder with train/<class>/ and val/<class>/, a recipe "
@@ -1136,7 +1144,7 @@ def _clip(args, test_only: bool):
     device = _device(args)
     ckpt = load_checkpoint(args.ckpt)
     model = method_from_checkpoint(ckpt, expected=CLIP).to(device)
-    dm = resolve_data(args.data, ckpt, test_only)
+    dm = resolve_data(args.data, ckpt, test_only, args.on_corrupt)
     return model, dm, _info(args, ckpt, dm, device), device
 
 
@@ -1327,7 +1335,7 @@ def pictures(args: list[str]) -> None:
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
     model = method_from_checkpoint(ckpt).to(device)
-    dm = resolve_data(a.data, ckpt, test_only=True)
+    dm = resolve_data(a.data, ckpt, test_only=True, on_corrupt=a.on_corrupt)
     images, _ = next(dm.iter_split("test", a.num))
     torch.manual_seed(0)
     for path in save_pictures(view_pictures(model, images), a.out or f"{a.ckpt}.pictures"):

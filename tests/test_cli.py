@@ -103,6 +103,31 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys, mon
     assert list((cwd / "runs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))
 
 
+def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(quickstart, capsys, tmp_path):
+    """knn, probe, zeroshot, retrieval and pictures on a folder with an unreadable image said "set
+    data.on_corrupt=skip to leave them out", a setting of pretrain's recipes that none of them takes."""
+    from PIL import Image
+
+    cwd, out, _ = quickstart
+    ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            folder = tmp_path / "f" / split / c
+            folder.mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (32, 32), (60 * i, 200 if c == "a" else 0, 90)).save(folder / f"{i}.png")
+    (tmp_path / "f" / "val" / "a" / "bad.jpg").write_bytes(b"not a jpeg")
+    knn = ["knn", "--ckpt", ckpt, "--data", str(tmp_path / "f"), "--k", "3", "--out", str(tmp_path / "k.json")]
+    assert main(knn) == 1
+    err = capsys.readouterr().err
+    assert "1 of 9 images in" in err and err.strip().endswith("Fix or delete them, or set --on-corrupt skip to leave "
+                                                            "them out."), err
+    assert main([*knn, "--on-corrupt", "skip"]) == 0
+    assert json.loads((tmp_path / "k.json").read_text())["test_size"] == 8
+    assert main(["probe", "--ckpt", ckpt, "--data", str(tmp_path / "f"), "--epochs", "2", "--on-corrupt", "skip",
+                 "--out", str(tmp_path / "p.json")]) == 0
+
+
 def test_long_evaluations_say_how_far_they_are(quickstart, capsys, monkeypatch, tmp_path):
     """knn and probe used to print nothing until the end: on 2 CPU cores resnet18 encodes CIFAR-10's 50,000
     training images at about 115 a second, over 7 minutes of silence. Each extraction and the augmented probe now

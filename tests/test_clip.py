@@ -350,9 +350,10 @@ def test_retrieval_and_zeroshot_commands_reproduce_the_run_from_the_checkpoint(t
     arrays = np.load(data)
     for split in ("train", "val"):
         for c, name in enumerate(["dog", "person"]):
-            (tmp_path / "folder" / split / name).mkdir(parents=True)
+            folder = tmp_path / "folder" / split / name
+            folder.mkdir(parents=True)
             for i in np.flatnonzero(arrays["y_test"] == c):
-                Image.fromarray(arrays["x_test"][i].transpose(1, 2, 0)).save(tmp_path / "folder" / split / name / f"{i}.png")
+                Image.fromarray(arrays["x_test"][i].transpose(1, 2, 0)).save(folder / f"{i}.png")
     (tmp_path / "folder" / "train" / "dog" / "broken.jpg").write_bytes(b"not a jpeg")
     assert main(["zeroshot", "--ckpt", str(path), "--data", str(tmp_path / "folder"), "--out", str(tmp_path / "z.json"),
                  "--template", "a photo of a {}."]) == 0, capsys.readouterr().err

@@ -321,6 +321,7 @@ class DecodesFiles:
             raise ValueError(f"data.num_workers must be >= 0, or null for one decoding process per CPU core; "
                              f"got {num_workers}.")
         self.decode_workers, self.cache_dir = num_workers, cache_dir
+        self.skip_setting = "data.on_corrupt=skip"  # what unreadable-file errors name; `--on-corrupt skip` in commands
         self._prepared = None  # what prepare_data listed and mapped, for this process's setup
 
     def _ranks_on_node(self) -> int:

@@ -110,7 +110,7 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
             raise FileNotFoundError(
                 f"{len(missing)} of {len(names)} images named in {root / self.captions_file} are not in "
                 f"{root / self.images_dir}: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}. Add the "
-                "files, delete their rows, or set data.on_corrupt=skip to leave them out.")
+                f"files, delete their rows, or set {self.skip_setting} to leave them out.")
         gone = set(missing)
         names = [n for n in names if n not in gone]
         if self.val_images >= len(names):
@@ -130,7 +130,8 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
         (x_test, keep_test, bad_test), *rest = decoded  # only_test(): the training images are not decoded
         x_train, keep_train, bad_train = rest[0] if rest else (None, None, [])
         where = str(Path(self.root) / self.images_dir)
-        report_unreadable(bad_test + bad_train, len(test) + len(train) * bool(rest), where, self.on_corrupt)
+        report_unreadable(bad_test + bad_train, len(test) + len(train) * bool(rest), where, self.on_corrupt,
+                          self.skip_setting)
         self.num_skipped = missing + len(bad_test) + len(bad_train)
         names = {"train": [train[i] for i in keep_train.tolist()]} if rest else {}
         names["test"] = [test[i] for i in keep_test.tolist()]

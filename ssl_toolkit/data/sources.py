@@ -279,7 +279,7 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
         splits = splits[len(splits) - len(decoded):]  # only_test(): val/ (or test/) alone
         with_bad = {folder: len(paths) for (folder, paths, _), (_, _, bad) in zip(splits, decoded) if bad}
         report_unreadable([b for _, _, bad in decoded for b in bad], sum(with_bad.values()), " and ".join(with_bad),
-                          self.on_corrupt)
+                          self.on_corrupt, self.skip_setting)
         for (folder, _, _), (x, _, _) in zip(splits, decoded):
             if not len(x):
                 raise ValueError(f"No readable images in {folder}.")
