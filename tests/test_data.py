@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -283,6 +285,28 @@ def test_large_jpegs_are_decoded_reduced_to_the_centred_square_in_every_orientat
     err = (x.float() - area.float()).abs().mean((1, 2, 3))
     assert err.max() < 6.5, err  # 5.84-6.10; 4.70 decoded whole; 11.3 resized whole, then cropped
     assert (x[0].flip(1, 2).float() - area.float()).abs().mean() > 40  # the photo upside down: 56
+
+
+def test_symlinked_folders_are_followed_once_each(tmp_path):
+    """A set assembled from links to folders elsewhere (class subsets of a shared copy) lost every linked folder's
+    images without a word; a link back up the tree must not loop, nor a folder reached twice count twice."""
+    from ssl_toolkit.data.images import image_files
+
+    elsewhere = tmp_path / "shared" / "cats"
+    elsewhere.mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(elsewhere / f"{i}.png")
+    root = tmp_path / "set"
+    (root / "dogs").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "dogs" / "0.png")
+    (root / "cats").symlink_to(elsewhere)
+    (root / "dogs" / "up").symlink_to(root)  # a loop
+    (root / "more").symlink_to(root / "cats")  # the same folder again
+    assert [os.path.relpath(p, root) for p in image_files(root)] == ["cats/0.png", "cats/1.png", "cats/2.png",
+                                                                     "dogs/0.png"]
+    dm = ImageFolderDataModule(str(root), image_size=8, num_workers=0)
+    dm.setup()
+    assert len(dm.splits.x_train) == 4
 
 
 def test_hidden_files_and_folders_are_not_images_or_classes(tmp_path):

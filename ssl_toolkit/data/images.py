@@ -30,11 +30,17 @@ def listed(name: str) -> bool:
 
 
 def image_files(folder: str | Path) -> list[str]:
-    """Every image file under ``folder`` (by extension; subfolders included, symlinked folders not followed,
-    hidden files and folders left out: :func:`listed`), sorted."""
-    found = []
-    for root, folders, files in os.walk(folder):
-        folders[:] = [d for d in folders if listed(d)]  # not walked into
+    """Every image file under ``folder`` (by extension; subfolders included, hidden files and folders left out:
+    :func:`listed`), sorted. Symlinked folders are followed (a set assembled from links to class folders elsewhere,
+    whose images were left out without a word), each real folder once: a link back up the tree is no loop."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # reached before, through a link or the folder itself
+            folders[:] = []
+            continue
+        seen.add(real)
+        folders[:] = sorted(d for d in folders if listed(d))  # not walked into; sorted: the same folder wins a tie
         found += [os.path.join(root, f) for f in files
                   if listed(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
     return sorted(found)
