@@ -1474,6 +1474,10 @@ def search(args: list[str]) -> None:
     idx = faiss.read_index(a.index)
     paths = index_paths(a.index, info, idx.ntotal)  # before the queries are embedded
     given = a.ckpt or info["checkpoint"]
+    if not a.ckpt and not os.path.exists(given):  # the generic message did not name --ckpt
+        raise FileNotFoundError(f"The index was built with the checkpoint {given}, which is not there any more (moved, "
+                                "or on another machine). Pass it, or a copy, with --ckpt: its weights are checked "
+                                "against the index's.")
     ckpt = load_checkpoint(given)
     if backbone_fingerprint(ckpt, space) != info["fingerprint"]:
         raise ValueError(f"The index was built from other weights ({info['checkpoint']}, fingerprint "

@@ -1,6 +1,7 @@
 import html
 import json
 import re
+import shutil
 import subprocess
 import sys
 import urllib.parse
@@ -109,6 +110,15 @@ def test_search_refuses_an_index_of_replaced_embeddings_and_follows_a_moved_fold
     assert found[0] == bird and all(p.startswith(str(root / "images" / "bird")) for p in found), found
     srcs = re.findall(r'<img src="([^"]*)"', (moved / "index.faiss.gallery.html").read_text())
     assert len(srcs) == 4 and all((moved / urllib.parse.unquote(html.unescape(s))).is_file() for s in srcs)
+    copy = tmp_path / "copy.ckpt"  # the checkpoint moved: named with the option that takes it
+    shutil.copy(ckpt, copy)
+    info = json.loads((moved / "index.faiss.json").read_text())
+    (moved / "index.faiss.json").write_text(json.dumps({**info, "checkpoint": str(tmp_path / "gone.ckpt")}))
+    assert main(["search", "--index", str(moved / "index.faiss"), "--query", bird]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f"error: The index was built with the checkpoint {tmp_path / 'gone.ckpt'}, which is not there any more "
+        "(moved, or on another machine). Pass it, or a copy, with --ckpt: its weights are checked against the index's.")
+    assert main(["search", "--index", str(moved / "index.faiss"), "--query", bird, "--ckpt", str(copy)]) == 0
     alone = tmp_path / "alone"
     alone.mkdir()
     (moved / "index.faiss").rename(alone / "index.faiss")
