@@ -268,6 +268,14 @@ def test_augmented_probe_learns_with_the_backbone_frozen():
         augmented_linear_probe(encoder, DigitsDataModule(image_size=16), scale=(0.0, 1.0))
     with pytest.raises(ValueError, match=r"a flip probability in \[0, 1\]; got 100, 0.1, 0.0, \(0.08, 1.0\), 2.0"):
         augmented_linear_probe(encoder, DigitsDataModule(image_size=16), flip_p=2.0)  # was taken as "always"
+    # 1,257 training images in batches of 628: the last batch holds one, which batch norm cannot train on; it stopped
+    # the probe with "Expected more than 1 value per channel when training"
+    assert augmented_linear_probe(encoder, DigitsDataModule(image_size=16), epochs=1, batch_size=628)["top1"] > 10.0
+    one = DigitsDataModule(image_size=16)
+    one.setup()
+    one.splits.x_train, one.splits.y_train = one.splits.x_train[:1], one.splits.y_train[:1]
+    with pytest.raises(ValueError, match="The augmented probe needs two or more training images; digits has 1."):
+        augmented_linear_probe(encoder, one)
 
 
 def _tiny_run(device):

@@ -192,6 +192,9 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
                          f"probability in [0, 1]; got {epochs}, {lr}, {weight_decay}, {scale}, {flip_p}.")
     datamodule.setup()
     x_all, y_all = datamodule.splits.x_train, datamodule.splits.y_train
+    if len(y_all) < 2:  # batch norm trains on two or more
+        raise ValueError(f"The augmented probe needs two or more training images; {datamodule.name} has "
+                         f"{len(y_all)}.")
     size = getattr(encoder, "input_size", None) or x_all.shape[-1]
     encoder = encoder.to(device)
     with torch.no_grad(), evaluating(encoder, device):
@@ -199,11 +202,14 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
     with own_rng(seed, device):  # the probe's init and crops do not move the caller's random streams
         clf = bn_linear(dim, datamodule.num_classes).to(device)
         opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-        steps = epochs * math.ceil(len(y_all) / batch_size)
+        # a last batch of one image is left out (another each epoch): batch norm cannot train on one, and it stopped
+        # the probe at the end of its first epoch with "Expected more than 1 value per channel when training"
+        per_epoch = len(y_all) // batch_size + (len(y_all) % batch_size > 1)
+        steps = epochs * per_epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         report, step = Progress(steps, "steps", "augmented probe"), 0
         for epoch in range(epochs):
-            for idx in torch.randperm(len(y_all)).split(batch_size):
+            for idx in torch.randperm(len(y_all)).split(batch_size)[:per_epoch]:
                 x = x_all[idx].to(device).float() / 255.0  # (b, 3, H, W) in [0, 1]
                 boxes = VF.sample_crop_boxes(len(x), x.shape[-2], x.shape[-1], scale, (3 / 4, 4 / 3), device=device)
                 x = VF.resized_crop(x, boxes, size, torch.rand(len(x), device=device) < flip_p)  # (b, 3, s, s)
