@@ -101,6 +101,14 @@ def test_jigsaw_bad_settings_say_the_fix():
         JigsawViews(ViewConfig(crop_size=30), tile=11)
     with pytest.raises(ValueError, match="lower num_permutations"):
         Jigsaw(BackboneConfig("tiny_cnn", width=4), num_permutations=200, min_distance=7)
+    from ssl_toolkit.data import DigitsDataModule
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)
+    # a batch of one image stopped the first step with batch norm's "Expected more than 1 value per channel"
+    with pytest.raises(ValueError, match="Jigsaw needs data.batch_size >= 2"):
+        trainer.fit(Jigsaw(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=12), tile=3,
+                           num_permutations=10), DigitsDataModule(image_size=16, batch_size=1))
 
 
 def test_jigsaw_classifies_tiles_in_position_order():

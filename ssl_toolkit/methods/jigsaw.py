@@ -57,6 +57,13 @@ class Jigsaw(BaseSSLModule):
         self.classifier = mlp(grid * grid * tile_dim, hidden_dim, num_permutations)
         self.num_tiles = grid * grid
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        dm = self.attached_datamodule
+        if stage == "fit" and getattr(dm, "batch_size", 2) < 2:  # was "Expected more than 1 value per channel"
+            raise ValueError("Jigsaw needs data.batch_size >= 2: the batch norm of its permutation classifier trains "
+                             "on a batch's puzzles, one per image; got 1.")
+
     def step(self, views: Views) -> dict[str, torch.Tensor]:
         tiles = self.tile_head(self.backbone(self.prepare_input(views.crops[0])))  # (B*n, tile_dim)
         logits = self.classifier(tiles.view(-1, self.num_tiles * tiles.shape[1]))  # (B, P) tiles in position order
