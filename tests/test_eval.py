@@ -309,6 +309,16 @@ def test_evaluators_never_reseed_a_gpu_generator(monkeypatch):
     assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu)
 
 
+def test_online_probe_refuses_batches_of_one():
+    """Its probe's batch norm stopped the first step with "Expected more than 1 value per channel"."""
+    from ssl_toolkit.eval import OnlineProbe
+
+    model, trainer = _tiny_run("cpu")
+    trainer.datamodule.batch_size = 1
+    with pytest.raises(ValueError, match="OnlineProbe needs data.batch_size >= 2"):
+        OnlineProbe().on_fit_start(trainer, model)
+
+
 @pytest.mark.cuda
 def test_online_probe_setup_leaves_the_gpu_stream_where_it_was():
     from ssl_toolkit.eval import OnlineProbe

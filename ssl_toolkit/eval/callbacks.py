@@ -217,6 +217,9 @@ class OnlineProbe(PeriodicEvaluation):
             raise TypeError("OnlineProbe needs a toolkit DataModule (with num_classes); pass one as data in the config.")
         if self.switch_off_without_labels(trainer):
             return
+        if getattr(dm, "batch_size", 2) < 2:  # was "Expected more than 1 value per channel" in the first step
+            raise ValueError("OnlineProbe needs data.batch_size >= 2: its probe's batch norm trains on each training "
+                             "batch; got 1.")
         self.encoder = pl_module.encoder()  # wraps the live backbone: it sees every update
         images, _ = next(dm.iter_split("test", 2, pl_module.device))
         with torch.no_grad(), evaluating(self.encoder, pl_module.device):
