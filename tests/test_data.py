@@ -77,6 +77,34 @@ def test_npz_errors_name_the_key(tmp_path, over, match):
         dm.setup()
 
 
+def test_cifar_loads_its_test_batch_alone_for_the_test_split(tmp_path, monkeypatch):
+    """A CIFAR-10 folder in torchvision's layout (tiny batches; the checksums are not those of the real files, so
+    torchvision's check is stood in for): ``only_test`` reads test_batch alone, so it works with the training
+    batches gone."""
+    import pickle
+
+    import torchvision.datasets.cifar as tv_cifar
+
+    monkeypatch.setattr(tv_cifar.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda path, md5=None: os.path.isfile(path))
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for i, name in enumerate(names):
+        batch = {"data": np.full((2, 3072), 10 * i, np.uint8), "labels": [i % 10, (i + 1) % 10]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
+    full = CIFARDataModule(root=str(tmp_path))
+    full.setup()
+    assert full.splits.x_train.shape == (10, 3, 32, 32) and full.splits.x_test.shape == (2, 3, 32, 32)
+    for name in names[:5]:
+        (folder / name).unlink()
+    dm = CIFARDataModule(root=str(tmp_path)).only_test()
+    dm.setup()
+    assert torch.equal(dm.splits.x_test, full.splits.x_test) and dm.splits.y_test.tolist() == [5, 6]
+    assert dm.splits.classes == full.splits.classes and dm.num_classes == 10
+
+
 def test_missing_sources_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="No .npz file"):
         NpzDataModule(str(tmp_path / "none.npz")).setup()
