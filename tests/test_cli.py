@@ -128,6 +128,22 @@ def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(q
                  "--out", str(tmp_path / "p.json")]) == 0
 
 
+def test_eval_numbers_must_be_finite_and_a_sharp_vote_does_not_overflow(quickstart, capsys, tmp_path):
+    """probe --lr nan (or --weight-decay inf) trained a chance-level probe and knn --temperature nan scored every
+    image as class 0, without a word (9.63% on digits); knn --temperature 0.001 overflowed exp(s / T) to inf
+    (80.74%, the same class 0 for all)."""
+    cwd, out, _ = quickstart
+    ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
+    for args, option in ((["probe", "--lr", "nan"], "--lr"), (["probe", "--weight-decay", "inf"], "--weight-decay"),
+                         (["knn", "--temperature", "nan"], "--temperature"), (["probe", "--flip-p", "nan"], "--flip-p")):
+        with pytest.raises(SystemExit):
+            main([args[0], "--ckpt", ckpt, *args[1:]])
+        assert f"argument {option}: needs a finite number; got '" in capsys.readouterr().err
+    assert main(["knn", "--ckpt", ckpt, "--k", "1", "20", "--temperature", "0.001", "--out", str(tmp_path / "k.json")]) == 0
+    top1 = json.loads((tmp_path / "k.json").read_text())["top1"]
+    assert top1["20"] > 95.0 and abs(top1["20"] - top1["1"]) < 1.0, top1  # T -> 0: the nearest neighbour decides
+
+
 def test_long_evaluations_say_how_far_they_are(quickstart, capsys, monkeypatch, tmp_path):
     """knn and probe used to print nothing until the end: on 2 CPU cores resnet18 encodes CIFAR-10's 50,000
     training images at about 115 a second, over 7 minutes of silence. Each extraction and the augmented probe now

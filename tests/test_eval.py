@@ -33,7 +33,13 @@ def test_weighted_vote_by_hand():
     labels = torch.tensor([[1, 0, 0]])
     scores = vote(sims, labels, 2, temperature=0.1)
     expected = torch.tensor([[torch.exp(torch.tensor(5.0)) + torch.exp(torch.tensor(4.0)), torch.exp(torch.tensor(9.0))]])
-    assert torch.allclose(scores, expected)
+    assert torch.allclose(scores, expected / torch.exp(torch.tensor(9.0)))  # scaled by exp(-s_max / T)
+    # T = 0.001: exp(s / T) overflowed float32 to inf for every neighbour, and argmax answered class 0 for all
+    sharp = vote(torch.tensor([[0.9, 0.5, 0.4], [0.6, 0.59, 0.2]]), torch.tensor([[1, 0, 0], [0, 1, 1]]), 2, 0.001)
+    assert sharp.isfinite().all() and sharp.argmax(1).tolist() == [1, 0]
+    for bad in (0.0, float("nan"), float("inf")):  # nan passed "<= 0" and scored every query as class 0
+        with pytest.raises(ValueError, match="kNN temperature must be a finite number > 0"):
+            vote(sims, labels, 2, bad)
 
 
 def test_knn_accuracy_is_exact_on_separable_clusters_and_chance_on_noise():

@@ -1,6 +1,7 @@
 """Online evaluation during pretraining, as Lightning callbacks."""
 
 import json
+import math
 import os
 import warnings
 
@@ -147,7 +148,7 @@ class KNNCallback(PeriodicEvaluation):
     def __init__(self, every_n_epochs: int = 1, k: list[int] = [20, 200], temperature: float = 0.07,  # noqa: B006
                  baseline: bool = True, batch_size: int = 512):
         super().__init__(every_n_epochs, baseline, batch_size)
-        if not k or min(k) < 1 or temperature <= 0:  # temperature 0: refused by the baseline's search, not here
+        if not k or min(k) < 1 or not 0 < temperature < math.inf:  # 0: refused by the baseline's search, not here
             raise ValueError(f"KNNCallback needs k values >= 1 and temperature > 0; got {k}, {temperature}. The "
                              "InstDisc protocol uses k 200, T 0.07.")
         self.ks, self.temperature = list(k), temperature

@@ -5,6 +5,8 @@ The protocol of Wu et al. 2018 (https://arxiv.org/abs/1805.01978), as used by DI
 vote for their class with weight ``exp(s / T)``.
 """
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -140,10 +142,12 @@ def neighbour_recall(found, exact) -> float:
 
 
 def vote(sims: torch.Tensor, neighbour_labels: torch.Tensor, num_classes: int, temperature: float) -> torch.Tensor:
-    """Class scores ``(M, C)``: each neighbour adds ``exp(s / T)`` to its class."""
-    if temperature <= 0:
-        raise ValueError(f"kNN temperature must be > 0; got {temperature}.")
-    weights = (sims / temperature).exp()  # (M, k)
+    """Class scores ``(M, C)``: each neighbour adds ``exp(s / T)`` to its class, scaled per query by
+    ``exp(-s_max / T)`` (its nearest neighbour's similarity): the classes rank the same, and a T under ~0.012,
+    where ``exp(1 / T)`` overflows float32, no longer turns every vote into inf and the answer into class 0."""
+    if not 0 < temperature < math.inf:  # nan passed "<= 0" and scored every query as class 0
+        raise ValueError(f"kNN temperature must be a finite number > 0; got {temperature}.")
+    weights = ((sims - sims.amax(1, keepdim=True)) / temperature).exp()  # (M, k) in (0, 1]
     return torch.zeros(len(sims), num_classes, device=sims.device).scatter_add_(1, neighbour_labels, weights)
 
 

@@ -29,8 +29,8 @@ def train_linear(train_x: torch.Tensor, train_y: torch.Tensor, num_classes: int,
         batch_size: Features per step.
         seed: Seed of the initialisation and the shuffling.
     """
-    if epochs < 1 or lr <= 0:
-        raise ValueError(f"Linear probe needs epochs >= 1 and lr > 0; got epochs={epochs}, lr={lr}.")
+    if epochs < 1 or not 0 < lr < math.inf:  # nan passed "<= 0" and trained a chance-level probe
+        raise ValueError(f"Linear probe needs epochs >= 1 and a finite lr > 0; got epochs={epochs}, lr={lr}.")
     gen = torch.Generator().manual_seed(seed)
     x, y = train_x.float(), train_y.long()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -105,9 +105,10 @@ def train_linear_grid(train_x: torch.Tensor, train_y: torch.Tensor, num_classes:
     Returns:
         ``(W, b, mean, std)``: weights ``(H, D, C)``, biases ``(H, C)`` and the standardisation.
     """
-    if epochs < 1 or (lrs <= 0).any() or (weight_decays < 0).any() or lrs.shape != weight_decays.shape:
-        raise ValueError(f"The probe grid needs epochs >= 1, lrs > 0, weight decays >= 0 of one shape; got {epochs}, "
-                         f"{lrs.tolist()}, {weight_decays.tolist()}.")
+    finite = lrs.isfinite().all() and weight_decays.isfinite().all()  # nan passed the range checks below
+    if epochs < 1 or not finite or (lrs <= 0).any() or (weight_decays < 0).any() or lrs.shape != weight_decays.shape:
+        raise ValueError(f"The probe grid needs epochs >= 1, finite lrs > 0 and weight decays >= 0 of one shape; got "
+                         f"{epochs}, {lrs.tolist()}, {weight_decays.tolist()}.")
     gen = torch.Generator().manual_seed(seed)
     x, y = train_x.float(), train_y.long()
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
@@ -187,9 +188,11 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
     from ssl_toolkit.progress import Progress
     from ssl_toolkit.views import functional as VF
 
-    if epochs < 1 or lr <= 0 or weight_decay < 0 or not 0 < scale[0] <= scale[1] <= 1 or not 0 <= flip_p <= 1:
-        raise ValueError(f"The augmented probe needs epochs >= 1, lr > 0, weight_decay >= 0, 0 < scale <= 1 and a flip "
-                         f"probability in [0, 1]; got {epochs}, {lr}, {weight_decay}, {scale}, {flip_p}.")
+    if (epochs < 1 or not 0 < lr < math.inf or not 0 <= weight_decay < math.inf or not 0 < scale[0] <= scale[1] <= 1
+            or not 0 <= flip_p <= 1):
+        raise ValueError(f"The augmented probe needs epochs >= 1, a finite lr > 0 and weight_decay >= 0, "
+                         f"0 < scale <= 1 and a flip probability in [0, 1]; got {epochs}, {lr}, {weight_decay}, {scale}, "
+                         f"{flip_p}.")
     datamodule.setup()
     x_all, y_all = datamodule.splits.x_train, datamodule.splits.y_train
     if len(y_all) < 2:  # batch norm trains on two or more
