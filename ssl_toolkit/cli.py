@@ -1211,7 +1211,7 @@ def knn(args: list[str]) -> None:
     p.add_argument("--fp16", action="store_true", help="keep the features in half precision (half the memory)")
     p.add_argument("--index", default="flat", choices=["flat", "ivf"], help="FAISS index: flat (exact, default) or "
                    "ivf (approximate; its neighbour recall against exact is reported)")
-    p.add_argument("--nlist", type=_count, help="IVF cells (default sqrt(N))")
+    p.add_argument("--nlist", type=_count, help="IVF cells (default sqrt(N), at most N / 39)")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     a = _parse_eval(p, args)
     train, test, num_classes, info = _features(a)
@@ -1423,7 +1423,7 @@ def index(args: list[str]) -> None:
                          "leave-one-out recall@k and mAP.", ckpt=False, device=False)
     p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
     p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
-    p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N))")
+    p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N), at most N / 39)")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
                                  "so building both keeps both)")

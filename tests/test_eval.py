@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,17 @@ def test_faiss_and_torch_reference_agree_on_random_data():
     a = knn_scores(train, labels, test, 10, k=20, backend="faiss").argmax(1)
     b = knn_scores(train, labels, test, 10, k=20, backend="torch").argmax(1)
     assert torch.equal(a, b)
+
+
+def test_default_ivf_cells_leave_faiss_enough_vectors_to_train(capfd):
+    """sqrt(N) cells: 32 for 1,000 vectors, where FAISS's k-means asks for 39 a cell and printed "WARNING clustering
+    1000 points to 32 centroids: please provide at least 1248 training points" on every `index --type ivf`."""
+    from ssl_toolkit.eval.knn import make_index
+
+    x = torch.nn.functional.normalize(clustered(1000)[0], dim=1).numpy()
+    assert make_index(x, "ivf").nlist == 25 and make_index(np.concatenate([x] * 100), "ivf").nlist == 316  # sqrt(N)
+    assert "WARNING" not in capfd.readouterr().err
+    assert make_index(x[:20], "ivf").nlist == 1  # one cell: as good as a flat index
 
 
 def test_weighted_vote_by_hand():

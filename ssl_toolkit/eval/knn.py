@@ -43,7 +43,8 @@ def search_torch(train: torch.Tensor, test: torch.Tensor, k: int, chunk: int = 4
 def make_index(xb: np.ndarray, kind: str = "flat", fp16: bool = False, nlist: int | None = None, nprobe: int = 8,
                gpu: bool = True):
     """A FAISS inner-product index holding ``xb``: ``flat`` (exact) or ``ivf`` (``nlist`` k-means cells, ``nprobe`` of
-    them searched per query; default nlist sqrt(N)). ``fp16`` stores vectors in half precision (FAISS's fp16
+    them searched per query; default nlist sqrt(N), at most N / 39: FAISS's k-means wants 39 vectors a cell and warned
+    on stderr below that, as for sqrt(1000) = 32 cells). ``fp16`` stores vectors in half precision (FAISS's fp16
     scalar quantizer). With ``gpu``, a flat float32 index moves to the GPU when faiss has one.
     """
     if faiss is None:
@@ -54,7 +55,7 @@ def make_index(xb: np.ndarray, kind: str = "flat", fp16: bool = False, nlist: in
         if gpu and faiss_has_gpu() and not fp16:
             index = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, index)
     elif kind == "ivf":
-        nlist = nlist or max(1, int(round(len(xb) ** 0.5)))
+        nlist = nlist or max(1, min(int(round(len(xb) ** 0.5)), len(xb) // 39))
         if not 1 <= nlist <= len(xb):
             raise ValueError(f"An IVF index with nlist={nlist} needs at least that many vectors; got {len(xb)}. "
                              "Lower nlist or use the flat index.")
