@@ -337,6 +337,37 @@ def test_symlinked_folders_are_followed_once_each(tmp_path):
     assert len(dm.splits.x_train) == 4
 
 
+def test_gif_avif_jfif_are_read_and_unread_formats_are_said(tmp_path, caplog):
+    """.gif, .avif and .jfif, which Pillow decodes, were not listed; HEIC (iPhones' default), raw and other formats
+    that are not read vanished without a word from a folder that mixed them with JPEGs."""
+    from PIL import features
+
+    from ssl_toolkit.data.images import image_files
+
+    root = make_folder(tmp_path / "imgs")
+    photo = Image.fromarray(np.random.randint(0, 256, (20, 30, 3), dtype=np.uint8))
+    for name in ("a.gif", "b.jfif") + (("c.avif",) if features.check("avif") else ()):
+        photo.save(root / "val" / "cat" / name, format={"jfif": "JPEG"}.get(name[-4:], None))
+    for folder, name in (("cat", "d.HEIC"), ("cat", "e.heic"), ("dog", "f.dng")):
+        (root / "train" / folder / name).write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        dm = ImageFolderDataModule(str(root), image_size=8, num_workers=0)
+        dm.setup()
+    assert len(dm.splits.x_test) == 6 + 2 + features.check("avif") and len(dm.splits.x_train) == 6
+    warned = [r.getMessage() for r in caplog.records if "formats that are not read" in r.getMessage()]
+    assert warned == [f"{root / 'train'}: 3 images in formats that are not read (2 .heic, 1 .dng) left out: convert "
+                      "them to JPEG or PNG to include them."]  # one line for the split, not one per class folder
+    only = tmp_path / "iphone" / "train" / "cat"
+    only.mkdir(parents=True)
+    (only / "1.heic").write_bytes(b"x")
+    (tmp_path / "iphone" / "val" / "cat").mkdir(parents=True)
+    photo.save(tmp_path / "iphone" / "val" / "cat" / "1.png")
+    with pytest.raises(FileNotFoundError, match=r"has no images \(.*\) \(1 image in formats that are not read \(1 "
+                                                r"\.heic\) left out: convert them to JPEG or PNG"):
+        ImageFolderDataModule(str(tmp_path / "iphone")).setup()
+    assert image_files(only) == []
+
+
 def test_hidden_files_and_folders_are_not_images_or_classes(tmp_path):
     """A folder copied from a Mac (to a USB drive, a share, a zip) has a ``._name`` metadata file beside each image
     and, unzipped, a ``__MACOSX/`` copy of the tree of them; Jupyter leaves ``.ipynb_checkpoints``. None of them

@@ -6,6 +6,7 @@ Lightning-free, so that ``embed`` and ``search`` read images without importing i
 
 import logging
 import os
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,7 +18,11 @@ from ssl_toolkit.progress import Progress
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".avif", ".gif")
+# images in formats Pillow does not decode without a plugin (HEIC: iPhones' default), or raw and layered ones: left
+# out, but said, where they had vanished without a word from a folder that mixes them with JPEGs
+UNREAD_EXTENSIONS = (".heic", ".heif", ".jxl", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".psd",
+                     ".svg")
 SPLIT_FOLDERS = ("train", "val", "test")  # a labelled image folder: train/<class>/*, and val/<class>/* or test/
 
 
@@ -29,11 +34,13 @@ def listed(name: str) -> bool:
     return not name.startswith(".") and name != "__MACOSX"
 
 
-def image_files(folder: str | Path) -> list[str]:
+def image_files(folder: str | Path, unread: Counter | None = None) -> list[str]:
     """Every image file under ``folder`` (by extension; subfolders included, hidden files and folders left out:
     :func:`listed`), sorted. Symlinked folders are followed (a set assembled from links to class folders elsewhere,
-    whose images were left out without a word), each real folder once: a link back up the tree is no loop."""
-    found, seen = [], set()
+    whose images were left out without a word), each real folder once: a link back up the tree is no loop. Images in
+    formats that are not read (:data:`UNREAD_EXTENSIONS`) are counted by extension into ``unread``, or without it
+    named in a warning (:func:`report_unread`)."""
+    found, seen, skipped = [], set(), Counter()
     for root, folders, files in os.walk(folder, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:  # reached before, through a link or the folder itself
@@ -43,7 +50,25 @@ def image_files(folder: str | Path) -> list[str]:
         folders[:] = sorted(d for d in folders if listed(d))  # not walked into; sorted: the same folder wins a tie
         found += [os.path.join(root, f) for f in files
                   if listed(f) and os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        skipped.update(e for e in (os.path.splitext(f)[1].lower() for f in files if listed(f)) if e in UNREAD_EXTENSIONS)
+    if unread is None:
+        report_unread(skipped, str(folder))
+    else:
+        unread.update(skipped)
     return sorted(found)
+
+
+def unread_note(unread: Counter) -> str:
+    """What to say of the images :func:`image_files` left out for their format ("" for none)."""
+    n, kinds = sum(unread.values()), ", ".join(f"{c} {e}" for e, c in unread.most_common())
+    return f"{n} image{'s' * (n > 1)} in formats that are not read ({kinds}) left out: convert them to JPEG or PNG " \
+        "to include them" if n else ""
+
+
+def report_unread(unread: Counter, where: str) -> None:
+    """Warn of the images :func:`image_files` left out for their format, by extension."""
+    if unread:
+        log.warning("%s: %s.", where, unread_note(unread))
 
 
 ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 flipped and/or rotated, undone by these (as ImageOps.exif_transpose)

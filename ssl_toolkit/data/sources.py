@@ -2,6 +2,7 @@
 
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from ssl_toolkit.data.base import DecodesFiles, InMemoryDataModule, Splits
-from ssl_toolkit.data.images import IMAGE_EXTENSIONS, SPLIT_FOLDERS, image_files, listed, report_unreadable
+from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, image_files, listed, report_unread,
+                                     report_unreadable, unread_note)
 
 log = logging.getLogger(__name__)
 
@@ -231,14 +233,18 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
         classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and listed(d.name))
         if not classes:
             raise FileNotFoundError(f"{split_dir} has no class folders; expected {split_dir}/<class>/<image files>.")
-        paths, labels = [], []
+        paths, labels, unread = [], [], Counter()
         for i, c in enumerate(classes):
-            files = image_files(split_dir / c)
+            found = Counter()
+            files = image_files(split_dir / c, found)  # one warning for the split, not one per class
+            unread.update(found)
             if not files:
-                raise FileNotFoundError(f"Class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)}); "
-                                        "add images or remove the folder.")
+                note = f" ({unread_note(found)})" if found else ""
+                raise FileNotFoundError(f"Class folder {split_dir / c} has no images ({', '.join(IMAGE_EXTENSIONS)})"
+                                        f"{note}; add images or remove the folder.")
             paths += files
             labels += [i] * len(files)
+        report_unread(unread, str(split_dir))
         return classes, paths, labels
 
     def _listing(self) -> tuple[list[str] | None, list[tuple[str, list[str], list[int]]]]:
