@@ -335,6 +335,25 @@ def test_zero_shot_from_prompts_beats_random_init(trained_clip, tmp_path):
         (init, trained)
 
 
+def test_zero_shot_prompts_put_the_class_name_at_every_brace_pair():
+    """A template with the name twice stopped with Python's IndexError, other braces with KeyError."""
+    from ssl_toolkit.eval.retrieval import zero_shot_weights
+
+    seen = []
+
+    class Tokenizer:
+        def encode(self, texts, context_length):
+            seen.extend(texts)
+            return torch.zeros(len(texts), context_length, dtype=torch.long)
+
+    weights = zero_shot_weights(lambda tokens: torch.randn(len(tokens), 4), Tokenizer(), ["cat", "dog"],
+                                ["a {} photo of a {}.", "a {} in {style}"])
+    assert weights.shape == (2, 4) and seen == ["a cat photo of a cat.", "a cat in {style}", "a dog photo of a dog.",
+                                                "a dog in {style}"]
+    with pytest.raises(ValueError, match="Each zero-shot template needs a '{}' where the class name goes"):
+        zero_shot_weights(lambda tokens: tokens, Tokenizer(), ["cat"], ["a photo"])
+
+
 def test_retrieval_and_zeroshot_commands_reproduce_the_run_from_the_checkpoint(trained_clip, tmp_path, capsys):
     _, dm, results, path = trained_clip
     assert main(["retrieval", "--ckpt", str(path), "--data", str(dm.root), "--out", str(tmp_path / "r.json")]) == 0

@@ -72,7 +72,8 @@ def zero_shot_weights(embed_texts: Callable[[torch.Tensor], torch.Tensor], token
         raise ValueError(f"Each zero-shot template needs a '{{}}' where the class name goes; got {list(templates)}.")
     weights = []
     for name in classnames:
-        tokens = tokenizer.encode([t.format(name) for t in templates], context_length).to(device)  # (T, L)
+        # replace, not format: "a {} photo of a {}" stopped with IndexError, other braces with KeyError
+        tokens = tokenizer.encode([t.replace("{}", name) for t in templates], context_length).to(device)  # (T, L)
         weights.append(F.normalize(F.normalize(embed_texts(tokens).float(), dim=1).mean(0), dim=0))
     return torch.stack(weights)  # (C, D)
 
