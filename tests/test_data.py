@@ -194,6 +194,25 @@ def test_evaluators_of_the_test_split_load_nothing_else(tmp_path, flickr, count_
         captions.captions("train")
 
 
+def test_the_test_split_alone_maps_a_runs_cache_entry_and_writes_none(tmp_path, count_cache_work):
+    """With data.cache_dir (recorded in the checkpoint), zeroshot and pictures wrote an entry of the test split
+    alone: on disk again what the training run's entry holds. They map that entry when it is there, and otherwise
+    decode the test split without writing one."""
+    root, cache = str(make_folder(tmp_path / "imgs")), tmp_path / "cache"
+    decodes, _ = count_cache_work()
+    fresh = ImageFolderDataModule(root, image_size=8, num_workers=0, cache_dir=str(cache)).only_test()
+    fresh.setup()
+    assert decodes == [6] and not cache.exists()  # val/ decoded, nothing written
+    run = ImageFolderDataModule(root, image_size=8, num_workers=0, cache_dir=str(cache))
+    run.setup()  # a training run: both splits decoded into one entry
+    entries = sorted(p.name for p in cache.iterdir())
+    decodes.clear()
+    dm = ImageFolderDataModule(root, image_size=8, num_workers=0, cache_dir=str(cache)).only_test()
+    dm.setup()
+    assert decodes == [] and sorted(p.name for p in cache.iterdir()) == entries and len(entries) == 1
+    assert torch.equal(dm.splits.x_test, run.splits.x_test) and torch.equal(dm.splits.x_test, fresh.splits.x_test)
+
+
 def test_an_image_folder_without_train_and_val_is_unlabelled(tmp_path):
     root = tmp_path / "photos"
     for i, sub in enumerate(["", "2019", "2019/june", "2020", "2020"]):

@@ -15,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from ssl_toolkit.data.cache import decode_cached
+from ssl_toolkit.data.cache import decode_cached, decode_one_part
 from ssl_toolkit.data.images import Decoded, cpu_cores
 from ssl_toolkit.distributed import rank
 
@@ -314,7 +314,10 @@ class DecodesFiles:
     in ``prepare_data``. A mixin, not a subclass of InMemoryDataModule, so that LightningCLI does not offer it as
     a dataset. The class sets ``root`` and ``image_size``, calls :meth:`init_decoding`, and implements ``_listing()``
     (every check on the files, before anything is decoded) and ``_parts(listing)`` (the ``(folder, paths)`` to
-    decode); ``load`` starts from :meth:`listed_and_decoded`."""
+    decode), and names its test split's part in ``test_part`` (``only_test`` decodes that one alone); ``load``
+    starts from :meth:`listed_and_decoded`."""
+
+    test_part = -1
 
     def init_decoding(self, num_workers: int | None, cache_dir: str | None) -> None:
         if num_workers is not None and num_workers < 0:
@@ -337,7 +340,10 @@ class DecodesFiles:
             log.warning("Each of the %d processes on this node decodes %s and holds its own copy; set data.cache_dir "
                         "to a folder to decode it once per node and share one copy.", ranks, self.name)
         workers = cpu_cores(ranks) if self.decode_workers is None else self.decode_workers
-        return decode_cached(self.root, self._parts(listing), self.image_size, workers, self.cache_dir)
+        parts = self._parts(listing)
+        if self.test_only and len(parts) > 1:  # only_test(): the test part alone
+            return [decode_one_part(self.root, parts, self.test_part, self.image_size, workers, self.cache_dir)]
+        return decode_cached(self.root, parts, self.image_size, workers, self.cache_dir)
 
     def prepare_data(self) -> None:
         """With ``cache_dir``, decode the files into the cache if they are not there yet. Lightning calls this once per

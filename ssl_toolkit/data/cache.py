@@ -120,6 +120,30 @@ def _write(entry: Path, decoded: list[Decoded], parts: list[tuple[str, list[str]
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _mapped(entry: Path, parts: list[tuple[str, list[str]]], size: int, root: str) -> list[Decoded] | None:
+    """The entry's images when it is there and whole; a damaged one is removed (and ``None``)."""
+    if entry.is_dir():
+        try:
+            return _load(entry, parts, size)
+        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+            log.warning("Decoded-image cache %s is incomplete or damaged (%s); decoding %s again.", entry, e, root)
+            shutil.rmtree(entry, ignore_errors=True)
+    return None
+
+
+def decode_one_part(root: str, parts: list[tuple[str, list[str]]], keep: int, size: int, workers: int | None,
+                    cache_dir: str | None) -> Decoded:
+    """Part ``keep`` of these parts (a test split, for evaluators that use nothing else): mapped from the entry of
+    every part when a run made one in ``cache_dir``, else decoded alone; no entry is written for it, which would
+    duplicate on disk what a training run's entry holds."""
+    if cache_dir:
+        mapped = _mapped(Path(cache_dir).expanduser() / entry_name(root, parts, size), parts, size, root)
+        if mapped is not None:
+            return mapped[keep]
+    folder, paths = parts[keep]
+    return decode_files(paths, size, workers, folder)
+
+
 def decode_cached(root: str, parts: list[tuple[str, list[str]]], size: int, workers: int | None,
                   cache_dir: str | None) -> list[Decoded]:
     """``decode_files`` of each ``(folder, paths)`` part, through an entry in ``cache_dir``: mapped from there when
@@ -132,12 +156,9 @@ def decode_cached(root: str, parts: list[tuple[str, list[str]]], size: int, work
     if not cache_dir:
         return [decode_files(paths, size, workers, folder) for folder, paths in parts]
     entry = Path(cache_dir).expanduser() / entry_name(root, parts, size)
-    if entry.is_dir():
-        try:
-            return _load(entry, parts, size)
-        except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-            log.warning("Decoded-image cache %s is incomplete or damaged (%s); decoding %s again.", entry, e, root)
-            shutil.rmtree(entry, ignore_errors=True)
+    mapped = _mapped(entry, parts, size, root)
+    if mapped is not None:
+        return mapped
     decoded = [decode_files(paths, size, workers, folder) for folder, paths in parts]
     try:
         _write(entry, decoded, parts)

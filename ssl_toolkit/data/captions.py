@@ -120,10 +120,12 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
         test, train = (sorted(perm[:self.val_images].tolist()), sorted(perm[self.val_images:].tolist()))
         return by_image, [names[i] for i in test], [names[i] for i in train], len(missing)
 
+    test_part = 0  # of _parts: the held-out images, then the training ones
+
     def _parts(self, listing) -> list[tuple[str, list[str]]]:
         """The held-out and the training images, each split one part."""
         folder = str(Path(self.root) / self.images_dir)
-        return [(folder, [os.path.join(folder, n) for n in names]) for names in listing[1:2 if self.test_only else 3]]
+        return [(folder, [os.path.join(folder, n) for n in names]) for names in listing[1:3]]
 
     def load(self) -> Splits:
         (by_image, test, train, missing), decoded = self.listed_and_decoded()

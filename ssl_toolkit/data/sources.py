@@ -276,9 +276,10 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
                              "class folders.")
         return classes, [(str(train_dir), train_paths, train_labels), (str(eval_dir), test_paths, test_labels)]
 
+    test_part = 1  # of _parts: train/, then val/ (or test/)
+
     def _parts(self, listing) -> list[tuple[str, list[str]]]:
-        parts = [(folder, paths) for folder, paths, _ in listing[1]]
-        return parts[1:] if self.test_only and len(parts) == 2 else parts  # only_test(): val/ alone is decoded
+        return [(folder, paths) for folder, paths, _ in listing[1]]
 
     def load(self) -> Splits:
         (classes, splits), decoded = self.listed_and_decoded()
