@@ -1582,6 +1582,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"ssl-toolkit {argv[0]}: error: {e}", file=sys.stderr)
         return 1
+    except RuntimeError as e:  # torch.OutOfMemoryError (a GPU's) is one; the CPU allocator's is a plain RuntimeError
+        if os.environ.get("SSL_TOOLKIT_DEBUG") or not (isinstance(e, torch.OutOfMemoryError)
+                                                       or "can't allocate memory" in str(e)):
+            raise
+        where, detail = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU", str(e).strip().splitlines()[0]
+        detail = detail[max(detail.find("DefaultCPUAllocator"), 0):]  # not "[enforce fail at alloc_cpu.cpp:127] ..."
+        print(f"ssl-toolkit {argv[0]}: error: out of {where} memory ({detail}). Lower the batch "
+              "size (data.batch_size for pretrain, --batch-size for the other commands), the image or crop size, or "
+              "the model, or run where there is more memory.", file=sys.stderr)
+        return 1
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:  # an output path: was a
         if os.environ.get("SSL_TOOLKIT_DEBUG"):  # traceback ending in "[Errno 17] File exists: 'emb'"
             raise

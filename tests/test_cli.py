@@ -144,6 +144,32 @@ def test_eval_numbers_must_be_finite_and_a_sharp_vote_does_not_overflow(quicksta
     assert top1["20"] > 95.0 and abs(top1["20"] - top1["1"]) < 1.0, top1  # T -> 0: the nearest neighbour decides
 
 
+def test_running_out_of_memory_says_what_to_lower(monkeypatch, capsys):
+    """A batch too large for the GPU or the machine ended in a long traceback; other RuntimeErrors still do."""
+    def allocate(kind):
+        def command(args):
+            if kind == "gpu":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                             "capacity of 79.19 GiB of which 3.1 GiB is free.\nmore lines")
+            if kind == "cpu":
+                torch.empty(2 ** 62, dtype=torch.uint8)  # the CPU allocator's own error
+            raise RuntimeError("something else")
+        return command
+
+    for kind, where, detail in (("gpu", "GPU", "CUDA out of memory. Tried to allocate 20.00 GiB."),
+                                ("cpu", "CPU", "DefaultCPUAllocator: can't allocate memory")):
+        monkeypatch.setitem(cli.COMMANDS, "knn", allocate(kind))
+        assert main(["knn"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"ssl-toolkit knn: error: out of {where} memory (") and detail in err, err
+        assert err.strip().endswith("Lower the batch size (data.batch_size for pretrain, --batch-size for the other "
+                                    "commands), the image or crop size, or the model, or run where there is more "
+                                    "memory.") and "more lines" not in err and "enforce fail" not in err
+    monkeypatch.setitem(cli.COMMANDS, "knn", allocate("other"))
+    with pytest.raises(RuntimeError, match="something else"):
+        main(["knn"])
+
+
 def test_long_evaluations_say_how_far_they_are(quickstart, capsys, monkeypatch, tmp_path):
     """knn and probe used to print nothing until the end: on 2 CPU cores resnet18 encodes CIFAR-10's 50,000
     training images at about 115 a second, over 7 minutes of silence. Each extraction and the augmented probe now
