@@ -1215,6 +1215,10 @@ def knn(args: list[str]) -> None:
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     a = _parse_eval(p, args)
     train, test, num_classes, info = _features(a)
+    over = sorted({k for k in a.k if k > len(train[1])})
+    if over:  # the result was filed under the reduced k without a word: top1["200"] was missing from the JSON
+        print(f"k={', '.join(map(str, over))}: more than the {len(train[1]):,} training images; scored as "
+              f"k={len(train[1]):,} (all of them vote)")
     start = time.perf_counter()
     if a.index == "flat":
         sweep = knn_sweep(train[0], train[1], test[0], test[1], num_classes, tuple(a.k), tuple(a.temperature),

@@ -124,6 +124,10 @@ def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(q
                                                             "them out."), err
     assert main([*knn, "--on-corrupt", "skip"]) == 0
     assert json.loads((tmp_path / "k.json").read_text())["test_size"] == 8
+    capsys.readouterr()
+    assert main([*knn[:-4], "--on-corrupt", "skip", "--out", str(tmp_path / "k.json")]) == 0  # k 20 and 200
+    assert "k=20, 200: more than the 8 training images; scored as k=8 (all of them vote)" in capsys.readouterr().out
+    assert list(json.loads((tmp_path / "k.json").read_text())["top1"]) == ["8"]
     assert main(["probe", "--ckpt", ckpt, "--data", str(tmp_path / "f"), "--epochs", "2", "--on-corrupt", "skip",
                  "--out", str(tmp_path / "p.json")]) == 0
 
