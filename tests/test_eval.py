@@ -327,6 +327,20 @@ def test_evaluators_never_reseed_a_gpu_generator(monkeypatch):
     assert reseeded == [] and torch.equal(torch.get_rng_state(), cpu)
 
 
+def test_knn_report_says_when_a_k_was_more_than_the_training_images():
+    """The end-of-run lines read k=60 for the recipe's k=200 on a 60-image set without a word."""
+    from types import SimpleNamespace
+
+    from ssl_toolkit.eval import KNNCallback
+
+    cb = KNNCallback(k=[20, 200])
+    cb.results = {"init": {20: 50.0, 60: 45.0}, "trained": {20: 70.0, 60: 65.0}}
+    lines = cb.report(SimpleNamespace(datamodule=SimpleNamespace(name="mine")))
+    assert lines[-1] == "  (k=200: more than the 60 training images scored, so k=60: all of them vote)", lines
+    cb.results = {"trained": {20: 70.0, 200: 65.0}}
+    assert "more than" not in cb.report(SimpleNamespace(datamodule=SimpleNamespace(name="mine")))[-1]
+
+
 def test_online_probe_refuses_batches_of_one():
     """Its probe's batch norm stopped the first step with "Expected more than 1 value per channel"."""
     from ssl_toolkit.eval import OnlineProbe

@@ -173,6 +173,11 @@ class KNNCallback(PeriodicEvaluation):
         for k in sorted(self.results["trained"]):
             before = f"random init {init[k]:.2f}% -> " if k in init else ""
             lines.append(f"  k={k:<4d} {before}trained {self.results['trained'][k]:.2f}%")
+        scored = max(self.results["trained"])
+        over = sorted(k for k in self.ks if k > scored)
+        if over:  # its line read k=60 for the recipe's k=200 without a word
+            lines.append(f"  (k={', '.join(map(str, over))}: more than the {scored:,} training images scored, so "
+                         f"k={scored:,}: all of them vote)")
         return lines
 
     def config(self) -> dict:
