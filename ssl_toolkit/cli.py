@@ -1401,7 +1401,7 @@ def embed(args: list[str]) -> None:
     _use_precision(a)
     device = _device(a)
     ckpt = load_checkpoint(a.ckpt)
-    paths = list_images(os.path.abspath(a.images))  # absolute: search and its gallery work from any folder
+    paths = [os.path.abspath(p) for p in list_images(a.images)]  # absolute: search and its gallery work anywhere
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     start = time.perf_counter()
     embedder = image_embedder(ckpt, a.space)
