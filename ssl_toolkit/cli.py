@@ -1161,22 +1161,22 @@ def _clip(args, test_only: bool):
     return model, dm, _info(args, ckpt, dm, device), device
 
 
-def _can_write(path: str, folder: bool = False) -> None:
+def _can_write(path: str, folder: bool = False, option: str = "--out") -> None:
     """Refuse an output path before the work that fills it (extracting features, training a probe, embedding a
     folder), not after: a file where a folder must be, a file's part of the path, or a folder this user may not
     write in (a colleague's read-only checkpoint folder, where results go by default)."""
     target = os.path.abspath(path)
     if os.path.exists(target) and os.path.isdir(target) != folder:
         raise ValueError(f"cannot write {path!r}: it is a {'file' if folder else 'folder'}, where a "
-                         f"{'folder' if folder else 'file'} is written. Choose another path (--out).")
+                         f"{'folder' if folder else 'file'} is written. Choose another path ({option}).")
     parent = target if folder and os.path.isdir(target) else os.path.dirname(target)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"cannot write {path!r}: {parent!r} is a file, not a folder. Choose another path (--out).")
+        raise ValueError(f"cannot write {path!r}: {parent!r} is a file, not a folder. Choose another path ({option}).")
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write {path!r}: this user may not write in {parent!r}. Choose another path "
-                         "(--out).")
+                         f"({option}).")
 
 
 def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
@@ -1527,16 +1527,22 @@ def map_(args: list[str]) -> None:
                        "and optionally the TensorBoard embedding projector with image sprites.", ckpt=False, device=False)
     p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
     p.add_argument("--method", default="tsne", choices=["tsne", "pca"], help="projection (default tsne)")
-    p.add_argument("--out", help="PNG path (default: EMBEDDINGS/map.png)")
+    p.add_argument("--out", help="PNG path, or a folder to write map.png in (default: EMBEDDINGS/map.png)")
     p.add_argument("--tensorboard", help="also write the projector here (view with tensorboard --logdir DIR)")
     a = p.parse_args(args)
     from ssl_toolkit.eval.search import embedding_map, load_embeddings, save_map, write_projector
 
+    out = a.out or a.embeddings
+    out = os.path.join(out, "map.png") if os.path.isdir(out) else out  # --out emb/ had written emb.png, as "emb"
+    out += "" if os.path.splitext(out)[1] else ".png"  # as matplotlib saves it, and said so
+    _can_write(out)  # before the map is computed
+    if a.tensorboard:
+        _can_write(a.tensorboard, folder=True, option="--tensorboard")  # was a traceback after the PNG was written
     emb, paths, meta = load_embeddings(a.embeddings)
     start = time.perf_counter()
     xy = embedding_map(emb, a.method)
     title = f"{meta['method'].rpartition('.')[2]} {meta['backbone']['name']}: {len(paths)} images ({a.method})"
-    out = save_map(xy, a.out or os.path.join(a.embeddings, "map.png"), meta["labels"], meta["classes"], title)
+    out = save_map(xy, out, meta["labels"], meta["classes"], title)
     print(f"wrote {out} ({a.method} in {time.perf_counter() - start:.1f} s)")
     if a.tensorboard:
         sprites = write_projector(a.tensorboard, emb, paths, meta["labels"], meta["classes"])

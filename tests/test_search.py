@@ -297,6 +297,19 @@ def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):
     assert tsv[0] == "file\tclass" and len(tsv) == 91 and tsv[1].endswith("airplane")
     assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", str(tmp_path / "pca.png")]) == 0
     assert (tmp_path / "pca.png").exists()
+    capsys.readouterr()
+    # --out a folder wrote "<folder>.png" beside it and said "wrote <folder>"; a name without a suffix got .png
+    # unsaid; a --tensorboard that cannot be written was a traceback after the PNG
+    (tmp_path / "maps").mkdir()
+    for given, written in (("maps", "maps/map.png"), ("plain", "plain.png")):
+        assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", str(tmp_path / given)]) == 0
+        assert f"wrote {tmp_path / written} (pca in" in capsys.readouterr().out and (tmp_path / written).is_file()
+    assert not (tmp_path / "maps.png").exists()
+    (tmp_path / "taken").write_text("a file")
+    assert main(["map", "--embeddings", str(emb), "--tensorboard", str(tmp_path / "taken"), "--out",
+                 str(tmp_path / "never.png")]) == 1
+    assert capsys.readouterr().err.strip().endswith("it is a file, where a folder is written. Choose another path "
+                                                    "(--tensorboard).") and not (tmp_path / "never.png").exists()
 
 
 def test_embed_index_search_and_map_start_without_lightning_kornia_or_dynamo(gallery, tmp_path):
