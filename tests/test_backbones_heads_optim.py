@@ -205,7 +205,7 @@ def test_settings_that_cannot_train_are_refused_with_the_setting_named(make, mes
     (lambda: Jigsaw(BackboneConfig("tiny_cnn", width=4), tile_dim=0), "jigsaw tile_dim must be >= 1; got 0."),
     (lambda: ConvDecoder(8, 32, width=0), "decoder_width must be >= 1; got 0."),
     (lambda: CLIP(BackboneConfig("tiny_cnn", width=4), embed_dim=0), "CLIP's embed_dim (the joint space) must be >= 1"),
-    (lambda: KNNCallback(temperature=0.0), "KNNCallback needs k values >= 1 and temperature > 0; got [20, 200], 0.0."),
+    (lambda: KNNCallback(temperature=0.0), "KNNCallback needs k values >= 1 and a finite temperature > 0; got [20, 200], 0.0."),
     (lambda: DINO(BackboneConfig("tiny_cnn", width=4), warmup_teacher_temp_epochs=-1),  # torch: "number of steps
      "DINO got warmup_teacher_temp_epochs -1: epochs must be >= 0"),  # must be non-negative" in the first step
     (lambda: DINO(BackboneConfig("tiny_cnn", width=4), local_scale=(0.5, 0.1), local_blur_p=2.0),  # was views.scale

@@ -149,8 +149,8 @@ class KNNCallback(PeriodicEvaluation):
                  baseline: bool = True, batch_size: int = 512):
         super().__init__(every_n_epochs, baseline, batch_size)
         if not k or min(k) < 1 or not 0 < temperature < math.inf:  # 0: refused by the baseline's search, not here
-            raise ValueError(f"KNNCallback needs k values >= 1 and temperature > 0; got {k}, {temperature}. The "
-                             "InstDisc protocol uses k 200, T 0.07.")
+            raise ValueError(f"KNNCallback needs k values >= 1 and a finite temperature > 0; got {k}, {temperature}. "
+                             "The InstDisc protocol uses k 200, T 0.07.")
         self.ks, self.temperature = list(k), temperature
 
     def evaluate(self, trainer: pl.Trainer, pl_module) -> dict[int, float]:

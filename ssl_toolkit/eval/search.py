@@ -168,15 +168,18 @@ def index_paths(index: str, info: dict, rows: int) -> list[str]:
         raise FileNotFoundError(f"{index} was built from the embeddings in {named}, which are not there any more, nor "
                                 "beside the index. Keep the index in its embeddings folder when moving it, or build "
                                 "it again: ssl-toolkit index --embeddings FOLDER")
+    held = []
     for folder in found:
         with open(os.path.join(folder, "meta.json")) as f:
             meta = json.load(f)
         paths = load_paths(folder)  # an index from before digests were recorded is matched by its row count
         if len(paths) == rows and info.get("embeddings_digest", meta.get("digest")) == meta.get("digest"):
             return paths
-    raise ValueError(f"{index} was built from other embeddings than {found[0]} holds now ({len(paths):,} images of "
+        held.append((folder, meta, len(paths)))
+    folder, meta, count = held[0]
+    raise ValueError(f"{index} was built from other embeddings than {folder} holds now ({count:,} images of "
                      f"{meta.get('images', 'a folder')}: embedded again since, or changed by hand). Build the index "
-                     f"again: ssl-toolkit index --embeddings {found[0]}")
+                     f"again: ssl-toolkit index --embeddings {folder}")
 
 
 def stale_indexes(folder: str, digest: str) -> list[str]:
