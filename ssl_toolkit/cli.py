@@ -1119,7 +1119,12 @@ def checkpoint_info(path: str, ckpt: dict, dm) -> dict:
 
 
 def _info(args, ckpt: dict, dm, device: torch.device) -> dict:
-    return {**checkpoint_info(args.ckpt, ckpt, dm), "device": str(device), "precision": args.precision}
+    """The result JSON's run info; with images left out as unreadable (``--on-corrupt skip``), how many: a score
+    on fewer images than the folder holds said so only in a log line."""
+    dm.setup()
+    skipped = getattr(dm, "num_skipped", 0)
+    return {**checkpoint_info(args.ckpt, ckpt, dm), "device": str(device), "precision": args.precision,
+            **({"skipped_unreadable": skipped} if skipped else {})}
 
 
 def _encoder_and_data(args):

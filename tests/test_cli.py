@@ -123,7 +123,8 @@ def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(q
     assert "1 of 9 images in" in err and err.strip().endswith("Fix or delete them, or set --on-corrupt skip to leave "
                                                             "them out."), err
     assert main([*knn, "--on-corrupt", "skip"]) == 0
-    assert json.loads((tmp_path / "k.json").read_text())["test_size"] == 8
+    result = json.loads((tmp_path / "k.json").read_text())
+    assert result["test_size"] == 8 and result["skipped_unreadable"] == 1  # said only in a log line before
     capsys.readouterr()
     assert main([*knn[:-4], "--on-corrupt", "skip", "--out", str(tmp_path / "k.json")]) == 0  # k 20 and 200
     assert "k=20, 200: more than the 8 training images; scored as k=8 (all of them vote)" in capsys.readouterr().out
