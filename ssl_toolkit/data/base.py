@@ -32,6 +32,11 @@ class Splits:
     y_test: torch.Tensor
     classes: list[str]
 
+    @classmethod
+    def test_alone(cls, x_test: torch.Tensor, y_test: torch.Tensor, classes: list[str]) -> "Splits":
+        """The test split with an empty training split (of the same image shape), as ``only_test`` loads it."""
+        return cls(x_test[:0], y_test[:0], x_test, y_test, classes)
+
 
 def check_images(x: torch.Tensor, name: str, source: str) -> None:
     """Raise a ValueError naming ``name`` and ``source`` unless ``x`` is uint8 ``(N, 3, H, W)``."""

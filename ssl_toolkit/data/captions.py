@@ -151,7 +151,8 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
             self.tokens[split] = self.tokenizer.encode(self.texts[split], self.context_length)  # (M, L)
             self.caption_image[split] = torch.repeat_interleave(torch.arange(len(kept)), counts)  # (M,)
             self.offsets[split] = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])  # (N + 1,)
-        x_train = x_test[:0] if x_train is None else x_train
+        if x_train is None:  # only_test()
+            return Splits.test_alone(x_test, torch.arange(len(x_test)), [])
         return Splits(x_train, torch.arange(len(x_train)), x_test, torch.arange(len(x_test)), [])
 
     def train_batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

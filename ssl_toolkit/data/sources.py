@@ -119,8 +119,7 @@ class CIFARDataModule(InMemoryDataModule):
         te = self._dataset(False)
         x_test = _to_nchw(te.data, "test images", self.variant)
         if self.test_only:
-            return Splits(x_test[:0], torch.zeros(0, dtype=torch.long), x_test, torch.tensor(te.targets),
-                          list(te.classes))
+            return Splits.test_alone(x_test, torch.tensor(te.targets), list(te.classes))
         tr = self._dataset(True)
         return Splits(_to_nchw(tr.data, "train images", self.variant), torch.tensor(tr.targets), x_test,
                       torch.tensor(te.targets), list(tr.classes))
@@ -159,7 +158,7 @@ class NpzDataModule(InMemoryDataModule):
         y_train, y_test, classes = self._labels(arrays)
         x_test = _to_nchw(arrays["x_test"], "x_test", self.path)
         if self.test_only:
-            return Splits(x_test[:0], y_train[:0], x_test, y_test, classes)
+            return Splits.test_alone(x_test, y_test, classes)
         return Splits(_to_nchw(arrays["x_train"], "x_train", self.path), y_train, x_test, y_test, classes)
 
     def _labels(self, arrays: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -298,5 +297,5 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
             return Splits(x, y, x, y, [])  # no classes; "test" is the training set itself, no copy
         labels = [torch.tensor(labels)[keep] for (_, _, labels), (_, keep, _) in zip(splits, decoded)]
         if len(decoded) == 1:  # only_test()
-            return Splits(decoded[0][0][:0], labels[0][:0], decoded[0][0], labels[0], classes)
+            return Splits.test_alone(decoded[0][0], labels[0], classes)
         return Splits(decoded[0][0], labels[0], decoded[1][0], labels[1], classes)
