@@ -1053,6 +1053,56 @@ def _finite(text: str) -> float:
     return value
 
 
+def _label_budget(text: str):
+    """argparse type of ``--labels``: images per class (``5``) or a share of each class (``1%``)."""
+    from ssl_toolkit.eval.few_labels import LabelBudget
+
+    try:
+        return LabelBudget.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_labels(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", type=_label_budget, nargs="+", metavar="N|P%",
+                   help="also score with few labels: N labelled training images per class ('5') or a class-balanced "
+                        "share of them ('1%%'), each drawn --draws times (mean and std over the draws); the test "
+                        "split is scored whole")
+    p.add_argument("--draws", type=_count, default=5,
+                   help="random draws of the labelled images for each --labels budget, draw r seeded with r "
+                        "(default 5)")
+
+
+def _few_labels(a, train_y: torch.Tensor, classes: list[str], score) -> dict:
+    """Each ``--labels`` budget drawn ``--draws`` times: ``{budget: (labelled images, [score(index) of each draw])}``,
+    where ``score`` scores with the labels of the training images at ``index`` alone."""
+    from ssl_toolkit.eval.few_labels import labelled_subsets
+
+    results = {}
+    for budget in a.labels:
+        subsets = labelled_subsets(train_y, budget, len(classes), a.draws, classes)
+        results[str(budget)] = len(subsets[0]), [score(index) for index in subsets]
+    return results
+
+
+def _spread(values: list[float]) -> dict:
+    """A score over draws, as the result JSON keeps it: mean, sample std and each draw's value."""
+    from ssl_toolkit.eval.few_labels import mean_std
+
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "draws": values}
+
+
+def _few_labels_table(a, title: str, columns: list[str], rows: dict, full: list[float], train_size: int) -> None:
+    """Print the few-label scores (``rows``: ``{budget: (images, [spread of each column])}``) above all labels'."""
+    print(f"{title} with few labels: mean ± std over {a.draws} draw{'s' * (a.draws > 1)} of the labelled training "
+          f"images")
+    print(f"  {'labels':<10}{'images':>8}" + "".join(f"{c:>16}" for c in columns))
+    for budget, (images, spreads) in rows.items():
+        print(f"  {budget:<10}{images:>8,}" + "".join(f"{s['mean']:>9.2f} ± {s['std']:<4.2f}" for s in spreads))
+    print(f"  {'all':<10}{train_size:>8,}" + "".join(f"{v:>16.2f}" for v in full))
+
+
 def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True) -> argparse.ArgumentParser:
     """A subcommand's parser with the options most commands share: --ckpt and --device."""
     p = argparse.ArgumentParser(prog=f"ssl-toolkit {prog}", description=description)
@@ -1146,12 +1196,14 @@ def _features(args):
     from ssl_toolkit.eval import extract_features
 
     encoder, dm, info, device = _encoder_and_data(args)
+    for budget in getattr(args, "labels", None) or ():  # a budget a class cannot fill is refused before the work
+        budget.check(dm.splits.y_train, dm.num_classes, dm.splits.classes)
     start = time.perf_counter()
     train = extract_features(encoder, dm, "train", device, args.batch_size)
     test = extract_features(encoder, dm, "test", device, args.batch_size)
     info = {**info, "train_size": len(train[1]), "test_size": len(test[1]),
             "extract_seconds": round(time.perf_counter() - start, 3)}
-    return train, test, dm.num_classes, info
+    return train, test, dm.splits.classes, info
 
 
 def _clip(args, test_only: bool):
@@ -1218,8 +1270,10 @@ def knn(args: list[str]) -> None:
                    "ivf (approximate; its neighbour recall against exact is reported)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default sqrt(N), at most N / 39)")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
+    _add_labels(p)
     a = _parse_eval(p, args)
-    train, test, num_classes, info = _features(a)
+    train, test, classes, info = _features(a)
+    num_classes = len(classes)
     over = sorted({k for k in a.k if k > len(train[1])})
     if over:  # the result was filed under the reduced k without a word: top1["200"] was missing from the JSON
         print(f"k={', '.join(map(str, over))}: more than the {len(train[1]):,} training images; scored as "
@@ -1250,10 +1304,40 @@ def knn(args: list[str]) -> None:
         print("  T \\ k " + "".join(f"{k:>8d}" for k in first))
         for t, row in sweep.items():
             print(f"  {t:<6g}" + "".join(f"{v:8.2f}" for v in row.values()))
+    if a.labels:
+        info["labels"] = _few_label_knn(a, train, test, classes, first)
     _write(a, "knn", {**info, "search_seconds": seconds, "fp16": a.fp16, "index": a.index,
                       "temperature": a.temperature[0],
                       "top1": {str(k): v for k, v in first.items()},
                       "sweep": {str(t): {str(k): v for k, v in row.items()} for t, row in sweep.items()}})
+
+
+def _few_label_knn(a, train, test, classes: list[str], full: dict) -> dict:
+    """``knn --labels``: the sweep with the labels of a few training images as the memory bank, drawn ``--draws``
+    times per budget (exact search: the bank is a part of the one searched above)."""
+    from ssl_toolkit.eval import knn_sweep
+
+    num_classes = len(classes)
+
+    def score(index):  # {T: {k: top1}} for the k of the full sweep, a k above the bank scored as all of it
+        sweep = knn_sweep(train[0][index], train[1][index], test[0], test[1], num_classes, tuple(full),
+                          tuple(a.temperature), a.backend, a.fp16)
+        return {t: {k: row[min(k, len(index))] for k in full} for t, row in sweep.items()}
+
+    drawn = _few_labels(a, train[1], classes, score)
+    result, rows = {"draws": a.draws}, {}
+    for budget, (images, draws) in drawn.items():
+        sweep = {t: {k: _spread([d[t][k] for d in draws]) for k in draws[0][t]} for t in draws[0]}
+        first = sweep[a.temperature[0]]
+        result[budget] = {"train_size": images, "top1": {str(k): v for k, v in first.items()},
+                          **({"sweep": {str(t): {str(k): v for k, v in row.items()} for t, row in sweep.items()}}
+                             if len(sweep) > 1 else {})}
+        rows[budget] = images, list(first.values())
+        if max(full) > images:
+            print(f"{budget}: k above its {images:,} labelled images is scored as k={images:,} (all of them vote)")
+    _few_labels_table(a, f"kNN top-1 (%, T={a.temperature[0]:g})", [f"k={k}" for k in full], rows,
+                      list(full.values()), len(train[1]))
+    return result
 
 
 def probe(args: list[str]) -> None:
@@ -1272,7 +1356,14 @@ def probe(args: list[str]) -> None:
                    "each epoch through the frozen backbone (slower: the backbone runs every epoch)")
     p.add_argument("--scale", type=_finite, nargs=2, default=[0.08, 1.0], help="crop area range with --augment")
     p.add_argument("--flip-p", type=_finite, default=0.5, help="flip probability with --augment (0 for digits, text)")
+    _add_labels(p)
     a = _parse_eval(p, args)
+    if a.labels and (len(a.lr) > 1 or len(a.weight_decay) > 1):
+        raise ValueError("--labels trains with one --lr and one --weight-decay: choosing among several on held-out "
+                         "labelled images would use labels beyond the budget (and 1 per class leaves none to hold "
+                         "out). Choose them with all labels, or fix them as low-shot papers do.")
+    if a.labels and a.augment:
+        raise ValueError("--labels scores with the cached-features protocol; leave out --augment.")
     if a.augment:
         if len(a.lr) > 1 or len(a.weight_decay) > 1:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
@@ -1286,7 +1377,8 @@ def probe(args: list[str]) -> None:
                                       "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
                                       "train_seconds": round(time.perf_counter() - start, 3), **acc})
         return
-    train, test, num_classes, info = _features(a)
+    train, test, classes, info = _features(a)
+    num_classes = len(classes)
     start = time.perf_counter()
     if len(a.lr) == 1 and len(a.weight_decay) == 1:
         acc = linear_probe(train[0], train[1], test[0], test[1], num_classes, epochs=a.epochs, lr=a.lr[0],
@@ -1302,8 +1394,28 @@ def probe(args: list[str]) -> None:
         print(f"chosen: lr {acc['lr']:g}, weight decay {acc['weight_decay']:g}; retrained on all of train")
         acc["grid"] = {str(lr): {str(w): v for w, v in row.items()} for lr, row in acc["grid"].items()}
     print(f"linear probe on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+    if a.labels:
+        info["labels"] = _few_label_probe(a, train, test, classes, acc)
     _write(a, "probe", {**info, "protocol": "cached features", "epochs": a.epochs,
                         "train_seconds": round(time.perf_counter() - start, 3), **acc})
+
+
+def _few_label_probe(a, train, test, classes: list[str], full: dict) -> dict:
+    """``probe --labels``: the probe trained on the labels of a few training images, drawn ``--draws`` times per
+    budget, with the features standardised by all the training images (their labels unused)."""
+    from ssl_toolkit.eval import linear_probe
+
+    def score(index):
+        return linear_probe(train[0][index], train[1][index], test[0], test[1], len(classes), epochs=a.epochs,
+                            lr=a.lr[0], weight_decay=a.weight_decay[0], standardize_with=train[0])
+
+    result, rows = {"draws": a.draws}, {}
+    for budget, (images, draws) in _few_labels(a, train[1], classes, score).items():
+        result[budget] = {"train_size": images, **{m: _spread([d[m] for d in draws]) for m in ("top1", "top5")}}
+        rows[budget] = images, [result[budget]["top1"], result[budget]["top5"]]
+    _few_labels_table(a, f"linear probe (lr {a.lr[0]:g}, weight decay {a.weight_decay[0]:g})", ["top-1", "top-5"],
+                      rows, [full["top1"], full["top5"]], len(train[1]))
+    return result
 
 
 def retrieval(args: list[str]) -> None:

@@ -103,6 +103,43 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys, mon
     assert list((cwd / "runs" / "quickstart" / "version_0").glob("events.out.tfevents.*"))
 
 
+def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys, monkeypatch):
+    """Low-shot evaluation: N labelled images per class or a share of each class, drawn --draws times; every image
+    labelled (100%) gives the full score, and the scores fall with the labels."""
+    cwd, out, _ = quickstart
+    ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
+    assert main(["knn", "--ckpt", ckpt, "--k", "20", "--labels", "1", "10%", "100%", "--draws", "3", "--out",
+                 str(cwd / "knn_few.json")]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((cwd / "knn_few.json").read_text())
+    few = result["labels"]
+    assert few["draws"] == 3 and [few[b]["train_size"] for b in ("1/class", "10%", "100%")] == [10, 127, 1257]
+    one, tenth, every = (few[b]["top1"]["20"] for b in ("1/class", "10%", "100%"))
+    assert every["mean"] == pytest.approx(result["top1"]["20"]) and every["std"] == 0
+    assert len(one["draws"]) == 3 and one["std"] > 0  # each draw its own images
+    # measured (5 draws): 67.70 +- 6.63 (1/class), 87.63 +- 1.18 (10%), 97.04 (all)
+    assert one["mean"] + 10 < tenth["mean"] < every["mean"] - 3, few
+    assert "1/class: k above its 10 labelled images is scored as k=10 (all of them vote)" in printed
+    assert re.search(r"1/class +10 +[\d.]+ ± [\d.]+\n", printed) and re.search(r"all +1,257 +97", printed), printed
+    assert main(["probe", "--ckpt", ckpt, "--epochs", "30", "--labels", "5", "100%", "--draws", "2", "--out",
+                 str(cwd / "probe_few.json")]) == 0
+    result = json.loads((cwd / "probe_few.json").read_text())
+    assert result["labels"]["100%"]["top1"]["mean"] == pytest.approx(result["top1"])
+    assert 80.0 < result["labels"]["5/class"]["top1"]["mean"] < result["top1"], result["labels"]  # 89.19 measured
+    # refused before the features are extracted: a budget a class cannot fill, a grid, --augment
+    monkeypatch.setattr("ssl_toolkit.eval.extract_features", lambda *a: pytest.fail("features extracted"))
+    assert main(["knn", "--ckpt", ckpt, "--labels", "200"]) == 1
+    assert ("error: 200 labelled images per class: class '0' has 124 training images (9 more classes too). Ask for "
+            "at most 122 per class") in capsys.readouterr().err
+    assert main(["probe", "--ckpt", ckpt, "--labels", "5", "--lr", "0.1", "1"]) == 1
+    assert "--labels trains with one --lr and one --weight-decay" in capsys.readouterr().err
+    assert main(["probe", "--ckpt", ckpt, "--labels", "5", "--augment"]) == 1
+    assert "leave out --augment" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["knn", "--ckpt", ckpt, "--labels", "5%5"])
+    assert "'5%5' is not a label budget: give images per class ('5') or a share" in capsys.readouterr().err
+
+
 def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(quickstart, capsys, tmp_path):
     """knn, probe, zeroshot, retrieval and pictures on a folder with an unreadable image said "set
     data.on_corrupt=skip to leave them out", a setting of pretrain's recipes that none of them takes."""

@@ -416,3 +416,42 @@ def test_progress_lines_read_as_times_a_person_reads(monkeypatch, capsys):
         "probe: 1 of 3 epochs, 30 s each, about 60 s left (lr 0.1)",
         "probe: 2 of 3 epochs, 25 s each, about 25 s left (lr 0.1)",
         "probe: 3 of 3 epochs, 30 s each (lr 0.1)"]
+
+
+def test_label_budgets_draw_class_balanced_subsets_seeded_by_draw():
+    from ssl_toolkit.eval.few_labels import LabelBudget, labelled_subset, labelled_subsets
+
+    y = torch.tensor([0] * 50 + [1] * 7 + [2] * 30)[torch.randperm(87, generator=torch.Generator().manual_seed(1))]
+    five = labelled_subsets(y, LabelBudget.parse("5"), 3, draws=4)
+    for idx in five:
+        assert torch.bincount(y[idx], minlength=3).tolist() == [5, 5, 5]
+        assert idx.tolist() == sorted(set(idx.tolist()))  # sorted, no image twice
+    assert len({tuple(idx.tolist()) for idx in five}) == 4  # each draw its own images
+    assert all(torch.equal(a, b) for a, b in zip(five, labelled_subsets(y, LabelBudget(per_class=5), 3, draws=4)))
+    assert torch.equal(labelled_subset(y, LabelBudget(per_class=5), 3, seed=2), five[2])  # draw r is seed r
+    # a share of each class, half up and at least one: 10% of 50, 7, 30 = 5, 0.7, 3
+    assert torch.bincount(y[labelled_subset(y, LabelBudget.parse("10%"), 3)], minlength=3).tolist() == [5, 1, 3]
+    assert torch.equal(labelled_subset(y, LabelBudget.parse("100%"), 3), torch.arange(87))
+    assert LabelBudget.parse("12.5%").counts([8, 4, 0]) == [1, 1, 0]
+    with pytest.raises(ValueError, match=r"8 labelled images per class: class 'bird' has 7 training images\. Ask "
+                                         r"for at most 7 per class"):
+        labelled_subset(y, LabelBudget(per_class=8), 3, classes=["cat", "bird", "dog"])
+    with pytest.raises(ValueError, match=r"class 3 has 0 training images\. A share \('10%'\) leaves out"):
+        labelled_subset(y, LabelBudget(per_class=1), 4)
+    for text in ("0", "0%", "101%", "5x", "-1", "%"):
+        with pytest.raises(ValueError):
+            LabelBudget.parse(text)
+    with pytest.raises(ValueError, match="at least once"):
+        labelled_subsets(y, LabelBudget(per_class=1), 3, draws=0)
+
+
+def test_probe_with_few_labels_standardises_with_all_training_features():
+    """A few images' own statistics: a dimension constant on them (a ReLU channel off on all) divides by 1e-6."""
+    torch.manual_seed(0)
+    centres = torch.randn(3, 8) * 3
+    x, y = centres.repeat(40, 1) + torch.randn(120, 8), torch.arange(3).repeat(40)
+    x[:, 0] = torch.where(torch.rand(120) < 0.5, 0.0, torch.rand(120) * 10)  # a noisy channel, off on half
+    few = torch.tensor([i for i in range(120) if x[i, 0] == 0][:6])  # 6 labelled images, channel 0 off on each
+    own = linear_probe(x[few], y[few], x, y, 3, epochs=50)["top1"]
+    shared = linear_probe(x[few], y[few], x, y, 3, epochs=50, standardize_with=x)["top1"]
+    assert shared > 90.0 and shared - own > 20.0, (own, shared)

@@ -14,6 +14,7 @@ _HOME, __getattr__, __dir__ = lazy_names(__name__, {
     "ssl_toolkit.eval.callbacks": ("CollapseMonitor", "KNNCallback", "OnlineProbe", "PeriodicEvaluation",
                                    "RetrievalCallback"),
     "ssl_toolkit.eval.features": ("extract_features",),
+    "ssl_toolkit.eval.few_labels": ("LabelBudget", "labelled_subset", "labelled_subsets"),
     "ssl_toolkit.eval.knn": ("knn_accuracy", "knn_scores", "knn_search", "knn_sweep"),
     "ssl_toolkit.eval.pictures": ("PicturesCallback", "save_pictures", "view_pictures"),
     "ssl_toolkit.eval.retrieval": ("recall_at_k", "retrieval_recall", "zero_shot", "zero_shot_accuracy",
@@ -21,7 +22,8 @@ _HOME, __getattr__, __dir__ = lazy_names(__name__, {
 })
 
 __all__ = ["CollapseMonitor", "KNNCallback", "OnlineProbe", "PeriodicEvaluation", "PicturesCallback", "save_pictures",
-           "view_pictures", "RetrievalCallback", "extract_features", "knn_accuracy", "knn_scores", "knn_sweep",
+           "view_pictures", "RetrievalCallback", "extract_features", "LabelBudget", "labelled_subset",
+           "labelled_subsets", "knn_accuracy", "knn_scores", "knn_sweep",
            "knn_search", "linear_probe", "recall_at_k", "retrieval_recall", "train_linear", "zero_shot",
            "zero_shot_accuracy", "zero_shot_weights"]  # literal, for pyflakes and editors; a test checks it
 
@@ -29,6 +31,7 @@ if TYPE_CHECKING:  # what editors and type checkers read
     from ssl_toolkit.eval.callbacks import (CollapseMonitor, KNNCallback, OnlineProbe, PeriodicEvaluation,
                                             RetrievalCallback)
     from ssl_toolkit.eval.features import extract_features
+    from ssl_toolkit.eval.few_labels import LabelBudget, labelled_subset, labelled_subsets
     from ssl_toolkit.eval.knn import knn_accuracy, knn_scores, knn_search, knn_sweep
     from ssl_toolkit.eval.pictures import PicturesCallback, save_pictures, view_pictures
     from ssl_toolkit.eval.retrieval import (recall_at_k, retrieval_recall, zero_shot, zero_shot_accuracy,
