@@ -1097,10 +1097,10 @@ def _few_labels_table(a, title: str, columns: list[str], rows: dict, full: list[
     """Print the few-label scores (``rows``: ``{budget: (images, [spread of each column])}``) above all labels'."""
     print(f"{title} with few labels: mean ± std over {a.draws} draw{'s' * (a.draws > 1)} of the labelled training "
           f"images")
-    print(f"  {'labels':<10}{'images':>8}" + "".join(f"{c:>16}" for c in columns))
+    print(f"  {'labels':<10}{'images':>8}" + "".join(f"{c:>17}" for c in columns))
     for budget, (images, spreads) in rows.items():
-        print(f"  {budget:<10}{images:>8,}" + "".join(f"{s['mean']:>9.2f} ± {s['std']:<4.2f}" for s in spreads))
-    print(f"  {'all':<10}{train_size:>8,}" + "".join(f"{v:>16.2f}" for v in full))
+        print((f"  {budget:<10}{images:>8,}" + "".join(f"{s['mean']:>9.2f} ± {s['std']:<5.2f}" for s in spreads)).rstrip())
+    print(f"  {'all':<10}{train_size:>8,}" + "".join(f"{v:>17.2f}" for v in full))
 
 
 def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True) -> argparse.ArgumentParser:
@@ -1192,12 +1192,17 @@ def _encoder_and_data(args):
     return encoder, dm, _info(args, ckpt, dm, device), device
 
 
+def _check_budgets(args, dm) -> None:
+    """Refuse a ``--labels`` budget that a class has too few training images for, before the work."""
+    for budget in getattr(args, "labels", None) or ():
+        budget.check(dm.splits.y_train, dm.num_classes, dm.splits.classes)
+
+
 def _features(args):
     from ssl_toolkit.eval import extract_features
 
     encoder, dm, info, device = _encoder_and_data(args)
-    for budget in getattr(args, "labels", None) or ():  # a budget a class cannot fill is refused before the work
-        budget.check(dm.splits.y_train, dm.num_classes, dm.splits.classes)
+    _check_budgets(args, dm)
     start = time.perf_counter()
     train = extract_features(encoder, dm, "train", device, args.batch_size)
     test = extract_features(encoder, dm, "test", device, args.batch_size)
@@ -1362,17 +1367,25 @@ def probe(args: list[str]) -> None:
         raise ValueError("--labels trains with one --lr and one --weight-decay: choosing among several on held-out "
                          "labelled images would use labels beyond the budget (and 1 per class leaves none to hold "
                          "out). Choose them with all labels, or fix them as low-shot papers do.")
-    if a.labels and a.augment:
-        raise ValueError("--labels scores with the cached-features protocol; leave out --augment.")
     if a.augment:
+        from ssl_toolkit.eval import extract_features
+
         if len(a.lr) > 1 or len(a.weight_decay) > 1:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
                              "protocol, without --augment, then use the chosen values here).")
         encoder, dm, info, device = _encoder_and_data(a)
+        _check_budgets(a, dm)
         start = time.perf_counter()
-        acc = augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
-                                     tuple(a.scale), a.flip_p)
+        test = extract_features(encoder, dm, "test", device, a.batch_size)  # once, for every probe trained here
+
+        def augmented(index=None):
+            return augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
+                                          tuple(a.scale), a.flip_p, train_index=index, test_features=test)
+
+        acc = augmented()
         print(f"linear probe (augmented) on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+        if a.labels:
+            info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented, "augmented, ")
         _write(a, "probe-augmented", {**info, "protocol": "augmented", "epochs": a.epochs, "lr": a.lr[0],
                                       "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
                                       "train_seconds": round(time.perf_counter() - start, 3), **acc})
@@ -1395,26 +1408,24 @@ def probe(args: list[str]) -> None:
         acc["grid"] = {str(lr): {str(w): v for w, v in row.items()} for lr, row in acc["grid"].items()}
     print(f"linear probe on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
     if a.labels:
-        info["labels"] = _few_label_probe(a, train, test, classes, acc)
+        def cached(index):
+            return linear_probe(train[0][index], train[1][index], test[0], test[1], num_classes, epochs=a.epochs,
+                                lr=a.lr[0], weight_decay=a.weight_decay[0], standardize_with=train[0])
+
+        info["labels"] = _few_label_probe(a, train[1], classes, acc, cached)
     _write(a, "probe", {**info, "protocol": "cached features", "epochs": a.epochs,
                         "train_seconds": round(time.perf_counter() - start, 3), **acc})
 
 
-def _few_label_probe(a, train, test, classes: list[str], full: dict) -> dict:
-    """``probe --labels``: the probe trained on the labels of a few training images, drawn ``--draws`` times per
-    budget, with the features standardised by all the training images (their labels unused)."""
-    from ssl_toolkit.eval import linear_probe
-
-    def score(index):
-        return linear_probe(train[0][index], train[1][index], test[0], test[1], len(classes), epochs=a.epochs,
-                            lr=a.lr[0], weight_decay=a.weight_decay[0], standardize_with=train[0])
-
+def _few_label_probe(a, train_y: torch.Tensor, classes: list[str], full: dict, score, protocol: str = "") -> dict:
+    """``probe --labels``: ``score(index)``, a probe trained on the labels of the training images at ``index``
+    alone, for ``--draws`` draws of each budget."""
     result, rows = {"draws": a.draws}, {}
-    for budget, (images, draws) in _few_labels(a, train[1], classes, score).items():
+    for budget, (images, draws) in _few_labels(a, train_y, classes, score).items():
         result[budget] = {"train_size": images, **{m: _spread([d[m] for d in draws]) for m in ("top1", "top5")}}
         rows[budget] = images, [result[budget]["top1"], result[budget]["top5"]]
-    _few_labels_table(a, f"linear probe (lr {a.lr[0]:g}, weight decay {a.weight_decay[0]:g})", ["top-1", "top-5"],
-                      rows, [full["top1"], full["top5"]], len(train[1]))
+    _few_labels_table(a, f"linear probe ({protocol}lr {a.lr[0]:g}, weight decay {a.weight_decay[0]:g})",
+                      ["top-1", "top-5"], rows, [full["top1"], full["top5"]], len(train_y))
     return result
 
 

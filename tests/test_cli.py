@@ -126,6 +126,11 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     result = json.loads((cwd / "probe_few.json").read_text())
     assert result["labels"]["100%"]["top1"]["mean"] == pytest.approx(result["top1"])
     assert 80.0 < result["labels"]["5/class"]["top1"]["mean"] < result["top1"], result["labels"]  # 89.19 measured
+    assert main(["probe", "--ckpt", ckpt, "--augment", "--epochs", "20", "--scale", "0.8", "1.0", "--flip-p", "0",
+                 "--batch-size", "16", "--labels", "5", "--draws", "2", "--out", str(cwd / "augmented_few.json")]) == 0
+    result = json.loads((cwd / "augmented_few.json").read_text())
+    assert result["protocol"] == "augmented" and result["labels"]["5/class"]["train_size"] == 50
+    assert 70.0 < result["labels"]["5/class"]["top1"]["mean"] < result["top1"], result  # 84.35 +- 4.32 measured
     # refused before the features are extracted: a budget a class cannot fill, a grid, --augment
     monkeypatch.setattr("ssl_toolkit.eval.extract_features", lambda *a: pytest.fail("features extracted"))
     assert main(["knn", "--ckpt", ckpt, "--labels", "200"]) == 1
@@ -133,8 +138,9 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
             "at most 122 per class") in capsys.readouterr().err
     assert main(["probe", "--ckpt", ckpt, "--labels", "5", "--lr", "0.1", "1"]) == 1
     assert "--labels trains with one --lr and one --weight-decay" in capsys.readouterr().err
-    assert main(["probe", "--ckpt", ckpt, "--labels", "5", "--augment"]) == 1
-    assert "leave out --augment" in capsys.readouterr().err
+    assert main(["probe", "--ckpt", ckpt, "--labels", "5", "123", "--augment"]) == 1
+    assert re.search(r"error: 123 labelled images per class: class '\d' has 122 training images\. Ask for at most "
+                     r"122 per class", capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["knn", "--ckpt", ckpt, "--labels", "5%5"])
     assert "'5%5' is not a label budget: give images per class ('5') or a share" in capsys.readouterr().err

@@ -179,8 +179,9 @@ def bn_linear(dim: int, num_classes: int) -> nn.Sequential:
 
 def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: float = 0.1,
                            weight_decay: float = 0.0, batch_size: int = 256, device: torch.device | str = "cpu",
-                           scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5,
-                           seed: int = 0) -> dict[str, float]:
+                           scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5, seed: int = 0,
+                           train_index: torch.Tensor | None = None,
+                           test_features: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
     """The standard linear protocol, for comparison with published numbers: augmentation, a frozen backbone.
 
     Every epoch each training image is cropped (torchvision's RandomResizedCrop rule, ``scale``) and flipped
@@ -189,6 +190,9 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
     cosine schedule). Test images are embedded
     as they are (no augmentation). The backbone runs every epoch, so this costs ``epochs`` passes of it; the
     fast protocol (:func:`linear_probe_sweep`) runs it once.
+
+    ``train_index`` trains on those training images alone (few labels); ``test_features`` (features and labels of
+    the test split, from :func:`~ssl_toolkit.eval.features.extract_features`) spares extracting them again.
     """
     from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
     from ssl_toolkit.progress import Progress
@@ -201,6 +205,8 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
                          f"{flip_p}.")
     datamodule.setup()
     x_all, y_all = datamodule.splits.x_train, datamodule.splits.y_train
+    if train_index is not None:
+        x_all, y_all = x_all[train_index], y_all[train_index]
     if len(y_all) < 2:  # batch norm trains on two or more
         raise ValueError(f"The augmented probe needs two or more training images; {datamodule.name} has "
                          f"{len(y_all)}.")
@@ -232,7 +238,7 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
                 sched.step()
                 step += 1
                 report(step, f" (epoch {epoch + 1} of {epochs})")
-    test_x, test_y = extract_features(encoder, datamodule, "test", device, batch_size)
+    test_x, test_y = test_features or extract_features(encoder, datamodule, "test", device, batch_size)
     clf.eval()
     with torch.no_grad():
         acc = topk_accuracy(clf(test_x), test_y.to(test_x.device))
