@@ -1495,13 +1495,17 @@ def export(args: list[str]) -> None:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="torchvision (ResNet state_dict), safetensors (weights), torchscript or onnx (whole encoder: "
                         "uint8 images in, features out)")
-    p.add_argument("--out", help="output path, the format's suffix added when missing (default: next to the checkpoint: "
-                        "<ckpt>.onnx, <ckpt>.safetensors, <ckpt>.torchscript.pt, <ckpt>.torchvision.pth); the JSON "
-                        "is that path + .json")
+    p.add_argument("--out", help="output path, the format's suffix added when missing, or a folder to write the default "
+                        "name in (default: next to the checkpoint: <ckpt>.onnx, <ckpt>.safetensors, "
+                        "<ckpt>.torchscript.pt, <ckpt>.torchvision.pth); the JSON is that path + .json")
     a = p.parse_args(args)
     from ssl_toolkit.checkpoint import load_checkpoint
 
-    for path in export_backbone(load_checkpoint(a.ckpt), a.format, a.out or f"{a.ckpt}.{a.format}"):
+    out = a.out or f"{a.ckpt}.{a.format}"
+    if a.out and (a.out.endswith(("/", os.sep)) or os.path.isdir(a.out)):  # it wrote <folder>/.onnx, a hidden file,
+        out = os.path.join(a.out, f"{os.path.basename(a.ckpt)}.{a.format}")  # or <folder>.onnx beside the folder
+    _can_write(out)
+    for path in export_backbone(load_checkpoint(a.ckpt), a.format, out):
         print(f"wrote {path}")
 
 

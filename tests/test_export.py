@@ -120,3 +120,21 @@ def test_export_refuses_what_a_format_cannot_hold(tmp_path, capsys):
     assert "holds torchvision ResNets; this backbone is 'tiny_cnn'. Use --format safetensors" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["export", "--ckpt", ckpt, "--format", "keras"])
+
+
+def test_export_to_a_folder_writes_the_default_name_in_it(tmp_path, capsys):
+    """`--out exports/` wrote `exports/.safetensors`, a hidden file, and `--out exports` (a folder) wrote
+    `exports.safetensors` beside it, as `map --out` did before it took folders."""
+    model = SimCLR(BackboneConfig("tiny_cnn", width=4), views=ViewConfig(crop_size=16), proj_hidden_dim=16,
+                   proj_out_dim=8)
+    ckpt = trained_checkpoint(tmp_path / "t.ckpt", model, DigitsDataModule(image_size=16, batch_size=16))
+    (tmp_path / "exports").mkdir()
+    for out in ("exports", "exports/", "new/"):
+        assert main(["export", "--ckpt", ckpt, "--format", "safetensors", "--out", f"{tmp_path}/{out}"]) == 0
+        folder = tmp_path / out.rstrip("/")
+        assert sorted(p.name for p in folder.iterdir()) == ["t.ckpt.safetensors", "t.ckpt.safetensors.json"]
+        assert f"wrote {folder / 't.ckpt.safetensors'}\n" in capsys.readouterr().out
+    assert not list(tmp_path.glob("exports.*"))
+    (tmp_path / "taken").write_text("a file")
+    assert main(["export", "--ckpt", ckpt, "--format", "onnx", "--out", str(tmp_path / "taken" / "m")]) == 1
+    assert "is a file, not a folder. Choose another path (--out)." in capsys.readouterr().err
