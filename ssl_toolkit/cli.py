@@ -1228,6 +1228,9 @@ def _can_write(path: str, folder: bool = False, option: str = "--out") -> None:
     folder), not after: a file where a folder must be, a file's part of the path, or a folder this user may not
     write in (a colleague's read-only checkpoint folder, where results go by default)."""
     target = os.path.abspath(path)
+    if not folder and path.endswith(("/", os.sep)):  # abspath drops the '/': the write failed after the work
+        raise ValueError(f"cannot write {path!r}: a file is written here, and the path ends in '/', as a folder's "
+                         f"does. Give a file name ({option}).")
     if os.path.exists(target) and os.path.isdir(target) != folder:
         raise ValueError(f"cannot write {path!r}: it is a {'file' if folder else 'folder'}, where a "
                          f"{'folder' if folder else 'file'} is written. Choose another path ({option}).")
@@ -1239,6 +1242,12 @@ def _can_write(path: str, folder: bool = False, option: str = "--out") -> None:
     if not os.access(parent, os.W_OK):
         raise ValueError(f"cannot write {path!r}: this user may not write in {parent!r}. Choose another path "
                          f"({option}).")
+
+
+def _in_folder(out: str, name: str) -> str:
+    """``out``, or ``out/name`` where ``out`` is a folder: one that exists, or a path ending in '/' (``--out exports/``
+    had written ``exports/.safetensors``, a hidden file, and ``--out exports`` ``exports.safetensors`` beside it)."""
+    return os.path.join(out, name) if out.endswith(("/", os.sep)) or os.path.isdir(out) else out
 
 
 def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
@@ -1501,9 +1510,7 @@ def export(args: list[str]) -> None:
     a = p.parse_args(args)
     from ssl_toolkit.checkpoint import load_checkpoint
 
-    out = a.out or f"{a.ckpt}.{a.format}"
-    if a.out and (a.out.endswith(("/", os.sep)) or os.path.isdir(a.out)):  # it wrote <folder>/.onnx, a hidden file,
-        out = os.path.join(a.out, f"{os.path.basename(a.ckpt)}.{a.format}")  # or <folder>.onnx beside the folder
+    out = _in_folder(a.out, f"{os.path.basename(a.ckpt)}.{a.format}") if a.out else f"{a.ckpt}.{a.format}"
     _can_write(out)
     for path in export_backbone(load_checkpoint(a.ckpt), a.format, out):
         print(f"wrote {path}")
@@ -1561,12 +1568,14 @@ def index(args: list[str]) -> None:
     p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N), at most N / 39)")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
-    p.add_argument("--out", help="index file (default: EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
+    p.add_argument("--out", help="index file, or a folder to write the default name in (default: "
+                                 "EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
                                  "so building both keeps both)")
     a = p.parse_args(args)
     from ssl_toolkit.eval.search import build_index, faiss, load_embeddings, recall_against_exact, retrieval_metrics
 
-    out = a.out or os.path.join(a.embeddings, "index.faiss" if a.type == "flat" else "index-ivf.faiss")
+    name = "index.faiss" if a.type == "flat" else "index-ivf.faiss"
+    out = _in_folder(a.out, name) if a.out else os.path.join(a.embeddings, name)
     _can_write(out)  # faiss's own error came as a RuntimeError traceback, after building the index
     emb, paths, meta = load_embeddings(a.embeddings)
     idx = build_index(emb, a.type, a.nlist, a.nprobe)
@@ -1664,8 +1673,7 @@ def map_(args: list[str]) -> None:
     a = p.parse_args(args)
     from ssl_toolkit.eval.search import embedding_map, load_embeddings, save_map, write_projector
 
-    out = a.out or a.embeddings
-    out = os.path.join(out, "map.png") if os.path.isdir(out) else out  # --out emb/ had written emb.png, as "emb"
+    out = _in_folder(a.out or a.embeddings, "map.png")  # --out emb/ had written emb.png, as "emb"
     out += "" if os.path.splitext(out)[1] else ".png"  # as matplotlib saves it, and said so
     _can_write(out)  # before the map is computed
     if a.tensorboard:

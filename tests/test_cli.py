@@ -81,7 +81,8 @@ def test_knn_and_probe_commands_need_only_the_checkpoint(quickstart, capsys, mon
     extracted = []
     monkeypatch.setattr(cli, "_features", lambda *a: extracted.append(a))
     for out, message in ((cwd / "taken" / "knn.json", f"'{cwd / 'taken'}' is a file, not a folder."),
-                         (cwd, "it is a folder, where a file is written.")):
+                         (cwd, "it is a folder, where a file is written."),
+                         (f"{cwd}/results/", "a file is written here, and the path ends in '/', as a folder's does.")):
         assert main(["knn", "--ckpt", str(cwd / ckpt), "--out", str(out)]) == 1
         assert f"error: cannot write '{out}': {message}" in capsys.readouterr().err
     assert main(["pictures", "--ckpt", str(cwd / ckpt), "--out", str(cwd / "taken")]) == 1

@@ -58,6 +58,8 @@ def test_embed_index_search_round_trip(gallery, tmp_path, capsys):
     assert sorted(set(meta["labels"].tolist())) == [0, 1, 2] and meta["checkpoint"].endswith("a.ckpt")
     assert meta["input"] == "rgb" and meta["fingerprint"]
 
+    assert main(["index", "--embeddings", str(emb_dir), "--out", f"{tmp_path}/indexes/"]) == 0  # a folder: its name
+    assert sorted(p.name for p in (tmp_path / "indexes").iterdir()) == ["index.faiss", "index.faiss.json"]
     assert main(["index", "--embeddings", str(emb_dir)]) == 0
     info = json.loads((emb_dir / "index.faiss.json").read_text())
     direct = retrieval_metrics(torch.from_numpy(emb), torch.from_numpy(meta["labels"]))
@@ -301,8 +303,9 @@ def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):
     # --out a folder wrote "<folder>.png" beside it and said "wrote <folder>"; a name without a suffix got .png
     # unsaid; a --tensorboard that cannot be written was a traceback after the PNG
     (tmp_path / "maps").mkdir()
-    for given, written in (("maps", "maps/map.png"), ("plain", "plain.png")):
-        assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", str(tmp_path / given)]) == 0
+    for given, written in (("maps", "maps/map.png"), ("plain", "plain.png"), ("new/", "new/map.png")):
+        # "new/", a folder not made yet, wrote new/.png, a hidden file
+        assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", f"{tmp_path}/{given}"]) == 0
         assert f"wrote {tmp_path / written} (pca in" in capsys.readouterr().out and (tmp_path / written).is_file()
     assert not (tmp_path / "maps.png").exists()
     (tmp_path / "taken").write_text("a file")
