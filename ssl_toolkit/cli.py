@@ -1067,10 +1067,18 @@ def _add_labels(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", type=_label_budget, nargs="+", metavar="N|P%",
                    help="also score with few labels: N labelled training images per class ('5') or a class-balanced "
                         "share of them ('1%%'), each drawn --draws times (mean and std over the draws); the test "
-                        "split is scored whole")
-    p.add_argument("--draws", type=_count, default=5,
+                        "split is scored whole (kNN: exact search)")
+    p.add_argument("--draws", type=_count,
                    help="random draws of the labelled images for each --labels budget, draw r seeded with r "
                         "(default 5)")
+
+
+def _parse_labels(a) -> None:
+    """``--labels`` as given once each, and ``--draws`` (5 unless set) only with them."""
+    if a.draws is not None and not a.labels:
+        raise ValueError("--draws sets how many times --labels draws its labelled images; give --labels too (e.g. "
+                         "--labels 1 5 10%).")
+    a.labels, a.draws = list(dict.fromkeys(a.labels or ())), a.draws or 5
 
 
 def _few_labels(a, train_y: torch.Tensor, classes: list[str], score) -> dict:
@@ -1099,7 +1107,8 @@ def _few_labels_table(a, title: str, columns: list[str], rows: dict, full: list[
           f"images")
     print(f"  {'labels':<10}{'images':>8}" + "".join(f"{c:>17}" for c in columns))
     for budget, (images, spreads) in rows.items():
-        print((f"  {budget:<10}{images:>8,}" + "".join(f"{s['mean']:>9.2f} ± {s['std']:<5.2f}" for s in spreads)).rstrip())
+        cells = "".join(f"{s['mean']:>9.2f} ± {s['std']:<5.2f}" for s in spreads)
+        print(f"  {budget:<10}{images:>8,}{cells}".rstrip())
     print(f"  {'all':<10}{train_size:>8,}" + "".join(f"{v:>17.2f}" for v in full))
 
 
@@ -1286,6 +1295,7 @@ def knn(args: list[str]) -> None:
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
     _add_labels(p)
     a = _parse_eval(p, args)
+    _parse_labels(a)
     train, test, classes, info = _features(a)
     num_classes = len(classes)
     over = sorted({k for k in a.k if k > len(train[1])})
@@ -1372,6 +1382,7 @@ def probe(args: list[str]) -> None:
     p.add_argument("--flip-p", type=_finite, default=0.5, help="flip probability with --augment (0 for digits, text)")
     _add_labels(p)
     a = _parse_eval(p, args)
+    _parse_labels(a)
     if a.labels and (len(a.lr) > 1 or len(a.weight_decay) > 1):
         raise ValueError("--labels trains with one --lr and one --weight-decay: choosing among several on held-out "
                          "labelled images would use labels beyond the budget (and 1 per class leaves none to hold "

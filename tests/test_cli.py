@@ -109,11 +109,12 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     labelled (100%) gives the full score, and the scores fall with the labels."""
     cwd, out, _ = quickstart
     ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
-    assert main(["knn", "--ckpt", ckpt, "--k", "20", "--labels", "1", "10%", "100%", "--draws", "3", "--out",
+    assert main(["knn", "--ckpt", ckpt, "--k", "20", "--labels", "1", "10%", "100%", "10.0%", "--draws", "3", "--out",
                  str(cwd / "knn_few.json")]) == 0
     printed = capsys.readouterr().out
     result = json.loads((cwd / "knn_few.json").read_text())
     few = result["labels"]
+    assert list(few) == ["draws", "1/class", "10%", "100%"]  # 10.0% is 10%: scored once
     assert few["draws"] == 3 and [few[b]["train_size"] for b in ("1/class", "10%", "100%")] == [10, 127, 1257]
     one, tenth, every = (few[b]["top1"]["20"] for b in ("1/class", "10%", "100%"))
     assert every["mean"] == pytest.approx(result["top1"]["20"]) and every["std"] == 0
@@ -144,6 +145,8 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
                      r"122 per class", capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["knn", "--ckpt", ckpt, "--labels", "5%5"])
+    assert main(["knn", "--ckpt", ckpt, "--draws", "3"]) == 1  # it did nothing without a word
+    assert "--draws sets how many times --labels draws" in capsys.readouterr().err
     assert "'5%5' is not a label budget: give images per class ('5') or a share" in capsys.readouterr().err
 
 
