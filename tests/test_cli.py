@@ -251,7 +251,8 @@ def test_long_evaluations_say_how_far_they_are(quickstart, capsys, monkeypatch, 
     assert main(["probe", "--ckpt", ckpt, "--augment", "--epochs", "2", "--batch-size", "512", "--flip-p", "0",
                  "--out", str(cwd / "p.json")]) == 0
     steps = 2 * -(-n // 512)
-    assert shapes(capsys.readouterr().err)[:steps] == [
+    test_lines = -(-m // 512)  # the test split first: its features serve every probe of --labels
+    assert shapes(capsys.readouterr().err)[test_lines:test_lines + steps] == [
         f"augmented probe: {i} of {steps} steps, R a second{', about T left' * (i < steps)} "
         f"(epoch {1 + (i - 1) // (steps // 2)} of 2)" for i in range(1, steps + 1)]
     dm = resolve_data(None, load_checkpoint(ckpt))  # a library call, outside the commands: silent
