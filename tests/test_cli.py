@@ -145,9 +145,9 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
                      r"122 per class", capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["knn", "--ckpt", ckpt, "--labels", "5%5"])
+    assert "'5%5' is not a label budget: give images per class ('5') or a share" in capsys.readouterr().err
     assert main(["knn", "--ckpt", ckpt, "--draws", "3"]) == 1  # it did nothing without a word
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
-    assert "'5%5' is not a label budget: give images per class ('5') or a share" in capsys.readouterr().err
 
 
 def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(quickstart, capsys, tmp_path):
