@@ -889,6 +889,8 @@ def pretrain(args: list[str]):
 
         def before_instantiate_classes(self):
             _refuse_lightnings_optimizer(self.config)
+            if self.config.get("ckpt_path") and "://" not in self.config.ckpt_path:  # "~/runs/x/last.ckpt" as given
+                self.config.ckpt_path = os.path.expanduser(self.config.ckpt_path)
             # lines to print once the config has turned out valid, so that an error stays the first line
             dump = functools.partial(self.parser.dump, self.config, skip_none=False)
             self.notes = [n for n in (_barebones(self.config), _leave_out_checkpointing(self.config),
@@ -1034,6 +1036,11 @@ def resolve_data(spec: str | None, ckpt: dict, test_only: bool = False, on_corru
     return dm.only_test() if test_only else dm  # an image folder's training images were decoded for nothing
 
 
+def _path(text: str) -> str:
+    """argparse type of paths: ``~`` expanded, as the shell does not in ``--data=~/cifar10.npz`` or in quotes."""
+    return os.path.expanduser(text)
+
+
 def _count(text: str, least: int = 1) -> int:
     """argparse type of sizes and counts (batch size, k, epochs, IVF cells): a whole number >= 1 (``least``)."""
     if not text.strip().isdigit() or int(text) < least:
@@ -1116,7 +1123,7 @@ def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True)
     """A subcommand's parser with the options most commands share: --ckpt and --device."""
     p = argparse.ArgumentParser(prog=f"ssl-toolkit {prog}", description=description)
     if ckpt:
-        p.add_argument("--ckpt", required=True, help="checkpoint written by `ssl-toolkit pretrain`")
+        p.add_argument("--ckpt", type=_path, required=True, help="checkpoint written by `ssl-toolkit pretrain`")
     if device:
         p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     return p
@@ -1124,16 +1131,17 @@ def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True)
 
 def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = _parser(prog, description)
-    p.add_argument("--data", help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
+    p.add_argument("--data", type=_path, help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
     p.add_argument("--batch-size", type=_count, default=512, help="images per forward pass during feature extraction")
     _add_precision(p)
     p.add_argument("--on-corrupt", choices=["fail", "skip"],
                    help="unreadable images of an image or caption folder: stop with the list of them or leave them "
                         "out (default: fail for --data FOLDER, else the setting the data was trained with)")
-    p.add_argument("--out", help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json, or "
-                                 "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented); "
-                                 "for pictures, a folder (default <ckpt>.pictures)")
+    p.add_argument("--out", type=_path,
+                   help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json, or "
+                        "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented); "
+                        "for pictures, a folder (default <ckpt>.pictures)")
     return p
 
 
@@ -1515,7 +1523,8 @@ def export(args: list[str]) -> None:
     p.add_argument("--format", required=True, choices=FORMATS,
                    help="torchvision (ResNet state_dict), safetensors (weights), torchscript or onnx (whole encoder: "
                         "uint8 images in, features out)")
-    p.add_argument("--out", help="output path, the format's suffix added when missing, or a folder to write the default "
+    p.add_argument("--out", type=_path,
+                   help="output path, the format's suffix added when missing, or a folder to write the default "
                         "name in (default: next to the checkpoint: <ckpt>.onnx, <ckpt>.safetensors, "
                         "<ckpt>.torchscript.pt, <ckpt>.torchvision.pth); the JSON is that path + .json")
     a = p.parse_args(args)
@@ -1530,8 +1539,8 @@ def export(args: list[str]) -> None:
 def embed(args: list[str]) -> None:
     p = _parser("embed", "Embed every image of a folder (recursive) with a checkpoint's encoder: embeddings.npy "
                          "(L2-normalised), paths.txt, meta.json.")
-    p.add_argument("--images", required=True, help="folder of images; a subfolder per class adds labels")
-    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--images", type=_path, required=True, help="folder of images; a subfolder per class adds labels")
+    p.add_argument("--out", type=_path, required=True, help="folder to write")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored precision")
     _add_on_corrupt(p)
     p.add_argument("--workers", type=functools.partial(_count, least=0),
@@ -1575,11 +1584,11 @@ def embed(args: list[str]) -> None:
 def index(args: list[str]) -> None:
     p = _parser("index", "Build a FAISS index over an embeddings folder (cosine). With class labels it also reports "
                          "leave-one-out recall@k and mAP.", ckpt=False, device=False)
-    p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
+    p.add_argument("--embeddings", type=_path, required=True, help="folder written by `ssl-toolkit embed`")
     p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N), at most N / 39)")
     p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
-    p.add_argument("--out", help="index file, or a folder to write the default name in (default: "
+    p.add_argument("--out", type=_path, help="index file, or a folder to write the default name in (default: "
                                  "EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
                                  "so building both keeps both)")
     a = p.parse_args(args)
@@ -1612,14 +1621,15 @@ def index(args: list[str]) -> None:
 def search(args: list[str]) -> None:
     p = _parser("search", "Nearest images of a query image (or a folder of queries), or with a CLIP checkpoint of "
                           "a caption, in an index; prints them with scores and writes a gallery.", ckpt=False)
-    p.add_argument("--index", required=True, help="index file written by `ssl-toolkit index`")
+    p.add_argument("--index", type=_path, required=True, help="index file written by `ssl-toolkit index`")
     query = p.add_mutually_exclusive_group(required=True)
-    query.add_argument("--query", help="an image, or a folder of query images")
+    query.add_argument("--query", type=_path, help="an image, or a folder of query images")
     query.add_argument("--text", nargs="+", help="captions to find images of ('a dog on the grass'), each a query: "
                                                  "the index of a CLIP checkpoint's `embed --space joint`")
     p.add_argument("-k", type=_count, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--ckpt", help="checkpoint to embed the queries (default: the one the index was built from)")
-    p.add_argument("--out", help="gallery: .html (default: INDEX.gallery.html) or .png")
+    p.add_argument("--ckpt", type=_path,
+                   help="checkpoint to embed the queries (default: the one the index was built from)")
+    p.add_argument("--out", type=_path, help="gallery: .html (default: INDEX.gallery.html) or .png")
     _add_on_corrupt(p)
     a = p.parse_args(args)
     from ssl_toolkit.checkpoint import load_checkpoint
@@ -1677,10 +1687,11 @@ def search(args: list[str]) -> None:
 def map_(args: list[str]) -> None:
     p = _parser("map", "A 2-D map (t-SNE or PCA, scikit-learn) of an embeddings folder as a PNG coloured by class, "
                        "and optionally the TensorBoard embedding projector with image sprites.", ckpt=False, device=False)
-    p.add_argument("--embeddings", required=True, help="folder written by `ssl-toolkit embed`")
+    p.add_argument("--embeddings", type=_path, required=True, help="folder written by `ssl-toolkit embed`")
     p.add_argument("--method", default="tsne", choices=["tsne", "pca"], help="projection (default tsne)")
-    p.add_argument("--out", help="PNG path, or a folder to write map.png in (default: EMBEDDINGS/map.png)")
-    p.add_argument("--tensorboard", help="also write the projector here (view with tensorboard --logdir DIR)")
+    p.add_argument("--out", type=_path, help="PNG path, or a folder to write map.png in (default: EMBEDDINGS/map.png)")
+    p.add_argument("--tensorboard", type=_path,
+                   help="also write the projector here (view with tensorboard --logdir DIR)")
     a = p.parse_args(args)
     from ssl_toolkit.eval.search import embedding_map, load_embeddings, save_map, write_projector
 

@@ -7,6 +7,7 @@ import signal
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,27 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     assert "'5%5' is not a label budget: give images per class ('5') or a share" in capsys.readouterr().err
     assert main(["knn", "--ckpt", ckpt, "--draws", "3"]) == 1  # it did nothing without a word
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
+
+
+def test_paths_starting_with_a_tilde_are_in_the_home_folder(quickstart, tmp_path, monkeypatch, capsys):
+    """`--ckpt=~/runs/last.ckpt` (the shell expands no ~ after '=' or in quotes) was looked for under the working
+    directory: "No checkpoint at '/work/~/runs/last.ckpt'"; the same for --data, --out and --ckpt_path."""
+    cwd, out, _ = quickstart
+    shutil.copy(cwd / re.search(r"checkpoint: (\S+)", out).group(1), tmp_path / "q.ckpt")
+    np.savez(tmp_path / "d.npz", **{k: v for k, v in zip(("x_train", "y_train", "x_test", "y_test"), (
+        np.random.randint(0, 256, (40, 32, 32, 3), dtype=np.uint8), np.arange(40) % 2,
+        np.random.randint(0, 256, (10, 32, 32, 3), dtype=np.uint8), np.arange(10) % 2))})
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # not HOME: only the ~ finds the files
+    assert main(["knn", "--ckpt=~/q.ckpt", "--data=~/d.npz", "--k", "5", "--out=~/results/knn.json"]) == 0
+    assert json.loads((tmp_path / "results" / "knn.json").read_text())["dataset"] == "d.npz"
+    assert main(["export", "--ckpt=~/q.ckpt", "--format", "safetensors", "--out=~/exports/"]) == 0
+    assert (tmp_path / "exports" / "q.ckpt.safetensors").is_file()
+    capsys.readouterr()
+    # a resume of the finished run (40 of 40 epochs): nothing more to train, and the checkpoint was found
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--ckpt_path=~/q.ckpt"]) == 0
+    assert "checkpoint: " in capsys.readouterr().out
 
 
 def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(quickstart, capsys, tmp_path):

@@ -528,3 +528,16 @@ def test_clip_recipes_run_one_batch(recipe, flickr, simclr_on_flickr, tmp_path, 
     if recipe == "flickr8k-lit":
         args += ["--model.init_args.image_checkpoint", str(simclr_on_flickr)]
     assert main(args) == 0
+
+
+def test_caption_folder_and_tokenizer_paths_may_start_with_a_tilde(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write_captions(tmp_path / "caps", [(f"{i}.jpg", f"photo number {i}") for i in range(4)],
+                   images=[f"{i}.jpg" for i in range(4)])
+    dm = CaptionDataModule("~/caps", val_images=1, vocab_size=300, image_size=16, batch_size=2)
+    dm.setup()
+    assert dm.splits.x_train.shape[0] == 3 and dm.name == "caps"
+    (tmp_path / "tok.json").write_text(dm.tokenizer.to_str())
+    again = CaptionDataModule("~/caps", tokenizer="~/tok.json", val_images=1, image_size=16, batch_size=2)
+    again.setup()  # "No tokenizer file at '/work/~/tok.json'" before
+    assert again.tokenizer.to_str() == dm.tokenizer.to_str()

@@ -649,3 +649,19 @@ def test_a_damaged_or_unwritable_cache_costs_a_decode_not_the_run(tmp_path, capl
     assert "is incomplete or damaged" in caplog.text
     assert torch.equal(dm.splits.x_test, plain.splits.x_test) and mapped_from(dm.splits.x_test, entry / "1.npy")
     assert [p.name for p in store.iterdir()] == [entry.name]  # rewritten in place, no partial entry left
+
+
+def test_data_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monkeypatch):
+    """A recipe's `path: ~/data/cifar10.npz` (YAML, or `--data.path=~/...`, which the shell leaves as it is) was read
+    as a folder named '~' under the working directory: "No .npz file at '/work/~/data/cifar10.npz'"."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir("/")
+    write_npz(tmp_path / "set.npz")
+    make_folder(tmp_path / "imgs")
+    npz = NpzDataModule("~/set.npz", batch_size=4)
+    npz.setup()
+    assert npz.splits.x_train.shape[0] == 20 and npz.name == "set.npz"
+    folder = ImageFolderDataModule("~/imgs", image_size=8, batch_size=2)
+    folder.setup()
+    assert folder.splits.classes == ["cat", "dog"] and folder.name == "imgs"
+    assert CIFARDataModule("~/cifar").root == str(tmp_path / "cifar")

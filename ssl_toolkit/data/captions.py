@@ -84,9 +84,10 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
             raise ValueError(f"data needs image_size >= 1, val_images >= 1 and context_length >= 2; got "
                              f"{image_size}, {val_images}, {context_length}.")
         self.save_hyperparameters()
-        self.root, self.captions_file, self.images_dir = root, captions, images
+        self.root, self.captions_file, self.images_dir = os.path.expanduser(root), captions, images
         self.image_size, self.val_images, self.split_seed = image_size, val_images, split_seed
-        self.tokenizer_file, self.vocab_size, self.context_length = tokenizer, vocab_size, context_length
+        self.tokenizer_file = tokenizer and os.path.expanduser(tokenizer)
+        self.vocab_size, self.context_length = vocab_size, context_length
         self.columns, self.on_corrupt = (image_column, caption_column), on_corrupt
         self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
         self.tokenizer: CaptionTokenizer | None = None
