@@ -240,6 +240,25 @@ _OPTIM_HOME = ("The optimizer and its learning-rate schedule (warmup, then cosin
                "--model.optim.warmup_epochs, --model.optim.min_lr, ... (model.init_args.optim in a recipe).")
 
 
+def _expand_home(config) -> None:
+    """``~`` in the run's paths: ``--ckpt_path``, ``trainer.default_root_dir``, the loggers' ``save_dir`` and the
+    callbacks' ``dirpath``. Lightning's TensorBoardLogger expands its own for the logs, but ModelCheckpoint did not
+    for the checkpoints: with ``save_dir: ~/runs`` they went to a folder named '~' under the working directory,
+    and the path the run printed at its end was not where they were."""
+    def expand(args, key: str) -> None:
+        value = args.get(key) if args is not None and hasattr(args, "get") else None
+        if isinstance(value, str) and "://" not in value:
+            args[key] = os.path.expanduser(value)
+
+    expand(config, "ckpt_path")
+    trainer = config.get("trainer")
+    expand(trainer, "default_root_dir")
+    for key, arg in (("logger", "save_dir"), ("callbacks", "dirpath")):
+        given = (trainer or {}).get(key)
+        for item in given if isinstance(given, list) else [given]:
+            expand(getattr(item, "init_args", None), arg)
+
+
 def _tensorboard_runs(config) -> tuple | None:
     """The TensorBoard logger's init_args and the folder its ``version_N`` run folders go in,
     ``<save_dir>/<name>``; None when the run has no TensorBoard logger."""
@@ -889,8 +908,7 @@ def pretrain(args: list[str]):
 
         def before_instantiate_classes(self):
             _refuse_lightnings_optimizer(self.config)
-            if self.config.get("ckpt_path") and "://" not in self.config.ckpt_path:  # "~/runs/x/last.ckpt" as given
-                self.config.ckpt_path = os.path.expanduser(self.config.ckpt_path)
+            _expand_home(self.config)
             # lines to print once the config has turned out valid, so that an error stays the first line
             dump = functools.partial(self.parser.dump, self.config, skip_none=False)
             self.notes = [n for n in (_barebones(self.config), _leave_out_checkpointing(self.config),

@@ -167,9 +167,13 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(quickstart, tmp_path
     assert main(["export", "--ckpt=~/q.ckpt", "--format", "safetensors", "--out=~/exports/"]) == 0
     assert (tmp_path / "exports" / "q.ckpt.safetensors").is_file()
     capsys.readouterr()
-    # a resume of the finished run (40 of 40 epochs): nothing more to train, and the checkpoint was found
-    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--ckpt_path=~/q.ckpt"]) == 0
-    assert "checkpoint: " in capsys.readouterr().out
+    # a resume of the finished run (40 of 40 epochs): nothing more to train, and the checkpoint was found; with
+    # save_dir ~/runs Lightning's logger wrote there but ModelCheckpoint in ./~/runs, and the run printed '~/runs/...'
+    assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--ckpt_path=~/q.ckpt",
+                 "--trainer.logger.init_args.save_dir=~/runs"]) == 0
+    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"checkpoint: {last}\n" in capsys.readouterr().out and last.is_file()
+    assert not (tmp_path / "work" / "~").exists()
 
 
 def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(quickstart, capsys, tmp_path):
