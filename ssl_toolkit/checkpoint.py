@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # what editors and type checkers read
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint with ``weights_only=True`` and check it is one of this toolkit's."""
+    path = os.path.expanduser(path)  # a recipe's model.image_checkpoint: ~/runs/simclr/.../last.ckpt
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {os.path.abspath(path)!r}. Pass the .ckpt file pretraining wrote "
                                 "(it prints the path when it ends; look under runs/*/version_*/checkpoints/).")

@@ -154,6 +154,8 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
 def test_paths_starting_with_a_tilde_are_in_the_home_folder(quickstart, tmp_path, monkeypatch, capsys):
     """`--ckpt=~/runs/last.ckpt` (the shell expands no ~ after '=' or in quotes) was looked for under the working
     directory: "No checkpoint at '/work/~/runs/last.ckpt'"; the same for --data, --out and --ckpt_path."""
+    from ssl_toolkit.checkpoint import load_checkpoint
+
     cwd, out, _ = quickstart
     shutil.copy(cwd / re.search(r"checkpoint: (\S+)", out).group(1), tmp_path / "q.ckpt")
     np.savez(tmp_path / "d.npz", **{k: v for k, v in zip(("x_train", "y_train", "x_test", "y_test"), (
@@ -162,6 +164,7 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(quickstart, tmp_path
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "work").mkdir()
     monkeypatch.chdir(tmp_path / "work")  # not HOME: only the ~ finds the files
+    assert load_checkpoint("~/q.ckpt")["ssl_toolkit"]["method"].endswith("SimCLR")  # Python, a recipe's LiT tower
     assert main(["knn", "--ckpt=~/q.ckpt", "--data=~/d.npz", "--k", "5", "--out=~/results/knn.json"]) == 0
     assert json.loads((tmp_path / "results" / "knn.json").read_text())["dataset"] == "d.npz"
     assert main(["export", "--ckpt=~/q.ckpt", "--format", "safetensors", "--out=~/exports/"]) == 0
