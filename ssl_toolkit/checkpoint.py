@@ -10,6 +10,7 @@ import torch
 from ssl_toolkit._lazy import lazy_names
 from ssl_toolkit.backbones import Encoder, build_backbone
 from ssl_toolkit.errors import CheckpointError, RunStopped
+from ssl_toolkit.paths import expand
 
 # Writing checkpoints while training needs Lightning; reading them does not (embed, search, export). These names
 # live in ssl_toolkit.saving and load from here on first use, so that run configs naming
@@ -31,7 +32,7 @@ if TYPE_CHECKING:  # what editors and type checkers read
 
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint with ``weights_only=True`` and check it is one of this toolkit's."""
-    path = os.path.expanduser(path)  # a recipe's model.image_checkpoint: ~/runs/simclr/.../last.ckpt
+    path = expand(path)  # a recipe's model.image_checkpoint: ~/runs/simclr/.../last.ckpt
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {os.path.abspath(path)!r}. Pass the .ckpt file pretraining wrote "
                                 "(it prints the path when it ends; look under runs/*/version_*/checkpoints/).")

@@ -240,23 +240,26 @@ _OPTIM_HOME = ("The optimizer and its learning-rate schedule (warmup, then cosin
                "--model.optim.warmup_epochs, --model.optim.min_lr, ... (model.init_args.optim in a recipe).")
 
 
-def _expand_home(config) -> None:
-    """``~`` in the run's paths: ``--ckpt_path``, ``trainer.default_root_dir``, the loggers' ``save_dir`` and the
-    callbacks' ``dirpath``. Lightning's TensorBoardLogger expands its own for the logs, but ModelCheckpoint did not
-    for the checkpoints: with ``save_dir: ~/runs`` they went to a folder named '~' under the working directory,
-    and the path the run printed at its end was not where they were."""
-    def expand(args, key: str) -> None:
+def _expand_paths(config) -> None:
+    """``~`` and ``$VARIABLES`` in the run's paths (:func:`ssl_toolkit.paths.expand`): ``--ckpt_path``,
+    ``trainer.default_root_dir``, the loggers' ``save_dir`` and the callbacks' ``dirpath``. Lightning's
+    TensorBoardLogger expands its own for the logs, but ModelCheckpoint did not for the checkpoints: with
+    ``save_dir: ~/runs`` (or ``$SCRATCH/runs``) they went to a folder named '~' (or '$SCRATCH') under the working
+    directory, and the path the run printed at its end was not where they were."""
+    from ssl_toolkit.paths import expand
+
+    def at(args, key: str) -> None:
         value = args.get(key) if args is not None and hasattr(args, "get") else None
         if isinstance(value, str) and "://" not in value:
-            args[key] = os.path.expanduser(value)
+            args[key] = expand(value)
 
-    expand(config, "ckpt_path")
+    at(config, "ckpt_path")
     trainer = config.get("trainer")
-    expand(trainer, "default_root_dir")
+    at(trainer, "default_root_dir")
     for key, arg in (("logger", "save_dir"), ("callbacks", "dirpath")):
         given = (trainer or {}).get(key)
         for item in given if isinstance(given, list) else [given]:
-            expand(getattr(item, "init_args", None), arg)
+            at(getattr(item, "init_args", None), arg)
 
 
 def _tensorboard_runs(config) -> tuple | None:
@@ -908,7 +911,7 @@ def pretrain(args: list[str]):
 
         def before_instantiate_classes(self):
             _refuse_lightnings_optimizer(self.config)
-            _expand_home(self.config)
+            _expand_paths(self.config)
             # lines to print once the config has turned out valid, so that an error stays the first line
             dump = functools.partial(self.parser.dump, self.config, skip_none=False)
             self.notes = [n for n in (_barebones(self.config), _leave_out_checkpointing(self.config),
@@ -1055,8 +1058,11 @@ def resolve_data(spec: str | None, ckpt: dict, test_only: bool = False, on_corru
 
 
 def _path(text: str) -> str:
-    """argparse type of paths: ``~`` expanded, as the shell does not in ``--data=~/cifar10.npz`` or in quotes."""
-    return os.path.expanduser(text)
+    """argparse type of paths: ``~`` and variables expanded (:func:`ssl_toolkit.paths.expand`), as the shell does not
+    in ``--data=~/cifar10.npz`` or in quotes."""
+    from ssl_toolkit.paths import expand
+
+    return expand(text)
 
 
 def _count(text: str, least: int = 1) -> int:

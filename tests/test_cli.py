@@ -151,9 +151,10 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
 
 
-def test_paths_starting_with_a_tilde_are_in_the_home_folder(quickstart, tmp_path, monkeypatch, capsys):
+def test_paths_with_a_tilde_or_a_variable_are_expanded(quickstart, tmp_path, monkeypatch, capsys):
     """`--ckpt=~/runs/last.ckpt` (the shell expands no ~ after '=' or in quotes) was looked for under the working
-    directory: "No checkpoint at '/work/~/runs/last.ckpt'"; the same for --data, --out and --ckpt_path."""
+    directory: "No checkpoint at '/work/~/runs/last.ckpt'"; the same for --data, --out and --ckpt_path, and for
+    a recipe's `save_dir: $SCRATCH/runs`."""
     from ssl_toolkit.checkpoint import load_checkpoint
 
     cwd, out, _ = quickstart
@@ -171,12 +172,14 @@ def test_paths_starting_with_a_tilde_are_in_the_home_folder(quickstart, tmp_path
     assert (tmp_path / "exports" / "q.ckpt.safetensors").is_file()
     capsys.readouterr()
     # a resume of the finished run (40 of 40 epochs): nothing more to train, and the checkpoint was found; with
-    # save_dir ~/runs Lightning's logger wrote there but ModelCheckpoint in ./~/runs, and the run printed '~/runs/...'
+    # save_dir $SCRATCH/runs Lightning's logger wrote there but ModelCheckpoint in ./$SCRATCH/runs, and the run
+    # printed '$SCRATCH/runs/...'
+    monkeypatch.setenv("SSL_TOOLKIT_SCRATCH", str(tmp_path / "scratch"))
     assert main(["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), "--ckpt_path=~/q.ckpt",
-                 "--trainer.logger.init_args.save_dir=~/runs"]) == 0
-    last = tmp_path / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
+                 "--trainer.logger.init_args.save_dir=$SSL_TOOLKIT_SCRATCH/runs"]) == 0
+    last = tmp_path / "scratch" / "runs" / "quickstart" / "version_0" / "checkpoints" / "last.ckpt"
     assert f"checkpoint: {last}\n" in capsys.readouterr().out and last.is_file()
-    assert not (tmp_path / "work" / "~").exists()
+    assert os.listdir(tmp_path / "work") == []
 
 
 def test_eval_commands_take_on_corrupt_which_their_unreadable_file_errors_name(quickstart, capsys, tmp_path):

@@ -665,3 +665,5 @@ def test_data_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monke
     folder.setup()
     assert folder.splits.classes == ["cat", "dog"] and folder.name == "imgs"
     assert CIFARDataModule("~/cifar").root == str(tmp_path / "cifar")
+    monkeypatch.setenv("SSL_TOOLKIT_DATA", str(tmp_path))  # $DATA/... in a recipe, as clusters' paths go
+    assert NpzDataModule("$SSL_TOOLKIT_DATA/set.npz").path == str(tmp_path / "set.npz")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ssl_toolkit.data.images import Decoded, decode_files
+from ssl_toolkit.paths import expand
 from ssl_toolkit.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ def decode_one_part(root: str, parts: list[tuple[str, list[str]]], keep: int, si
     every part when a run made one in ``cache_dir``, else decoded alone; no entry is written for it, which would
     duplicate on disk what a training run's entry holds."""
     if cache_dir:
-        mapped = _mapped(Path(cache_dir).expanduser() / entry_name(root, parts, size), parts, size, root)
+        mapped = _mapped(Path(expand(cache_dir)) / entry_name(root, parts, size), parts, size, root)
         if mapped is not None:
             return mapped[keep]
     folder, paths = parts[keep]
@@ -155,7 +156,7 @@ def decode_cached(root: str, parts: list[tuple[str, list[str]]], size: int, work
     """
     if not cache_dir:
         return [decode_files(paths, size, workers, folder) for folder, paths in parts]
-    entry = Path(cache_dir).expanduser() / entry_name(root, parts, size)
+    entry = Path(expand(cache_dir)) / entry_name(root, parts, size)
     mapped = _mapped(entry, parts, size, root)
     if mapped is not None:
         return mapped

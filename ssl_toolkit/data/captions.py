@@ -15,6 +15,7 @@ import torch
 from ssl_toolkit.data.base import DecodesFiles, InMemoryDataModule, Splits
 from ssl_toolkit.data.images import report_unreadable
 from ssl_toolkit.data.tokenizer import CaptionTokenizer
+from ssl_toolkit.paths import expand
 
 
 def read_captions(path: str, image_column: str = "image", caption_column: str = "caption") -> list[tuple[str, str]]:
@@ -84,9 +85,9 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
             raise ValueError(f"data needs image_size >= 1, val_images >= 1 and context_length >= 2; got "
                              f"{image_size}, {val_images}, {context_length}.")
         self.save_hyperparameters()
-        self.root, self.captions_file, self.images_dir = os.path.expanduser(root), captions, images
+        self.root, self.captions_file, self.images_dir = expand(root), captions, images
         self.image_size, self.val_images, self.split_seed = image_size, val_images, split_seed
-        self.tokenizer_file = tokenizer and os.path.expanduser(tokenizer)
+        self.tokenizer_file = tokenizer and expand(tokenizer)
         self.vocab_size, self.context_length = vocab_size, context_length
         self.columns, self.on_corrupt = (image_column, caption_column), on_corrupt
         self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0

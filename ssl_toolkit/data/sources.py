@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ssl_toolkit.data.base import DecodesFiles, InMemoryDataModule, Splits
 from ssl_toolkit.data.images import (IMAGE_EXTENSIONS, SPLIT_FOLDERS, image_files, listed, report_unread,
                                      report_unreadable, unread_note)
+from ssl_toolkit.paths import expand
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class CIFARDataModule(InMemoryDataModule):
         if variant not in ("cifar10", "cifar100"):
             raise ValueError(f"data.variant must be 'cifar10' or 'cifar100'; got {variant!r}.")
         self.save_hyperparameters()
-        self.root, self.variant, self.download, self.name = os.path.expanduser(root), variant, download, variant
+        self.root, self.variant, self.download, self.name = expand(root), variant, download, variant
 
     def prepare_data(self) -> None:
         if self.download:
@@ -143,7 +144,7 @@ class NpzDataModule(InMemoryDataModule):
     def __init__(self, path: str, batch_size: int = 512, num_workers: int = 0, resident: bool = False):
         super().__init__(batch_size, num_workers, resident)
         self.save_hyperparameters()
-        self.path, self.name = os.path.expanduser(path), os.path.basename(path)  # "~/x.npz" from a YAML recipe
+        self.path, self.name = expand(path), os.path.basename(path)  # "~/x.npz" in a YAML recipe
 
     def load(self) -> Splits:
         if not os.path.isfile(self.path):
@@ -225,7 +226,7 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
         if image_size < 1:
             raise ValueError(f"data.image_size must be >= 1; got {image_size}.")
         self.save_hyperparameters()
-        self.root, self.image_size, self.on_corrupt = os.path.expanduser(root), image_size, on_corrupt
+        self.root, self.image_size, self.on_corrupt = expand(root), image_size, on_corrupt
         self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
 
     def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
