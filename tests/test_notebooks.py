@@ -17,6 +17,7 @@ def run_notebook(name: str, tmp_path) -> tuple[str, list]:
 def test_quickstart_notebook_runs_end_to_end(tmp_path):
     text, pngs = run_notebook("quickstart.ipynb", tmp_path)
     assert "random init" in text and "trained" in text
+    assert "1/class (10 images): kNN top-1" in text and "10% (127 images)" in text  # few labels, from Python
     assert len(pngs) == 1
 
 
