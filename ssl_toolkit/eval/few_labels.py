@@ -97,10 +97,8 @@ def labelled_subset(labels: torch.Tensor, budget: LabelBudget, num_classes: int,
     labels = labels.cpu()
     want = budget.check(labels, num_classes, classes)
     gen = torch.Generator().manual_seed(seed)
-    picked = []
-    for c in range(num_classes):
-        members = (labels == c).nonzero().flatten()  # (have[c],)
-        picked.append(members[torch.randperm(len(members), generator=gen)[:want[c]]])
+    by_class = torch.argsort(labels, stable=True).split(torch.bincount(labels, minlength=num_classes).tolist())
+    picked = [members[torch.randperm(len(members), generator=gen)[:n]] for members, n in zip(by_class, want)]
     return torch.cat(picked).sort().values
 
 
