@@ -667,3 +667,6 @@ def test_data_paths_starting_with_a_tilde_are_in_the_home_folder(tmp_path, monke
     assert CIFARDataModule("~/cifar").root == str(tmp_path / "cifar")
     monkeypatch.setenv("SSL_TOOLKIT_DATA", str(tmp_path))  # $DATA/... in a recipe, as clusters' paths go
     assert NpzDataModule("$SSL_TOOLKIT_DATA/set.npz").path == str(tmp_path / "set.npz")
+    cached = ImageFolderDataModule("$SSL_TOOLKIT_DATA/imgs", image_size=8, cache_dir="$SSL_TOOLKIT_DATA/cache")
+    cached.setup()
+    assert [p.name.split("-")[:2] for p in (tmp_path / "cache").iterdir()] == [["imgs", "8px"]]
