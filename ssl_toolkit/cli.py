@@ -287,11 +287,17 @@ def _log_to_resumed_run(config) -> None:
         from ssl_toolkit.checkpoint import load_checkpoint
 
         run = load_checkpoint(path)["ssl_toolkit"].get("run_folder")
-    if run is None or args.get("version") is not None or os.path.abspath(runs) != os.path.dirname(run):
+    if run is None or args.get("version") is not None or not _same_folder(runs, os.path.dirname(run)):
         return
     name = os.path.basename(run)
     args.version = int(name.removeprefix("version_")) if re.fullmatch(r"version_\d+", name) else name
-    _expect_own_checkpoints(run)
+    _expect_own_checkpoints(os.path.join(runs, name))
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one folder, through symbolic links: ``runs`` linked to ``/scratch/me/runs`` and a
+    checkpoint given by its real path (a resume then started a new ``version_N`` instead of going on in its own)."""
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _run_of(path: str | None) -> str | None:
@@ -305,10 +311,10 @@ def _run_of(path: str | None) -> str | None:
 
 def _expect_own_checkpoints(run: str) -> None:
     """Silence ModelCheckpoint's warning about a folder with checkpoints in it for the ``checkpoints/`` of a resumed
-    run's folder ``run`` (absolute): they are the run's own, as expected."""
+    run's folder ``run`` (as the logger names it, through any link): they are the run's own, as expected."""
     folder = os.path.join(run, "checkpoints")
-    warnings.filterwarnings("ignore", message=re.escape(f"Checkpoint directory {os.path.relpath(folder)}") + "|"
-                            + re.escape(f"Checkpoint directory {folder}"))
+    forms = {os.path.relpath(folder), os.path.abspath(folder), folder}
+    warnings.filterwarnings("ignore", message="|".join(re.escape(f"Checkpoint directory {f}") for f in sorted(forms)))
 
 
 def _numbered(folder: str, pattern: str) -> dict[int, str]:
@@ -550,9 +556,9 @@ def _number_unlogged_run(config) -> bool:
     if trainer is None or _logged(trainer) or trainer.get("fast_dev_run") or _slurm_job() is not None:
         return False
     runs, run = _unlogged_runs(config), _run_of(config.get("ckpt_path"))
-    if run and re.fullmatch(r"version_\d+", os.path.basename(run)) and os.path.dirname(run) == os.path.abspath(runs):
+    if run and re.fullmatch(r"version_\d+", os.path.basename(run)) and _same_folder(os.path.dirname(run), runs):
         trainer.default_root_dir = os.path.join(runs, os.path.basename(run))
-        _expect_own_checkpoints(run)
+        _expect_own_checkpoints(trainer.default_root_dir)
         return True
     last = max(_numbered(runs, r"version_(\d+)"), default=-1)
     trainer.default_root_dir = os.path.join(runs, f"version_{last + 1}")

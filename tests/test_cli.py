@@ -721,6 +721,27 @@ def test_pretrain_writes_checkpoints_atomically(tmp_path, monkeypatch):
     assert written and all(p.endswith(".ckpt") for p in written) and (tmp_path / written[-1]).exists()
 
 
+def test_a_run_resumed_by_the_real_path_of_a_linked_runs_folder_goes_on_in_its_own(tmp_path, monkeypatch, capsys):
+    """`runs` linked to scratch space and `--ckpt_path /scratch/.../last.ckpt`, its real path (as a job script
+    writes it): the run started a new version_N instead of going on in its own, with the logger and without it."""
+    (tmp_path / "scratch").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "runs").symlink_to(tmp_path / "scratch")
+    monkeypatch.chdir(tmp_path / "work")
+    real = tmp_path / "scratch" / "quickstart"
+    for n, logger in enumerate(([], ["--trainer.logger", "false"])):
+        recipe = ["pretrain", "--config", str(ROOT / "recipes" / "quickstart.yaml"), *logger]
+        assert main([*recipe, "--trainer.max_steps", "2"]) == 0
+        last = real / f"version_{n}" / "checkpoints" / "last.ckpt"
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert main([*recipe, "--trainer.max_steps", "3", "--ckpt_path", str(last)]) == 0
+        assert not [w for w in caught if "Checkpoint directory" in str(w.message)]  # its own: no warning
+        assert sorted(p.name for p in real.iterdir()) == [f"version_{i}" for i in range(n + 1)], logger
+        assert torch.load(last, weights_only=True)["global_step"] == 3
+
+
 def test_ctrl_c_saves_a_checkpoint_that_ckpt_path_resumes_exactly_and_another_models_is_refused(
         tmp_path, monkeypatch, capsys, python_ctrl_c):
     """`--ckpt_path` is what the README, Ctrl-C and the non-finite-loss error tell a user to resume with."""
