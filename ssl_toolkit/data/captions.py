@@ -90,7 +90,7 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
         self.tokenizer_file = tokenizer and expand(tokenizer)
         self.vocab_size, self.context_length = vocab_size, context_length
         self.columns, self.on_corrupt = (image_column, caption_column), on_corrupt
-        self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
+        self.name, self.num_skipped = os.path.basename(os.path.normpath(self.root)), 0
         self.tokenizer: CaptionTokenizer | None = None
         self.texts: dict[str, list[str]] = {}
         self.caption_image: dict[str, torch.Tensor] = {}  # per split: (M,) image index of each caption

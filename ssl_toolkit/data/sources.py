@@ -227,7 +227,7 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
             raise ValueError(f"data.image_size must be >= 1; got {image_size}.")
         self.save_hyperparameters()
         self.root, self.image_size, self.on_corrupt = expand(root), image_size, on_corrupt
-        self.name, self.num_skipped = os.path.basename(os.path.normpath(root)), 0
+        self.name, self.num_skipped = os.path.basename(os.path.normpath(self.root)), 0
 
     def _files(self, split_dir: Path) -> tuple[list[str], list[str], list[int]]:
         classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and listed(d.name))
