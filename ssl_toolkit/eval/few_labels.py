@@ -94,12 +94,7 @@ def labelled_subset(labels: torch.Tensor, budget: LabelBudget, num_classes: int,
         >>> y[idx].tolist()
         [0, 0, 1, 1]
     """
-    labels = labels.cpu()
-    want = budget.check(labels, num_classes, classes)
-    gen = torch.Generator().manual_seed(seed)
-    by_class = torch.argsort(labels, stable=True).split(torch.bincount(labels, minlength=num_classes).tolist())
-    picked = [members[torch.randperm(len(members), generator=gen)[:n]] for members, n in zip(by_class, want)]
-    return torch.cat(picked).sort().values
+    return _draw(labels, budget, num_classes, [seed], classes)[0]
 
 
 def labelled_subsets(labels: torch.Tensor, budget: LabelBudget, num_classes: int, draws: int = 5,
@@ -107,7 +102,20 @@ def labelled_subsets(labels: torch.Tensor, budget: LabelBudget, num_classes: int
     """``draws`` subsets of :func:`labelled_subset`, draw ``r`` seeded with ``r``."""
     if draws < 1:
         raise ValueError(f"Draw the labelled images at least once; got draws={draws}.")
-    return [labelled_subset(labels, budget, num_classes, seed, classes) for seed in range(draws)]
+    return _draw(labels, budget, num_classes, range(draws), classes)
+
+
+def _draw(labels: torch.Tensor, budget: LabelBudget, num_classes: int, seeds, classes: list[str] | None):
+    """One subset per seed; the budget is checked and the labels grouped by class (one stable argsort) once."""
+    labels = labels.cpu()
+    want = budget.check(labels, num_classes, classes)
+    by_class = torch.argsort(labels, stable=True).split(torch.bincount(labels, minlength=num_classes).tolist())
+    subsets = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        picked = [members[torch.randperm(len(members), generator=gen)[:n]] for members, n in zip(by_class, want)]
+        subsets.append(torch.cat(picked).sort().values)
+    return subsets
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
