@@ -295,9 +295,13 @@ def _log_to_resumed_run(config) -> None:
 
 
 def _same_folder(a: str, b: str) -> bool:
-    """Whether two paths name one folder, through symbolic links: ``runs`` linked to ``/scratch/me/runs`` and a
-    checkpoint given by its real path (a resume then started a new ``version_N`` instead of going on in its own)."""
-    return os.path.realpath(a) == os.path.realpath(b)
+    """Whether two paths name one folder, through symbolic links (and mounts, where both exist): ``runs`` linked to
+    ``/scratch/me/runs`` and a checkpoint given by its real path (a resume then started a new ``version_N`` instead
+    of going on in its own)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is not there (yet)
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _run_of(path: str | None) -> str | None:
@@ -505,7 +509,7 @@ def _remove_requeue_checkpoints(trainer, resumed: str | None = None) -> None:
         return
     if resumed is not None:
         m = re.fullmatch(REQUEUE_CHECKPOINT, os.path.basename(resumed))
-        if not m or not os.path.samefile(os.path.dirname(os.path.abspath(resumed)), folder):
+        if not m or not _same_folder(os.path.dirname(os.path.abspath(resumed)), folder):
             return  # resumed from a checkpoint of the user's (--ckpt_path), not from this job's
         numbered = {n: name for n, name in numbered.items() if n < int(m.group(1))}
     for name in numbered.values():
