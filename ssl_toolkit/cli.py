@@ -1236,24 +1236,33 @@ def _encoder_and_data(args):
     ckpt = load_checkpoint(args.ckpt)
     encoder = encoder_from_checkpoint(ckpt).to(device)
     dm = resolve_data(args.data, ckpt, on_corrupt=args.on_corrupt)
-    if dm.num_classes < 1:
+    # an image folder's classes from its listing: unlabelled images and a budget no class can fill are refused before
+    # the folder is decoded (30 s for CIFAR-10's 60,000 JPEGs, an hour for ImageNet), not after
+    listed = dm.listed_labels() if dm.splits is None else None
+    if listed is None:
+        dm.setup()
+    classes, y_train = listed or (dm.splits.classes, dm.splits.y_train)
+    if not classes:
         raise ValueError(f"{dm.name} has no class labels (unlabelled images, or image-caption data); pass --data "
                          "with a labelled set (.npz, an image folder with train/<class>/ and val/<class>/, a recipe "
                          "or 'digits'). For CLIP checkpoints see also `ssl-toolkit retrieval`.")
-    return encoder, dm, _info(args, ckpt, dm, device), device
+    _check_budgets(args, y_train, classes)
+    info = _info(args, ckpt, dm, device)  # loads the images
+    if listed and getattr(dm, "num_skipped", 0):  # unreadable files left out may have left a class short
+        _check_budgets(args, dm.splits.y_train, classes)
+    return encoder, dm, info, device
 
 
-def _check_budgets(args, dm) -> None:
+def _check_budgets(args, y_train: torch.Tensor, classes: list[str]) -> None:
     """Refuse a ``--labels`` budget that a class has too few training images for, before the work."""
     for budget in getattr(args, "labels", None) or ():
-        budget.check(dm.splits.y_train, dm.num_classes, dm.splits.classes)
+        budget.check(y_train, len(classes), classes)
 
 
 def _features(args):
     from ssl_toolkit.eval import extract_features
 
     encoder, dm, info, device = _encoder_and_data(args)
-    _check_budgets(args, dm)
     start = time.perf_counter()
     train = extract_features(encoder, dm, "train", device, args.batch_size)
     test = extract_features(encoder, dm, "test", device, args.batch_size)
@@ -1436,7 +1445,6 @@ def probe(args: list[str]) -> None:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
                              "protocol, without --augment, then use the chosen values here).")
         encoder, dm, info, device = _encoder_and_data(a)
-        _check_budgets(a, dm)
         start = time.perf_counter()
         test = extract_features(encoder, dm, "test", device, a.batch_size)  # once, for every probe trained here
 

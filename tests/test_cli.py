@@ -151,6 +151,42 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
 
 
+def test_an_image_folder_that_cannot_be_scored_is_refused_from_its_listing(quickstart, tmp_path, capsys,
+                                                                          monkeypatch):
+    """knn and probe refuse an image folder without class folders, and a per-class budget that a class folder cannot
+    fill, from the folder's listing: before, every image was decoded first (30 s for CIFAR-10's 60,000 JPEGs, an hour
+    for ImageNet's). A folder that can be scored is listed once, for the check and the decoding."""
+    from PIL import Image
+
+    from ssl_toolkit.data import ImageFolderDataModule
+
+    cwd, out, _ = quickstart
+    ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
+    for split, n in (("train", 3), ("val", 2)):
+        for c, name in enumerate(("cat", "dog")):
+            (tmp_path / "pets" / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (12, 12), (200 * c, 40 * i, 90)).save(tmp_path / "pets" / split / name / f"{i}.png")
+    (tmp_path / "loose").mkdir()
+    Image.new("RGB", (12, 12)).save(tmp_path / "loose" / "a.png")
+    pets = str(tmp_path / "pets")
+    with monkeypatch.context() as m:
+        m.setattr("ssl_toolkit.data.base.decode_cached", lambda *a: pytest.fail("decoded before the refusal"))
+        for command in ("knn", "probe"):
+            assert main([command, "--ckpt", ckpt, "--data", pets, "--labels", "4"]) == 1
+            assert ("error: 4 labelled images per class: class 'cat' has 3 training images (1 more class too). Ask "
+                    "for at most 3 per class") in capsys.readouterr().err
+        assert main(["knn", "--ckpt", ckpt, "--data", str(tmp_path / "loose")]) == 1
+        assert "error: loose has no class labels" in capsys.readouterr().err
+    listings = []
+    listing = ImageFolderDataModule._listing
+    monkeypatch.setattr(ImageFolderDataModule, "_listing", lambda self: listings.append(1) or listing(self))
+    assert main(["knn", "--ckpt", ckpt, "--data", pets, "--k", "2", "--labels", "3", "--draws", "1", "--out",
+                 str(tmp_path / "pets.json")]) == 0
+    result = json.loads((tmp_path / "pets.json").read_text())
+    assert result["train_size"] == 6 and result["labels"]["3/class"]["train_size"] == 6 and listings == [1]
+
+
 def test_paths_with_a_tilde_or_a_variable_are_expanded(quickstart, tmp_path, monkeypatch, capsys):
     """`--ckpt=~/runs/last.ckpt` (the shell expands no ~ after '=' or in quotes) was looked for under the working
     directory: "No checkpoint at '/work/~/runs/last.ckpt'"; the same for --data, --out and --ckpt_path, and for

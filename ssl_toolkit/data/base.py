@@ -210,6 +210,13 @@ class InMemoryDataModule(pl.LightningDataModule):
             self.test_only = True
         return self
 
+    def listed_labels(self) -> tuple[list[str], torch.Tensor] | None:
+        """The class names and training labels, known before :meth:`setup` loads the images (from an image folder's
+        listing), so that a command refuses data it cannot score in seconds, not after decoding every image (ImageNet's
+        1.28M JPEGs take an hour); ``None``: known once loaded. Unreadable files left out by ``on_corrupt: skip`` may
+        leave a class fewer images once decoded."""
+        return None
+
     def setup(self, stage: str | None = None) -> None:
         if self.splits is not None:
             return
@@ -331,6 +338,12 @@ class DecodesFiles:
         self.decode_workers, self.cache_dir = num_workers, cache_dir
         self.skip_setting = "data.on_corrupt=skip"  # what unreadable-file errors name; `--on-corrupt skip` in commands
         self._prepared = None  # what prepare_data listed and mapped, for this process's setup
+        self._listed = None  # what listed_labels() listed, for the decoding that follows
+
+    def _listed_once(self):
+        """``_listing()``, or what :meth:`listed_labels` listed: the files are listed and checked once."""
+        listing, self._listed = self._listed or self._listing(), None
+        return listing
 
     def _ranks_on_node(self) -> int:
         return self.trainer.num_devices if self.trainer is not None else 1
@@ -356,7 +369,7 @@ class DecodesFiles:
         This process keeps what it listed and mapped for its own ``setup``, which need not list and stat every file
         again. Once this process is set up, the entry is there: nothing to do."""
         if self.cache_dir and self.splits is None:
-            listing = self._listing()
+            listing = self._listed_once()
             self._prepared = listing, self._decoded(listing, alone=True)
 
     def listed_and_decoded(self) -> tuple:
@@ -364,5 +377,5 @@ class DecodesFiles:
         if self._prepared:
             prepared, self._prepared = self._prepared, None
             return prepared
-        listing = self._listing()
+        listing = self._listed_once()
         return listing, self._decoded(listing)

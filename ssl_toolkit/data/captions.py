@@ -124,6 +124,10 @@ class CaptionDataModule(DecodesFiles, InMemoryDataModule):
 
     test_part = 0  # of _parts: the held-out images, then the training ones
 
+    def listed_labels(self) -> tuple[list[str], torch.Tensor]:
+        """No classes: images and their captions (nothing to list to know it)."""
+        return [], torch.zeros(0, dtype=torch.long)
+
     def _parts(self, listing) -> list[tuple[str, list[str]]]:
         """The held-out and the training images, each split one part."""
         folder = str(Path(self.root) / self.images_dir)

@@ -278,6 +278,13 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
 
     test_part = 1  # of _parts: train/, then val/ (or test/)
 
+    def listed_labels(self) -> tuple[list[str], torch.Tensor]:
+        """The class folders' names and train/'s labels, from the listing (``[]`` and no labels: unlabelled)."""
+        if self._listed is None:
+            self._listed = self._listing()
+        classes, splits = self._listed
+        return (classes, torch.tensor(splits[0][2])) if classes is not None else ([], torch.zeros(0, dtype=torch.long))
+
     def _parts(self, listing) -> list[tuple[str, list[str]]]:
         return [(folder, paths) for folder, paths, _ in listing[1]]
 
