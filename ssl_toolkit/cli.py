@@ -1426,22 +1426,36 @@ def probe(args: list[str]) -> None:
     p.add_argument("--lr", type=_finite, nargs="+", default=[0.1],
                    help="SGD learning rate(s) on standardised features (default 0.1)")
     p.add_argument("--weight-decay", type=_finite, nargs="+", default=[0.0], help="L2 penalty (default 0)")
-    p.add_argument("--val-fraction", type=_finite, default=0.1, help="share of train held out to choose (default 0.1)")
+    p.add_argument("--val-fraction", type=_finite, help="share of train held out to choose among several --lr or "
+                   "--weight-decay (default 0.1)")
     p.add_argument("--augment", action="store_true", help="the standard protocol: random resized crops and flips "
                    "each epoch through the frozen backbone (slower: the backbone runs every epoch)")
-    p.add_argument("--scale", type=_finite, nargs=2, default=[0.08, 1.0], help="crop area range with --augment")
-    p.add_argument("--flip-p", type=_finite, default=0.5, help="flip probability with --augment (0 for digits, text)")
+    p.add_argument("--scale", type=_finite, nargs=2, help="crop area range with --augment (default 0.08 1.0)")
+    p.add_argument("--flip-p", type=_finite, help="flip probability with --augment (default 0.5; 0 for digits, text)")
     _add_labels(p)
     a = _parse_eval(p, args)
     _parse_labels(a)
-    if a.labels and (len(a.lr) > 1 or len(a.weight_decay) > 1):
+    # options of a protocol this run does not use were ignored without a word, and the score read as theirs
+    grid = len(a.lr) > 1 or len(a.weight_decay) > 1
+    if a.val_fraction is not None and (not grid or a.augment):
+        raise ValueError("--val-fraction holds out training images to choose among several --lr or --weight-decay "
+                         "values" + (", which --augment does not do; leave it out." if a.augment else
+                                     "; give several (e.g. --lr 0.01 0.1 1), or leave it out."))
+    unused = [o for o, v in (("--scale", a.scale), ("--flip-p", a.flip_p)) if v is not None and not a.augment]
+    if unused:
+        raise ValueError(f"{' and '.join(unused)} set{'s' * (len(unused) == 1)} the random crops and flips of --augment's "
+                         f"protocol; add --augment, or leave {'them' if len(unused) > 1 else 'it'} out (the default "
+                         "protocol trains on the features of the whole images, unflipped).")
+    a.val_fraction = 0.1 if a.val_fraction is None else a.val_fraction
+    a.scale, a.flip_p = a.scale or [0.08, 1.0], 0.5 if a.flip_p is None else a.flip_p
+    if a.labels and grid:
         raise ValueError("--labels trains with one --lr and one --weight-decay: choosing among several on held-out "
                          "labelled images would use labels beyond the budget (and 1 per class leaves none to hold "
                          "out). Choose them with all labels, or fix them as low-shot papers do.")
     if a.augment:
         from ssl_toolkit.eval import extract_features
 
-        if len(a.lr) > 1 or len(a.weight_decay) > 1:
+        if grid:
             raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
                              "protocol, without --augment, then use the chosen values here).")
         encoder, dm, info, device = _encoder_and_data(a)
@@ -1463,7 +1477,7 @@ def probe(args: list[str]) -> None:
     train, test, classes, info = _features(a)
     num_classes = len(classes)
     start = time.perf_counter()
-    if len(a.lr) == 1 and len(a.weight_decay) == 1:
+    if not grid:
         acc = linear_probe(train[0], train[1], test[0], test[1], num_classes, epochs=a.epochs, lr=a.lr[0],
                            weight_decay=a.weight_decay[0])
         acc.update(lr=a.lr[0], weight_decay=a.weight_decay[0])

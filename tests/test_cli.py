@@ -151,6 +151,23 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
 
 
+def test_probe_refuses_options_of_a_protocol_it_does_not_run(quickstart, capsys, monkeypatch):
+    """--val-fraction without a grid of --lr/--weight-decay, and --scale/--flip-p without --augment, were ignored
+    without a word: the score was read as theirs. Refused before the features are extracted."""
+    cwd, out, _ = quickstart
+    ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
+    monkeypatch.setattr("ssl_toolkit.eval.extract_features", lambda *a: pytest.fail("features extracted"))
+    for options, error in (
+            (["--val-fraction", "0.2"], "error: --val-fraction holds out training images to choose among several "
+                                        "--lr or --weight-decay values; give several"),
+            (["--val-fraction", "0.2", "--augment"], "values, which --augment does not do; leave it out."),
+            (["--flip-p", "0"], "error: --flip-p sets the random crops and flips of --augment's protocol; add "
+                                "--augment, or leave it out"),
+            (["--scale", "0.5", "1", "--flip-p", "0", "--lr", "0.1", "1"], "error: --scale and --flip-p set")):
+        assert main(["probe", "--ckpt", ckpt, *options]) == 1
+        assert error in capsys.readouterr().err, options
+
+
 def test_an_image_folder_that_cannot_be_scored_is_refused_from_its_listing(quickstart, tmp_path, capsys,
                                                                           monkeypatch):
     """knn and probe refuse an image folder without class folders, and a per-class budget that a class folder cannot
