@@ -1094,6 +1094,15 @@ def _finite(text: str) -> float:
     return value
 
 
+def _refuse_unused(a, options: tuple[str, ...], what: str, fix: str, instead: str) -> None:
+    """Refuse ``options`` given for a mode this run does not use (the caller's check): they were ignored without a
+    word, and the result was read as theirs. Their defaults are ``None`` in the parser, so that given is known."""
+    given = [o for o in options if getattr(a, o[2:].replace("-", "_")) is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} set{'s' * (len(given) == 1)} {what}; {fix}, or leave "
+                         f"{'them' if len(given) > 1 else 'it'} out ({instead}).")
+
+
 def _label_budget(text: str):
     """argparse type of ``--labels``: images per class (``5``) or a share of each class (``1%``)."""
     from ssl_toolkit.eval.few_labels import LabelBudget
@@ -1343,10 +1352,13 @@ def knn(args: list[str]) -> None:
     p.add_argument("--index", default="flat", choices=["flat", "ivf"], help="FAISS index: flat (exact, default) or "
                    "ivf (approximate; its neighbour recall against exact is reported)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default sqrt(N), at most N / 39)")
-    p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
+    p.add_argument("--nprobe", type=_count, help="IVF cells searched per query (default 8)")
     _add_labels(p)
     a = _parse_eval(p, args)
     _parse_labels(a)
+    if a.index != "ivf":
+        _refuse_unused(a, ("--nlist", "--nprobe"), "the IVF index", "add --index ivf", "the default index is exact")
+    a.nprobe = a.nprobe or 8
     train, test, classes, info = _features(a)
     num_classes = len(classes)
     over = sorted({k for k in a.k if k > len(train[1])})
@@ -1441,11 +1453,9 @@ def probe(args: list[str]) -> None:
         raise ValueError("--val-fraction holds out training images to choose among several --lr or --weight-decay "
                          "values" + (", which --augment does not do; leave it out." if a.augment else
                                      "; give several (e.g. --lr 0.01 0.1 1), or leave it out."))
-    unused = [o for o, v in (("--scale", a.scale), ("--flip-p", a.flip_p)) if v is not None and not a.augment]
-    if unused:
-        raise ValueError(f"{' and '.join(unused)} set{'s' * (len(unused) == 1)} the random crops and flips of --augment's "
-                         f"protocol; add --augment, or leave {'them' if len(unused) > 1 else 'it'} out (the default "
-                         "protocol trains on the features of the whole images, unflipped).")
+    if not a.augment:
+        _refuse_unused(a, ("--scale", "--flip-p"), "the random crops and flips of --augment's protocol", "add --augment",
+                       "the default protocol trains on the features of the whole images, unflipped")
     a.val_fraction = 0.1 if a.val_fraction is None else a.val_fraction
     a.scale, a.flip_p = a.scale or [0.08, 1.0], 0.5 if a.flip_p is None else a.flip_p
     if a.labels and grid:
@@ -1643,11 +1653,14 @@ def index(args: list[str]) -> None:
     p.add_argument("--embeddings", type=_path, required=True, help="folder written by `ssl-toolkit embed`")
     p.add_argument("--type", default="flat", choices=["flat", "ivf"], help="flat (exact, default) or ivf (approximate)")
     p.add_argument("--nlist", type=_count, help="IVF cells (default: sqrt(N), at most N / 39)")
-    p.add_argument("--nprobe", type=_count, default=8, help="IVF cells searched per query (default 8)")
+    p.add_argument("--nprobe", type=_count, help="IVF cells searched per query (default 8)")
     p.add_argument("--out", type=_path, help="index file, or a folder to write the default name in (default: "
                                  "EMBEDDINGS/index.faiss, or EMBEDDINGS/index-ivf.faiss for ivf, "
                                  "so building both keeps both)")
     a = p.parse_args(args)
+    if a.type != "ivf":
+        _refuse_unused(a, ("--nlist", "--nprobe"), "the IVF index", "add --type ivf", "the default index is exact")
+    a.nprobe = a.nprobe or 8
     from ssl_toolkit.eval.search import build_index, faiss, load_embeddings, recall_against_exact, retrieval_metrics
 
     name = "index.faiss" if a.type == "flat" else "index-ivf.faiss"

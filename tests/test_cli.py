@@ -151,9 +151,10 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
 
 
-def test_probe_refuses_options_of_a_protocol_it_does_not_run(quickstart, capsys, monkeypatch):
-    """--val-fraction without a grid of --lr/--weight-decay, and --scale/--flip-p without --augment, were ignored
-    without a word: the score was read as theirs. Refused before the features are extracted."""
+def test_options_of_a_mode_the_command_does_not_run_are_refused(quickstart, tmp_path, capsys, monkeypatch):
+    """probe's --val-fraction without a grid of --lr/--weight-decay and --scale/--flip-p without --augment, knn's and
+    index's --nlist/--nprobe without an IVF index, were ignored without a word: the score was read as theirs. Refused
+    before the features are extracted."""
     cwd, out, _ = quickstart
     ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
     monkeypatch.setattr("ssl_toolkit.eval.extract_features", lambda *a: pytest.fail("features extracted"))
@@ -166,6 +167,11 @@ def test_probe_refuses_options_of_a_protocol_it_does_not_run(quickstart, capsys,
             (["--scale", "0.5", "1", "--flip-p", "0", "--lr", "0.1", "1"], "error: --scale and --flip-p set")):
         assert main(["probe", "--ckpt", ckpt, *options]) == 1
         assert error in capsys.readouterr().err, options
+    assert main(["knn", "--ckpt", ckpt, "--nprobe", "4"]) == 1
+    assert ("error: --nprobe sets the IVF index; add --index ivf, or leave it out (the default index is exact)."
+            in capsys.readouterr().err)
+    assert main(["index", "--embeddings", str(tmp_path), "--nlist", "4", "--nprobe", "2"]) == 1
+    assert "error: --nlist and --nprobe set the IVF index; add --type ivf, or leave them out" in capsys.readouterr().err
 
 
 def test_an_image_folder_that_cannot_be_scored_is_refused_from_its_listing(quickstart, tmp_path, capsys,
