@@ -10,6 +10,7 @@ than 6.5; a test holds them to it too."""
 import argparse
 import contextlib
 import contextvars
+import datetime
 import functools
 import glob
 import importlib
@@ -19,6 +20,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import sys
 import time
 import warnings
@@ -1323,6 +1325,7 @@ def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespa
     """An evaluation command's arguments (knn, probe, retrieval, zeroshot), with its precision set and its result
     path checked before the work (the default is next to the checkpoint)."""
     a = p.parse_args(args)
+    a.command_line = shlex.join([*p.prog.split(), *args])  # for the result JSON: what to run again
     _use_precision(a)
     _can_write(a.out or a.ckpt + ".json")
     return a
@@ -1330,12 +1333,15 @@ def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespa
 
 def _write(args, command: str, result: dict) -> None:
     """The result as JSON to ``--out`` or next to the checkpoint: ``<ckpt>.<command>.json`` on the checkpoint's own
-    data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay."""
+    data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay. It ends
+    with what a score needs to be reproduced or compared months later: the command line, when it ran (UTC) and the
+    versions of ssl-toolkit and the libraries it ran on."""
     dataset = re.sub(r"[^\w.-]+", "_", result["dataset"]) if args.data else None
     out = args.out or ".".join(filter(None, (args.ckpt, command, dataset, "json")))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out results/knn.json: results/ made
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump({**result, "command": args.command_line, "date": when, "versions": versions()}, f, indent=2)
     print(f"wrote {out}")
 
 

@@ -2,6 +2,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import warnings
@@ -116,6 +117,9 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     result = json.loads((cwd / "knn_few.json").read_text())
     few = result["labels"]
     assert list(few) == ["draws", "1/class", "10%", "100%"]  # 10.0% is 10%: scored once
+    assert result["command"] == shlex.join(["ssl-toolkit", "knn", "--ckpt", ckpt, "--k", "20", "--labels", "1", "10%",
+                                            "100%", "10.0%", "--draws", "3", "--out", str(cwd / "knn_few.json")])
+    assert result["versions"]["torch"] == torch.__version__ and result["date"].endswith("+00:00")
     assert few["draws"] == 3 and [few[b]["train_size"] for b in ("1/class", "10%", "100%")] == [10, 127, 1257]
     one, tenth, every = (few[b]["top1"]["20"] for b in ("1/class", "10%", "100%"))
     assert every["mean"] == pytest.approx(result["top1"]["20"]) and every["std"] == 0
