@@ -1185,7 +1185,8 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "out (default: fail for --data FOLDER, else the setting the data was trained with)")
     p.add_argument("--out", type=_path,
                    help="result file, JSON (default: next to the checkpoint, <ckpt>.<command>.json, or "
-                        "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented); "
+                        "<ckpt>.<command>.<dataset>.json with --data; probe --augment: probe-augmented, --finetune: "
+                        "finetune); "
                         "for pictures, a folder (default <ckpt>.pictures)")
     return p
 
@@ -1435,11 +1436,12 @@ def _few_label_knn(a, train, test, classes: list[str], full: dict) -> dict:
 
 def probe(args: list[str]) -> None:
     from ssl_toolkit.eval import linear_probe
-    from ssl_toolkit.eval.linear_probe import augmented_linear_probe, linear_probe_sweep
+    from ssl_toolkit.eval.linear_probe import augmented_linear_probe, finetune, linear_probe_sweep
 
     p = _eval_parser("probe", "Linear probe on cached frozen features of a checkpoint's encoder. Several --lr or "
                               "--weight-decay values train one head per pair at once and choose on a validation "
-                              "split of train.")
+                              "split of train. --augment: the standard protocol on random crops; --finetune: the "
+                              "backbone trained too.")
     p.add_argument("--epochs", type=_count, default=100, help="epochs over the cached features (default 100)")
     p.add_argument("--lr", type=_finite, nargs="+", default=[0.1],
                    help="SGD learning rate(s) on standardised features (default 0.1)")
@@ -1448,47 +1450,71 @@ def probe(args: list[str]) -> None:
                    "--weight-decay (default 0.1)")
     p.add_argument("--augment", action="store_true", help="the standard protocol: random resized crops and flips "
                    "each epoch through the frozen backbone (slower: the backbone runs every epoch)")
-    p.add_argument("--scale", type=_finite, nargs=2, help="crop area range with --augment (default 0.08 1.0)")
-    p.add_argument("--flip-p", type=_finite, help="flip probability with --augment (default 0.5; 0 for digits, text)")
+    p.add_argument("--scale", type=_finite, nargs=2, help="crop area range with --augment or --finetune (default "
+                   "0.08 1.0)")
+    p.add_argument("--flip-p", type=_finite, help="flip probability with --augment or --finetune (default 0.5; 0 for "
+                   "digits, text)")
+    p.add_argument("--finetune", action="store_true", help="fine-tune: --augment's protocol with the backbone trained "
+                   "too, at --backbone-lr times --lr (slower still: a backward pass through it); with --labels, "
+                   "SimCLR's semi-supervised protocol")
+    p.add_argument("--backbone-lr", type=_finite, help="with --finetune, the backbone's lr as a share of --lr "
+                   "(default 0.1)")
     _add_labels(p)
     a = _parse_eval(p, args)
     _parse_labels(a)
     # options of a protocol this run does not use were ignored without a word, and the score read as theirs
     grid = len(a.lr) > 1 or len(a.weight_decay) > 1
-    if a.val_fraction is not None and (not grid or a.augment):
+    crops = "--finetune" if a.finetune else "--augment" if a.augment else None  # the protocols on random crops
+    if a.val_fraction is not None and (not grid or crops):
         raise ValueError("--val-fraction holds out training images to choose among several --lr or --weight-decay "
-                         "values" + (", which --augment does not do; leave it out." if a.augment else
+                         "values" + (f", which {crops} does not do; leave it out." if crops else
                                      "; give several (e.g. --lr 0.01 0.1 1), or leave it out."))
-    if not a.augment:
+    if not crops:
         _refuse_unused(a, ("--scale", "--flip-p"), "the random crops and flips of --augment's protocol", "add --augment",
                        "the default protocol trains on the features of the whole images, unflipped")
+    if not a.finetune:
+        _refuse_unused(a, ("--backbone-lr",), "the backbone's lr when fine-tuning", "add --finetune",
+                       "the backbone stays frozen")
     a.val_fraction = 0.1 if a.val_fraction is None else a.val_fraction
     a.scale, a.flip_p = a.scale or [0.08, 1.0], 0.5 if a.flip_p is None else a.flip_p
+    a.backbone_lr = 0.1 if a.backbone_lr is None else a.backbone_lr
     if a.labels and grid:
         raise ValueError("--labels trains with one --lr and one --weight-decay: choosing among several on held-out "
                          "labelled images would use labels beyond the budget (and 1 per class leaves none to hold "
                          "out). Choose them with all labels, or fix them as low-shot papers do.")
-    if a.augment:
+    if crops:
         from ssl_toolkit.eval import extract_features
 
         if grid:
-            raise ValueError("--augment trains one probe; give one --lr and one --weight-decay (sweep with the fast "
-                             "protocol, without --augment, then use the chosen values here).")
+            raise ValueError(f"{crops} trains one {'network' if a.finetune else 'probe'}; give one --lr and one "
+                             "--weight-decay (sweep with the fast protocol, without --augment or --finetune, then use "
+                             "the chosen values here).")
+        if a.finetune and not 0 < a.backbone_lr:
+            raise ValueError(f"--backbone-lr must be > 0 (the backbone's lr as a share of --lr); got {a.backbone_lr:g}."
+                             " For a frozen backbone use --augment.")
         encoder, dm, info, device = _encoder_and_data(a)
         start = time.perf_counter()
-        test = extract_features(encoder, dm, "test", device, a.batch_size)  # once, for every probe trained here
+        if a.finetune:  # each fine-tuned copy embeds the test split itself
+            def augmented(index=None):
+                return finetune(encoder, dm, a.epochs, a.lr[0], a.backbone_lr, a.weight_decay[0], a.batch_size,
+                                device, tuple(a.scale), a.flip_p, train_index=index)
+        else:
+            test = extract_features(encoder, dm, "test", device, a.batch_size)  # once, for every probe trained here
 
-        def augmented(index=None):
-            return augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
-                                          tuple(a.scale), a.flip_p, train_index=index, test_features=test)
+            def augmented(index=None):
+                return augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
+                                              tuple(a.scale), a.flip_p, train_index=index, test_features=test)
 
         acc = augmented()
-        print(f"linear probe (augmented) on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+        name = "fine-tuned" if a.finetune else "linear probe (augmented)"
+        print(f"{name} on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
         if a.labels:
-            info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented, "augmented, ")
-        _write(a, "probe-augmented", {**info, "protocol": "augmented", "epochs": a.epochs, "lr": a.lr[0],
-                                      "weight_decay": a.weight_decay[0], "scale": a.scale, "flip_p": a.flip_p,
-                                      "train_seconds": round(time.perf_counter() - start, 3), **acc})
+            info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented,
+                                              "finetune" if a.finetune else "augmented")
+        _write(a, "finetune" if a.finetune else "probe-augmented", {
+            **info, "protocol": "finetune" if a.finetune else "augmented", "epochs": a.epochs, "lr": a.lr[0],
+            **({"backbone_lr": a.backbone_lr} if a.finetune else {}), "weight_decay": a.weight_decay[0],
+            "scale": a.scale, "flip_p": a.flip_p, "train_seconds": round(time.perf_counter() - start, 3), **acc})
         return
     train, test, classes, info = _features(a)
     num_classes = len(classes)
@@ -1518,14 +1544,17 @@ def probe(args: list[str]) -> None:
 
 
 def _few_label_probe(a, train_y: torch.Tensor, classes: list[str], full: dict, score, protocol: str = "") -> dict:
-    """``probe --labels``: ``score(index)``, a probe trained on the labels of the training images at ``index``
-    alone, for ``--draws`` draws of each budget."""
+    """``probe --labels``: ``score(index)``, a probe (``protocol`` "augmented"; "finetune": the whole network)
+    trained on the labels of the training images at ``index`` alone, for ``--draws`` draws of each budget."""
     result, rows = {"draws": a.draws}, {}
     for budget, (images, draws) in _few_labels(a, train_y, classes, score).items():
         result[budget] = {"train_size": images, **{m: _spread([d[m] for d in draws]) for m in ("top1", "top5")}}
         rows[budget] = images, [result[budget]["top1"], result[budget]["top5"]]
-    _few_labels_table(a, f"linear probe ({protocol}lr {a.lr[0]:g}, weight decay {a.weight_decay[0]:g})",
-                      ["top-1", "top-5"], rows, [full["top1"], full["top5"]], len(train_y))
+    settings = (f"lr {a.lr[0]:g}, " + (f"backbone x{a.backbone_lr:g}, " if protocol == "finetune" else "")
+                + f"weight decay {a.weight_decay[0]:g}")
+    title = {"finetune": f"fine-tuning ({settings})",
+             "augmented": f"linear probe (augmented, {settings})"}.get(protocol, f"linear probe ({settings})")
+    _few_labels_table(a, title, ["top-1", "top-5"], rows, [full["top1"], full["top5"]], len(train_y))
     return result
 
 

@@ -296,6 +296,40 @@ def test_augmented_probe_learns_with_the_backbone_frozen():
         augmented_linear_probe(encoder, one)
 
 
+def test_finetuning_trains_a_copy_of_the_backbone():
+    """Fine-tuning trains the backbone with the classifier: a random-init tiny CNN fine-tuned on 10% of digits'
+    labels beats the augmented probe of the same frozen encoder by a wide margin. The caller's encoder (weights and
+    batch-norm statistics) and random streams are left as they were, so every draw of few labels starts from the
+    pretrained weights."""
+    import copy
+
+    from conftest import DIGITS_MEAN, DIGITS_STD
+    from ssl_toolkit.backbones import Encoder, build_backbone
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.eval import LabelBudget, labelled_subset
+    from ssl_toolkit.eval.linear_probe import augmented_linear_probe, finetune
+
+    torch.manual_seed(0)
+    net, _ = build_backbone("tiny_cnn", width=8)
+    encoder = Encoder(net, DIGITS_MEAN, DIGITS_STD, input_size=16)
+    dm = DigitsDataModule(image_size=16)
+    dm.setup()
+    index = labelled_subset(dm.splits.y_train, LabelBudget.parse("10%"), 10)
+    before, rng = copy.deepcopy(encoder.state_dict()), torch.get_rng_state()
+    settings = dict(epochs=30, batch_size=32, scale=(0.6, 1.0), flip_p=0.0, train_index=index)
+    frozen = augmented_linear_probe(encoder, dm, **settings)
+    tuned = finetune(encoder, dm, **settings)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # Measured on 2 CPU cores (seed 0): 81.85% with the backbone frozen, 94.63% fine-tuned (0.6 s each)
+    assert tuned["top1"] - frozen["top1"] >= 8.0, (frozen, tuned)
+    assert finetune(encoder, dm, **settings) == tuned  # seeded: the same draw gives the same score
+    with pytest.raises(ValueError, match=r"Fine-tuning needs a finite backbone_lr > 0"):
+        finetune(encoder, dm, backbone_lr=0.0)
+    with pytest.raises(ValueError, match=r"The fine-tuning needs epochs >= 1"):
+        finetune(encoder, dm, epochs=0)
+
+
 def _tiny_run(device):
     """A tiny SimCLR on ``device`` and a stand-in trainer that only has the datamodule (all on_fit_start reads)."""
     from types import SimpleNamespace

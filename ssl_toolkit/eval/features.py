@@ -66,16 +66,25 @@ def eager() -> Iterator[None]:
 def evaluating(model: nn.Module, device: torch.device | str) -> Iterator[None]:
     """Eval mode (restored afterwards), the :func:`eval_precision` in force (by default bf16 autocast on CUDA), and
     compiled modules run eagerly (:func:`eager`): how every evaluator runs a model."""
-    device = torch.device(device)
-    precision = _precision.get()
-    bf16 = device.type == "cuda" if precision == "auto" else precision == "bf16"
     was_training = model.training
     model.eval()
     try:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), eager():
+        with in_eval_precision(device):
             yield
     finally:
         model.train(was_training)
+
+
+@contextmanager
+def in_eval_precision(device: torch.device | str) -> Iterator[None]:
+    """The :func:`eval_precision` in force (by default bf16 autocast on CUDA) and compiled modules run eagerly, in
+    the model's own mode: :func:`evaluating` without eval mode, for an evaluator that trains the backbone
+    (fine-tuning)."""
+    device = torch.device(device)
+    precision = _precision.get()
+    bf16 = device.type == "cuda" if precision == "auto" else precision == "bf16"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16), eager():
+        yield
 
 
 @contextmanager

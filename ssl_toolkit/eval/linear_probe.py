@@ -7,6 +7,7 @@ standardised with the training statistics (as MAE's BN-without-affine probe,
 https://arxiv.org/abs/2111.06377), so the backbone never runs again during the probe's epochs.
 """
 
+import copy
 import math
 
 import torch
@@ -194,13 +195,46 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
     ``train_index`` trains on those training images alone (few labels); ``test_features`` (features and labels of
     the test split, from :func:`~ssl_toolkit.eval.features.extract_features`) spares extracting them again.
     """
-    from ssl_toolkit.eval.features import evaluating, extract_features, own_rng
+    return _train_on_crops(encoder, datamodule, epochs, lr, weight_decay, batch_size, device, scale, flip_p, seed,
+                           train_index, test_features, backbone_lr=None)
+
+
+def finetune(encoder: Encoder, datamodule, epochs: int = 100, lr: float = 0.1, backbone_lr: float = 0.1,
+             weight_decay: float = 0.0, batch_size: int = 256, device: torch.device | str = "cpu",
+             scale: tuple[float, float] = (0.08, 1.0), flip_p: float = 0.5, seed: int = 0,
+             train_index: torch.Tensor | None = None) -> dict[str, float]:
+    """Fine-tuning: :func:`augmented_linear_probe`'s protocol with the backbone trained too, at ``backbone_lr``
+    times ``lr`` (the classifier's), in train mode (its batch norm uses and updates batch statistics) and in the
+    evaluation precision (bf16 autocast on CUDA by default). With few labels (``train_index``) this is the
+    semi-supervised protocol of SimCLR (https://arxiv.org/abs/2002.05709, Sec. 6, fine-tuned on 1% and 10% of
+    ImageNet's labels). ``encoder`` itself is left as it was: a copy is trained, so every draw of few labels starts
+    from the pretrained weights. The test split is embedded by the fine-tuned copy, without augmentation.
+
+    Returns:
+        ``top1`` and ``top5`` (%) on the test split.
+    """
+    if not 0 < backbone_lr < math.inf:
+        raise ValueError(f"Fine-tuning needs a finite backbone_lr > 0 (the backbone's lr as a share of the "
+                         f"classifier's); got {backbone_lr}.")
+    return _train_on_crops(encoder, datamodule, epochs, lr, weight_decay, batch_size, device, scale, flip_p, seed,
+                           train_index, None, backbone_lr)
+
+
+def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight_decay: float, batch_size: int,
+                    device: torch.device | str, scale: tuple[float, float], flip_p: float, seed: int,
+                    train_index: torch.Tensor | None, test_features: tuple[torch.Tensor, torch.Tensor] | None,
+                    backbone_lr: float | None) -> dict[str, float]:
+    """What the augmented probe and fine-tuning share: a :func:`bn_linear` classifier trained on random resized
+    crops and flips of the training images, then scored on the test split; ``backbone_lr`` None: the backbone
+    frozen, else a copy of it trained at ``backbone_lr * lr``."""
+    from ssl_toolkit.eval.features import evaluating, extract_features, in_eval_precision, own_rng
     from ssl_toolkit.progress import Progress
     from ssl_toolkit.views import functional as VF
 
+    what = "augmented probe" if backbone_lr is None else "fine-tuning"
     if (epochs < 1 or not 0 < lr < math.inf or not 0 <= weight_decay < math.inf or not 0 < scale[0] <= scale[1] <= 1
             or not 0 <= flip_p <= 1):
-        raise ValueError(f"The augmented probe needs epochs >= 1, a finite lr > 0 and weight_decay >= 0, "
+        raise ValueError(f"The {what} needs epochs >= 1, a finite lr > 0 and weight_decay >= 0, "
                          f"0 < scale <= 1 and a flip probability in [0, 1]; got {epochs}, {lr}, {weight_decay}, {scale}, "
                          f"{flip_p}.")
     datamodule.setup()
@@ -208,28 +242,36 @@ def augmented_linear_probe(encoder: Encoder, datamodule, epochs: int = 100, lr: 
     if train_index is not None:
         x_all, y_all = x_all[train_index], y_all[train_index]
     if len(y_all) < 2:  # batch norm trains on two or more
-        raise ValueError(f"The augmented probe needs two or more training images; {datamodule.name} has "
-                         f"{len(y_all)}.")
+        raise ValueError(f"The {what} needs two or more training images; {datamodule.name} has {len(y_all)}.")
     size = getattr(encoder, "input_size", None) or x_all.shape[-1]
-    encoder = encoder.to(device)
+    tuned = backbone_lr is not None
+    encoder = (copy.deepcopy(encoder) if tuned else encoder).to(device)
     with torch.no_grad(), evaluating(encoder, device):
         dim = encoder(x_all[:2].to(device)).shape[1]
     with own_rng(seed, device):  # the probe's init and crops do not move the caller's random streams
         clf = bn_linear(dim, datamodule.num_classes).to(device)
-        opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+        groups = [{"params": list(clf.parameters())}]
+        if tuned:
+            groups.append({"params": [q for q in encoder.parameters() if q.requires_grad], "lr": lr * backbone_lr})
+        opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
         # a last batch of one image is left out (another each epoch): batch norm cannot train on one, and it stopped
         # the probe at the end of its first epoch with "Expected more than 1 value per channel when training"
         per_epoch = len(y_all) // batch_size + (len(y_all) % batch_size > 1)
         steps = epochs * per_epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        report, step = Progress(steps, "steps", "augmented probe"), 0
+        report, step = Progress(steps, "steps", what), 0
         for epoch in range(epochs):
             for idx in torch.randperm(len(y_all)).split(batch_size)[:per_epoch]:
                 x = x_all[idx].to(device).float() / 255.0  # (b, 3, H, W) in [0, 1]
                 boxes = VF.sample_crop_boxes(len(x), x.shape[-2], x.shape[-1], scale, (3 / 4, 4 / 3), device=device)
                 x = VF.resized_crop(x, boxes, size, torch.rand(len(x), device=device) < flip_p)  # (b, 3, s, s)
-                with torch.no_grad(), evaluating(encoder, device):
-                    feats = encoder(x, check_range=False).float()  # crops of uint8 images: in [0, 1], no sync
+                if tuned:
+                    encoder.train()
+                    with in_eval_precision(device):
+                        feats = encoder(x, check_range=False).float()  # crops of uint8 images: in [0, 1], no sync
+                else:
+                    with torch.no_grad(), evaluating(encoder, device):
+                        feats = encoder(x, check_range=False).float()
                 clf.train()
                 loss = F.cross_entropy(clf(feats), y_all[idx].to(device))
                 opt.zero_grad(set_to_none=True)
