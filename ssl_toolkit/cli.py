@@ -1178,7 +1178,8 @@ def _eval_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = _parser(prog, description)
     p.add_argument("--data", type=_path, help="recipe .yaml, .npz file, image folder (train/ + val/), caption folder "
                                   "(captions.txt + images/) or 'digits'; default: the dataset the checkpoint was trained on")
-    p.add_argument("--batch-size", type=_count, default=512, help="images per forward pass during feature extraction")
+    p.add_argument("--batch-size", type=_count, default=512, help="images per forward pass during feature extraction "
+                   "(and per step of probe --augment and --finetune)")
     _add_precision(p)
     p.add_argument("--on-corrupt", choices=["fail", "skip"],
                    help="unreadable images of an image or caption folder: stop with the list of them or leave them "
@@ -1442,7 +1443,8 @@ def probe(args: list[str]) -> None:
                               "--weight-decay values train one head per pair at once and choose on a validation "
                               "split of train. --augment: the standard protocol on random crops; --finetune: the "
                               "backbone trained too.")
-    p.add_argument("--epochs", type=_count, default=100, help="epochs over the cached features (default 100)")
+    p.add_argument("--epochs", type=_count, default=100, help="epochs over the cached features, or over the images "
+                   "with --augment or --finetune (default 100)")
     p.add_argument("--lr", type=_finite, nargs="+", default=[0.1],
                    help="SGD learning rate(s) on standardised features (default 0.1)")
     p.add_argument("--weight-decay", type=_finite, nargs="+", default=[0.0], help="L2 penalty (default 0)")
