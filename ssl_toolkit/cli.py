@@ -1153,15 +1153,18 @@ def _spread(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "draws": values}
 
 
-def _few_labels_table(a, title: str, columns: list[str], rows: dict, full: list[float], train_size: int) -> None:
-    """Print the few-label scores (``rows``: ``{budget: (images, [spread of each column])}``) above all labels'."""
+def _few_labels_table(a, title: str, columns: list[str], rows: dict, full: list[float] | None,
+                      train_size: int) -> None:
+    """Print the few-label scores (``rows``: ``{budget: (images, [spread of each column])}``) above all labels'
+    (``full``; ``None``: not scored, ``probe --labels-only``)."""
     print(f"{title} with few labels: mean ± std over {a.draws} draw{'s' * (a.draws > 1)} of the labelled training "
           f"images")
     print(f"  {'labels':<10}{'images':>8}" + "".join(f"{c:>17}" for c in columns))
     for budget, (images, spreads) in rows.items():
         cells = "".join(f"{s['mean']:>9.2f} ± {s['std']:<5.2f}" for s in spreads)
         print(f"  {budget:<10}{images:>8,}{cells}".rstrip())
-    print(f"  {'all':<10}{train_size:>8,}" + "".join(f"{v:>17.2f}" for v in full))
+    if full is not None:
+        print(f"  {'all':<10}{train_size:>8,}" + "".join(f"{v:>17.2f}" for v in full))
 
 
 def _parser(prog: str, description: str, ckpt: bool = True, device: bool = True) -> argparse.ArgumentParser:
@@ -1462,6 +1465,8 @@ def probe(args: list[str]) -> None:
     p.add_argument("--backbone-lr", type=_finite, help="with --finetune, the backbone's lr as a share of --lr "
                    "(default 0.1)")
     _add_labels(p)
+    p.add_argument("--labels-only", action="store_true", help="with --labels and --augment or --finetune: train on "
+                   "the budgets alone, not also on every label (which costs more than all the budgets together)")
     a = _parse_eval(p, args)
     _parse_labels(a)
     # options of a protocol this run does not use were ignored without a word, and the score read as theirs
@@ -1477,6 +1482,10 @@ def probe(args: list[str]) -> None:
     if not a.finetune:
         _refuse_unused(a, ("--backbone-lr",), "the backbone's lr when fine-tuning", "add --finetune",
                        "the backbone stays frozen")
+    if a.labels_only and not (a.labels and crops):
+        raise ValueError("--labels-only skips the all-labels training of --augment or --finetune, to score --labels "
+                         "alone; " + ("add --augment or --finetune (the fast protocol's all-labels score costs next "
+                                      "to nothing and is always given)." if a.labels else "give --labels too."))
     a.val_fraction = 0.1 if a.val_fraction is None else a.val_fraction
     a.scale, a.flip_p = a.scale or [0.08, 1.0], 0.5 if a.flip_p is None else a.flip_p
     a.backbone_lr = 0.1 if a.backbone_lr is None else a.backbone_lr
@@ -1507,16 +1516,18 @@ def probe(args: list[str]) -> None:
                 return augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
                                               tuple(a.scale), a.flip_p, train_index=index, test_features=test)
 
-        acc = augmented()
-        name = "fine-tuned" if a.finetune else "linear probe (augmented)"
-        print(f"{name} on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
+        acc = None if a.labels_only else augmented()
+        if acc:
+            name = "fine-tuned" if a.finetune else "linear probe (augmented)"
+            print(f"{name} on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
         if a.labels:
             info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented,
                                               "finetune" if a.finetune else "augmented")
         _write(a, "finetune" if a.finetune else "probe-augmented", {
             **info, "protocol": "finetune" if a.finetune else "augmented", "epochs": a.epochs, "lr": a.lr[0],
             **({"backbone_lr": a.backbone_lr} if a.finetune else {}), "weight_decay": a.weight_decay[0],
-            "scale": a.scale, "flip_p": a.flip_p, "train_seconds": round(time.perf_counter() - start, 3), **acc})
+            "scale": a.scale, "flip_p": a.flip_p, "train_seconds": round(time.perf_counter() - start, 3),
+            **(acc or {})})
         return
     train, test, classes, info = _features(a)
     num_classes = len(classes)
@@ -1556,7 +1567,7 @@ def _few_label_probe(a, train_y: torch.Tensor, classes: list[str], full: dict, s
                 + f"weight decay {a.weight_decay[0]:g}")
     title = {"finetune": f"fine-tuning ({settings})",
              "augmented": f"linear probe (augmented, {settings})"}.get(protocol, f"linear probe ({settings})")
-    _few_labels_table(a, title, ["top-1", "top-5"], rows, [full["top1"], full["top5"]], len(train_y))
+    _few_labels_table(a, title, ["top-1", "top-5"], rows, full and [full["top1"], full["top5"]], len(train_y))
     return result
 
 

@@ -175,6 +175,14 @@ def test_probe_finetune_trains_the_backbone_and_beats_random_init_with_few_label
     assert result["labels"]["5/class"]["train_size"] == 50 and len(result["labels"]["5/class"]["top1"]["draws"]) == 2
     assert re.search(r"fine-tuned on digits: top-1 [\d.]+%", printed), printed
     assert "fine-tuning (lr 0.1, backbone x0.1, weight decay 0) with few labels: mean ± std over 2 draws" in printed
+    assert re.search(r"\n  all +1,257 ", printed), printed
+    # --labels-only: the budgets alone, without the all-labels fine-tuning that costs more than all of them
+    assert main(["probe", "--ckpt", ckpt, "--finetune", "--epochs", "2", "--batch-size", "64", "--flip-p", "0",
+                 "--labels", "5", "--draws", "2", "--labels-only", "--out", str(cwd / "only.json")]) == 0
+    printed = capsys.readouterr().out
+    only = json.loads((cwd / "only.json").read_text())
+    assert "top1" not in only and only["labels"]["5/class"]["train_size"] == 50
+    assert "fine-tuned on" not in printed and "\n  all " not in printed and "\n  5/class " in printed, printed
     # the margin, from Python on one draw of 5 per class: the quickstart encoder against its network at random init
     checkpoint = load_checkpoint(ckpt)
     hparams = checkpoint["hyper_parameters"]
@@ -208,6 +216,9 @@ def test_options_of_a_mode_the_command_does_not_run_are_refused(quickstart, tmp_
             (["--finetune", "--backbone-lr", "0"], "error: --backbone-lr must be > 0"),
             (["--finetune", "--val-fraction", "0.2"], "values, which --finetune does not do; leave it out."),
             (["--finetune", "--lr", "0.1", "1"], "error: --finetune trains one network; give one --lr"),
+            (["--labels", "5", "--labels-only"], "error: --labels-only skips the all-labels training of --augment or "
+                                                 "--finetune, to score --labels alone; add --augment or --finetune"),
+            (["--augment", "--labels-only"], "to score --labels alone; give --labels too."),
             (["--scale", "0.5", "1", "--flip-p", "0", "--lr", "0.1", "1"], "error: --scale and --flip-p set")):
         assert main(["probe", "--ckpt", ckpt, *options]) == 1
         assert error in capsys.readouterr().err, options
