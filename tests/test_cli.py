@@ -202,7 +202,8 @@ def test_probe_finetune_trains_the_backbone_and_beats_random_init_with_few_label
 def test_options_of_a_mode_the_command_does_not_run_are_refused(quickstart, tmp_path, capsys, monkeypatch):
     """probe's --val-fraction without a grid of --lr/--weight-decay and --scale/--flip-p without --augment, knn's and
     index's --nlist/--nprobe without an IVF index, were ignored without a word: the score was read as theirs. Refused
-    before the features are extracted."""
+    before the features are extracted, as are probe's new --backbone-lr without --finetune and --labels-only where it
+    would skip nothing."""
     cwd, out, _ = quickstart
     ckpt = str(cwd / re.search(r"checkpoint: (\S+)", out).group(1))
     monkeypatch.setattr("ssl_toolkit.eval.extract_features", lambda *a: pytest.fail("features extracted"))

@@ -326,7 +326,7 @@ def test_finetuning_trains_a_copy_of_the_backbone():
     assert finetune(encoder, dm, **settings) == tuned  # seeded: the same draw gives the same score
     with pytest.raises(ValueError, match=r"Fine-tuning needs a finite backbone_lr > 0"):
         finetune(encoder, dm, backbone_lr=0.0)
-    with pytest.raises(ValueError, match=r"The fine-tuning needs epochs >= 1"):
+    with pytest.raises(ValueError, match=r"Fine-tuning needs epochs >= 1"):
         finetune(encoder, dm, epochs=0)
 
 

@@ -231,10 +231,10 @@ def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight
     from ssl_toolkit.progress import Progress
     from ssl_toolkit.views import functional as VF
 
-    what = "augmented probe" if backbone_lr is None else "fine-tuning"
+    what = "The augmented probe" if backbone_lr is None else "Fine-tuning"
     if (epochs < 1 or not 0 < lr < math.inf or not 0 <= weight_decay < math.inf or not 0 < scale[0] <= scale[1] <= 1
             or not 0 <= flip_p <= 1):
-        raise ValueError(f"The {what} needs epochs >= 1, a finite lr > 0 and weight_decay >= 0, "
+        raise ValueError(f"{what} needs epochs >= 1, a finite lr > 0 and weight_decay >= 0, "
                          f"0 < scale <= 1 and a flip probability in [0, 1]; got {epochs}, {lr}, {weight_decay}, {scale}, "
                          f"{flip_p}.")
     datamodule.setup()
@@ -242,7 +242,7 @@ def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight
     if train_index is not None:
         x_all, y_all = x_all[train_index], y_all[train_index]
     if len(y_all) < 2:  # batch norm trains on two or more
-        raise ValueError(f"The {what} needs two or more training images; {datamodule.name} has {len(y_all)}.")
+        raise ValueError(f"{what} needs two or more training images; {datamodule.name} has {len(y_all)}.")
     size = getattr(encoder, "input_size", None) or x_all.shape[-1]
     tuned = backbone_lr is not None
     encoder = (copy.deepcopy(encoder) if tuned else encoder).to(device)
@@ -259,7 +259,7 @@ def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight
         per_epoch = len(y_all) // batch_size + (len(y_all) % batch_size > 1)
         steps = epochs * per_epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        report, step = Progress(steps, "steps", what), 0
+        report, step = Progress(steps, "steps", "augmented probe" if backbone_lr is None else "fine-tuning"), 0
         for epoch in range(epochs):
             for idx in torch.randperm(len(y_all)).split(batch_size)[:per_epoch]:
                 x = x_all[idx].to(device).float() / 255.0  # (b, 3, H, W) in [0, 1]
