@@ -296,11 +296,12 @@ def test_augmented_probe_learns_with_the_backbone_frozen():
         augmented_linear_probe(encoder, one)
 
 
-def test_finetuning_trains_a_copy_of_the_backbone():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_finetuning_trains_a_copy_of_the_backbone(device):
     """Fine-tuning trains the backbone with the classifier: a random-init tiny CNN fine-tuned on 10% of digits'
     labels beats the augmented probe of the same frozen encoder by a wide margin. The caller's encoder (weights and
     batch-norm statistics) and random streams are left as they were, so every draw of few labels starts from the
-    pretrained weights."""
+    pretrained weights. On CUDA it trains in the evaluation precision, bf16 autocast."""
     import copy
 
     from conftest import DIGITS_MEAN, DIGITS_STD
@@ -315,15 +316,19 @@ def test_finetuning_trains_a_copy_of_the_backbone():
     dm = DigitsDataModule(image_size=16)
     dm.setup()
     index = labelled_subset(dm.splits.y_train, LabelBudget.parse("10%"), 10)
+    encoder = encoder.to(device)
     before, rng = copy.deepcopy(encoder.state_dict()), torch.get_rng_state()
-    settings = dict(epochs=30, batch_size=32, scale=(0.6, 1.0), flip_p=0.0, train_index=index)
+    gpu_rng = torch.cuda.get_rng_state() if device == "cuda" else None
+    settings = dict(epochs=30, batch_size=32, scale=(0.6, 1.0), flip_p=0.0, train_index=index, device=device)
     frozen = augmented_linear_probe(encoder, dm, **settings)
     tuned = finetune(encoder, dm, **settings)
     assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
+    assert gpu_rng is None or torch.equal(torch.cuda.get_rng_state(), gpu_rng)
     # Measured on 2 CPU cores (seed 0): 81.85% with the backbone frozen, 94.63% fine-tuned (0.6 s each)
     assert tuned["top1"] - frozen["top1"] >= 8.0, (frozen, tuned)
-    assert finetune(encoder, dm, **settings) == tuned  # seeded: the same draw gives the same score
+    if device == "cpu":  # seeded: the same draw gives the same score (cuDNN's backward need not be deterministic)
+        assert finetune(encoder, dm, **settings) == tuned
     with pytest.raises(ValueError, match=r"Fine-tuning needs a finite backbone_lr > 0"):
         finetune(encoder, dm, backbone_lr=0.0)
     with pytest.raises(ValueError, match=r"Fine-tuning needs epochs >= 1"):
