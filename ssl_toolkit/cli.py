@@ -1133,15 +1133,20 @@ def _parse_labels(a) -> None:
     a.labels, a.draws = list(dict.fromkeys(a.labels or ())), a.draws or 5
 
 
-def _few_labels(a, train_y: torch.Tensor, classes: list[str], score) -> dict:
+def _few_labels(a, train_y: torch.Tensor, classes: list[str], score, after_draw=None) -> dict:
     """Each ``--labels`` budget drawn ``--draws`` times: ``{budget: (labelled images, [score(index) of each draw])}``,
-    where ``score`` scores with the labels of the training images at ``index`` alone."""
+    where ``score`` scores with the labels of the training images at ``index`` alone; ``after_draw(results)`` is
+    called with the draws done so far after each one."""
     from ssl_toolkit.eval.few_labels import labelled_subsets
 
     results = {}
     for budget in a.labels:
         subsets = labelled_subsets(train_y, budget, len(classes), a.draws, classes)
-        results[str(budget)] = len(subsets[0]), [score(index) for index in subsets]
+        results[str(budget)] = len(subsets[0]), []
+        for index in subsets:
+            results[str(budget)][1].append(score(index))
+            if after_draw:
+                after_draw(results)
     return results
 
 
@@ -1336,18 +1341,21 @@ def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespa
     return a
 
 
-def _write(args, command: str, result: dict) -> None:
+def _write(args, command: str, result: dict, quiet: bool = False) -> None:
     """The result as JSON to ``--out`` or next to the checkpoint: ``<ckpt>.<command>.json`` on the checkpoint's own
     data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay. It ends
     with what a score needs to be reproduced or compared months later: the command line, when it ran (UTC) and the
-    versions of ssl-toolkit and the libraries it ran on."""
+    versions of ssl-toolkit and the libraries it ran on. The file is replaced whole (written beside, then renamed), so
+    a job killed while writing leaves the previous version; ``quiet``: no "wrote" line."""
     dataset = re.sub(r"[^\w.-]+", "_", result["dataset"]) if args.data else None
     out = args.out or ".".join(filter(None, (args.ckpt, command, dataset, "json")))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out results/knn.json: results/ made
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    with open(out, "w") as f:
+    with open(out + ".partial", "w") as f:
         json.dump({**result, "command": args.command_line, "date": when, "versions": versions()}, f, indent=2)
-    print(f"wrote {out}")
+    os.replace(out + ".partial", out)
+    if not quiet:
+        print(f"wrote {out}")
 
 
 def knn(args: list[str]) -> None:
@@ -1516,18 +1524,29 @@ def probe(args: list[str]) -> None:
                 return augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
                                               tuple(a.scale), a.flip_p, train_index=index, test_features=test)
 
+        command = "finetune" if a.finetune else "probe-augmented"
+
+        def result(acc, labels=None) -> dict:
+            settings = {"protocol": "finetune" if a.finetune else "augmented", "epochs": a.epochs, "lr": a.lr[0]}
+            if a.finetune:
+                settings["backbone_lr"] = a.backbone_lr
+            return {**info, **({"labels": labels} if labels else {}), **settings, "weight_decay": a.weight_decay[0],
+                    "scale": a.scale, "flip_p": a.flip_p, "train_seconds": round(time.perf_counter() - start, 3),
+                    **(acc or {})}
+
         acc = None if a.labels_only else augmented()
         if acc:
             name = "fine-tuned" if a.finetune else "linear probe (augmented)"
             print(f"{name} on {info['dataset']}: top-1 {acc['top1']:.2f}%, top-5 {acc['top5']:.2f}%")
         if a.labels:
+            def after_draw(done):  # on disk as they finish: a job ended by its time limit keeps the draws it trained
+                _write(a, command, {**result(acc, _probe_labels_json(a, done)), "unfinished": True}, quiet=True)
+
+            if acc:
+                after_draw({})
             info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented,
-                                              "finetune" if a.finetune else "augmented")
-        _write(a, "finetune" if a.finetune else "probe-augmented", {
-            **info, "protocol": "finetune" if a.finetune else "augmented", "epochs": a.epochs, "lr": a.lr[0],
-            **({"backbone_lr": a.backbone_lr} if a.finetune else {}), "weight_decay": a.weight_decay[0],
-            "scale": a.scale, "flip_p": a.flip_p, "train_seconds": round(time.perf_counter() - start, 3),
-            **(acc or {})})
+                                              "finetune" if a.finetune else "augmented", after_draw)
+        _write(a, command, result(acc))
         return
     train, test, classes, info = _features(a)
     num_classes = len(classes)
@@ -1556,13 +1575,20 @@ def probe(args: list[str]) -> None:
                         "train_seconds": round(time.perf_counter() - start, 3), **acc})
 
 
-def _few_label_probe(a, train_y: torch.Tensor, classes: list[str], full: dict, score, protocol: str = "") -> dict:
+def _probe_labels_json(a, results: dict) -> dict:
+    """The result JSON's ``labels`` of ``probe --labels`` (``results`` from :func:`_few_labels`)."""
+    return {"draws": a.draws, **{budget: {"train_size": images, **{m: _spread([d[m] for d in draws])
+                                                                   for m in ("top1", "top5")}}
+                                 for budget, (images, draws) in results.items() if draws}}
+
+
+def _few_label_probe(a, train_y: torch.Tensor, classes: list[str], full: dict, score, protocol: str = "",
+                     after_draw=None) -> dict:
     """``probe --labels``: ``score(index)``, a probe (``protocol`` "augmented"; "finetune": the whole network)
-    trained on the labels of the training images at ``index`` alone, for ``--draws`` draws of each budget."""
-    result, rows = {"draws": a.draws}, {}
-    for budget, (images, draws) in _few_labels(a, train_y, classes, score).items():
-        result[budget] = {"train_size": images, **{m: _spread([d[m] for d in draws]) for m in ("top1", "top5")}}
-        rows[budget] = images, [result[budget]["top1"], result[budget]["top5"]]
+    trained on the labels of the training images at ``index`` alone, for ``--draws`` draws of each budget
+    (``after_draw``: see :func:`_few_labels`)."""
+    result = _probe_labels_json(a, _few_labels(a, train_y, classes, score, after_draw))
+    rows = {budget: (r["train_size"], [r["top1"], r["top5"]]) for budget, r in result.items() if budget != "draws"}
     settings = (f"lr {a.lr[0]:g}, " + (f"backbone x{a.backbone_lr:g}, " if protocol == "finetune" else "")
                 + f"weight decay {a.weight_decay[0]:g}")
     title = {"finetune": f"fine-tuning ({settings})",

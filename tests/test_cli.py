@@ -1,4 +1,5 @@
 import contextlib
+import importlib
 import json
 import os
 import re
@@ -155,7 +156,7 @@ def test_knn_and_probe_score_with_few_labels_drawn_per_class(quickstart, capsys,
     assert "--draws sets how many times --labels draws" in capsys.readouterr().err
 
 
-def test_probe_finetune_trains_the_backbone_and_beats_random_init_with_few_labels(quickstart, capsys):
+def test_probe_finetune_trains_the_backbone_and_beats_random_init_with_few_labels(quickstart, capsys, monkeypatch):
     """`probe --finetune`: the augmented protocol with the backbone trained too (with --labels, SimCLR's
     semi-supervised protocol), written to its own <ckpt>.finetune.json. Fine-tuned on 5 labelled digits per class,
     the quickstart encoder beats the same network at random init by a wide margin."""
@@ -183,6 +184,24 @@ def test_probe_finetune_trains_the_backbone_and_beats_random_init_with_few_label
     only = json.loads((cwd / "only.json").read_text())
     assert "top1" not in only and only["labels"]["5/class"]["train_size"] == 50
     assert "fine-tuned on" not in printed and "\n  all " not in printed and "\n  5/class " in printed, printed
+    assert "unfinished" not in only and not (cwd / "only.json.partial").exists()
+    # each draw is on disk as it finishes: a job stopped in the second draw (Ctrl-C, a time limit) keeps the first
+    probes = importlib.import_module("ssl_toolkit.eval.linear_probe")  # the package's linear_probe is the function
+    trained, calls = probes.finetune, []
+
+    def stopped_in_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(probes, "finetune", stopped_in_the_second)
+    assert main(["probe", "--ckpt", ckpt, "--finetune", "--epochs", "2", "--batch-size", "64", "--flip-p", "0",
+                 "--labels", "5", "--draws", "2", "--labels-only", "--out", str(cwd / "stopped.json")]) == 130
+    stopped = json.loads((cwd / "stopped.json").read_text())
+    assert stopped["unfinished"] is True and stopped["labels"]["5/class"]["top1"]["draws"] == [
+        only["labels"]["5/class"]["top1"]["draws"][0]]  # the same first draw as the run that finished
+    monkeypatch.undo()
     # the margin, from Python on one draw of 5 per class: the quickstart encoder against its network at random init
     checkpoint = load_checkpoint(ckpt)
     hparams = checkpoint["hyper_parameters"]
