@@ -1524,10 +1524,11 @@ def probe(args: list[str]) -> None:
                 return augmented_linear_probe(encoder, dm, a.epochs, a.lr[0], a.weight_decay[0], a.batch_size, device,
                                               tuple(a.scale), a.flip_p, train_index=index, test_features=test)
 
+        protocol = "finetune" if a.finetune else "augmented"
         command = "finetune" if a.finetune else "probe-augmented"
 
         def result(acc, labels=None) -> dict:
-            settings = {"protocol": "finetune" if a.finetune else "augmented", "epochs": a.epochs, "lr": a.lr[0]}
+            settings = {"protocol": protocol, "epochs": a.epochs, "lr": a.lr[0]}
             if a.finetune:
                 settings["backbone_lr"] = a.backbone_lr
             return {**info, **({"labels": labels} if labels else {}), **settings, "weight_decay": a.weight_decay[0],
@@ -1544,8 +1545,8 @@ def probe(args: list[str]) -> None:
 
             if acc:
                 after_draw({})
-            info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented,
-                                              "finetune" if a.finetune else "augmented", after_draw)
+            info["labels"] = _few_label_probe(a, dm.splits.y_train, dm.splits.classes, acc, augmented, protocol,
+                                              after_draw)
         _write(a, command, result(acc))
         return
     train, test, classes, info = _features(a)
