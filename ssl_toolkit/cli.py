@@ -1774,12 +1774,17 @@ def search(args: list[str]) -> None:
     p.add_argument("--ckpt", type=_path,
                    help="checkpoint to embed the queries (default: the one the index was built from)")
     p.add_argument("--out", type=_path, help="gallery: .html (default: INDEX.gallery.html) or .png")
+    p.add_argument("--include-query", action="store_true",
+                   help="list a query that is one of the indexed images as its own first neighbour (by default it "
+                        "is left out, and the k neighbours are other images)")
     _add_on_corrupt(p)
     a = p.parse_args(args)
+    if a.include_query and a.text:
+        p.error("--include-query is for image queries; --text captions are not in the index")
     from ssl_toolkit.checkpoint import load_checkpoint
     from ssl_toolkit.data.images import decode_files
     from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, embed_texts, faiss, image_embedder,
-                                         index_paths, list_images, write_gallery)
+                                         index_paths, list_images, neighbour_lists, write_gallery)
 
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "
@@ -1819,12 +1824,20 @@ def search(args: list[str]) -> None:
     if emb.shape[1] != idx.d:
         raise ValueError(f"The checkpoint gives {emb.shape[1]}-d embeddings but the index holds {idx.d}-d ones; "
                          "query with the checkpoint the index was built from.")
-    scores, ids = idx.search(emb.numpy(), min(a.k, idx.ntotal))
-    found = [[(paths[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0] for row_s, row_i in zip(scores, ids)]
+    leave_out = not (a.text or a.include_query)  # one more, in case the query itself is among them
+    scores, ids = idx.search(emb.numpy(), min(a.k + leave_out, idx.ntotal))
+    found, own = neighbour_lists(kept, scores, ids, paths, a.k, leave_out)
     for q, row in zip(kept, found):
         print(f"query: {json.dumps(q) if a.text else q}")
         for rank, (path, score) in enumerate(row, 1):
             print(f"  {rank:3d}. {score:.4f}  {path}")
+        if not row:
+            print("  (no other images in the index)")
+    if own == len(kept) == 1:
+        print("the query is one of the indexed images, left out of its own neighbours (--include-query lists it)")
+    elif own:
+        print(f"{own} of the {len(kept)} queries are indexed images, each left out of its own neighbours "
+              "(--include-query lists them)")
     print(f"wrote {write_gallery(a.out or a.index + '.gallery.html', kept, found, texts=bool(a.text))}")
 
 

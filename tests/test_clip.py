@@ -422,7 +422,7 @@ def test_text_search_finds_held_out_images_of_a_caption(trained_clip, tmp_path, 
     assert page.count("text query") == 4 and "a dog runs through the grass" in page
     # the encoder's features and image queries on a joint index, in the joint space
     assert main(["search", "--index", str(tmp_path / "emb-trained" / "index.faiss"), "--query",
-                 str(photos / held_out[0]), "-k", "1"]) == 0
+                 str(photos / held_out[0]), "-k", "1", "--include-query"]) == 0
     assert capsys.readouterr().out.splitlines()[1].split()[1] == "1.0000"  # itself, in the same space
     emb = tmp_path / "emb-features"
     assert main(["embed", "--ckpt", str(path), "--images", str(photos), "--out", str(emb)]) == 0

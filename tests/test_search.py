@@ -69,15 +69,31 @@ def test_embed_index_search_round_trip(gallery, tmp_path, capsys):
 
     query = paths[7]
     out = tmp_path / "g.html"
-    assert main(["search", "--index", str(emb_dir / "index.faiss"), "--query", query, "-k", "5", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    first = printed.splitlines()[1].split()
-    assert first[0] == "1." and first[2] == query and float(first[1]) == pytest.approx(1.0, abs=1e-4)  # itself
+    index = str(emb_dir / "index.faiss")
+    assert main(["search", "--index", index, "--query", query, "-k", "5", "--out", str(out), "--include-query"]) == 0
+    first, *rest = [line.split() for line in capsys.readouterr().out.splitlines()[1:6]]
+    assert first[2] == query and float(first[1]) == pytest.approx(1.0, abs=1e-4)  # itself, at similarity 1
+    listed = [query] + [line[2] for line in rest]
     assert out.read_text().count("<img") == 6  # the query and 5 neighbours
+    link = tmp_path / "link.png"  # the same file by another path is still the query itself
+    link.symlink_to(query)
+    for q in (query, str(link)):
+        assert main(["search", "--index", index, "--query", q, "-k", "5", "--out", str(out)]) == 0
+        printed = capsys.readouterr().out.splitlines()
+        others = [line.split()[2] for line in printed[1:6]]
+        assert others[:4] == listed[1:] and others[4] not in listed, (listed, others)  # 5 others, in order
+        assert printed[6] == ("the query is one of the indexed images, left out of its own neighbours "
+                              "(--include-query lists it)")
+        assert out.read_text().count("<img") == 6  # the query and 5 other images
     png = tmp_path / "g.png"
     folder = str(root / "images" / "bird")
     assert main(["search", "--index", str(emb_dir / "index.faiss"), "--query", folder, "-k", "3", "--out", str(png)]) == 0
-    assert capsys.readouterr().out.count("query: ") == 30
+    printed = capsys.readouterr().out
+    assert printed.count("query: ") == 30 and ("30 of the 30 queries are indexed images, each left out of its own "
+                                               "neighbours (--include-query lists them)") in printed
+    for row in printed.split("query: ")[1:]:
+        lines = row.splitlines()
+        assert lines[0] not in [line.split()[2] for line in lines[1:4]] and lines[0].startswith(folder)
     grid = np.asarray(Image.open(png))
     assert grid.shape[:2] == (2 + 30 * 98, 2 + 4 * 98)  # 30 rows of query + 3 neighbours, 96 px and 2 px padding
 
@@ -109,7 +125,7 @@ def test_search_refuses_an_index_of_replaced_embeddings_and_follows_a_moved_fold
     monkeypatch.chdir(tmp_path)
     assert main(["search", "--index", str(moved / "index.faiss"), "--query", bird, "-k", "3"]) == 0
     found = [line.split()[2] for line in capsys.readouterr().out.splitlines()[1:4]]
-    assert found[0] == bird and all(p.startswith(str(root / "images" / "bird")) for p in found), found
+    assert bird not in found and all(p.startswith(str(root / "images" / "bird")) for p in found), found
     srcs = re.findall(r'<img src="([^"]*)"', (moved / "index.faiss.gallery.html").read_text())
     assert len(srcs) == 4 and all((moved / urllib.parse.unquote(html.unescape(s))).is_file() for s in srcs)
     copy = tmp_path / "copy.ckpt"  # the checkpoint moved: named with the option that takes it

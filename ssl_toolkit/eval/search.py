@@ -7,6 +7,7 @@ image when the folder had class subfolders). An index is a FAISS
 inner-product index (cosine on the normalised rows) with ``<index>.json`` beside it.
 """
 
+import functools
 import hashlib
 import html
 import json
@@ -265,6 +266,29 @@ def retrieval_metrics(embeddings: torch.Tensor, labels: torch.Tensor, ks: tuple[
     per_class = {int(c): 100.0 * ap[labels[queries] == c].mean().item() for c in labels[queries].unique()}
     return {**{f"recall@{k}": 100.0 * torch.cat(hits[k]).mean().item() for k in ks}, "mAP": 100.0 * ap.mean().item(),
             "mAP_per_class": per_class, "queries": len(queries)}
+
+
+def neighbour_lists(queries: list[str], scores: np.ndarray, ids: np.ndarray, paths: list[str], k: int,
+                    leave_out_query: bool = True) -> tuple[list[list[tuple[str, float]]], int]:
+    """Each query's neighbours as ``(path, score)``, best first, at most ``k`` of them, from an index search's
+    ``(Q, K)`` scores and row ids (ids of -1, which an IVF index gives when its searched cells hold too few vectors,
+    are dropped). With ``leave_out_query``, a query that is one of the indexed files is not listed among its own
+    neighbours (search ``k + 1`` for ``k`` others); also returns how many queries were.
+
+    Example:
+        >>> neighbour_lists(["/a.png"], np.array([[1.0, 0.9]]), np.array([[0, 1]]), ["/a.png", "/b.png"], k=1)
+        ([[('/b.png', 0.9)]], 1)
+    """
+    real = functools.lru_cache(maxsize=None)(os.path.realpath)  # the same file by any path (links, "..")
+    found, own = [], 0
+    for query, row_s, row_i in zip(queries, scores, ids):
+        row = [(paths[j], float(s)) for s, j in zip(row_s, row_i) if j >= 0]
+        if leave_out_query:
+            others = [(p, s) for p, s in row if real(p) != real(query)]
+            own += len(others) < len(row)
+            row = others
+        found.append(row[:k])
+    return found, own
 
 
 def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str, float]]], size: int = 96,
