@@ -26,6 +26,10 @@ def keep_stopped_epoch_open(checkpoint: dict, trainer) -> None:
     ended, so a resumed run would start the next epoch while the data order (saved by the DataModule) still
     holds the rest of this one: the run came out an epoch short. Marking the epoch as not yet processed makes
     Lightning resume in the middle of it, as from a checkpoint saved between two steps, with the batches left.
+    A checkpoint written when training ends (``last.ckpt`` of a recipe that saves every N steps) comes after
+    Lightning has counted the epoch completed as well, which it takes as it is when ``max_steps`` is set: the
+    resumed run counted one epoch more than it had trained, each time (a chain of such jobs was stopped by
+    ``max_epochs`` early), so that count goes back too.
     """
     loop = trainer.fit_loop
     batches = loop.epoch_loop.batch_progress.current.ready
@@ -36,6 +40,8 @@ def keep_stopped_epoch_open(checkpoint: dict, trainer) -> None:
     if saved is not None:
         for counts in (saved["total"], saved["current"]):
             counts["processed"] -= 1  # epoch-end hooks not yet run: a resume continues the epoch
+            counts["completed"] = min(counts["completed"], counts["processed"])  # nor the epoch counted done
+        checkpoint["epoch"] = saved["current"]["completed"]  # the epoch it is in, as trainer.current_epoch resumes
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -648,9 +648,14 @@ def test_ctrl_c_ignored_when_training_starts_stays_ignored_and_sigterm_still_sav
         assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(tmp_path):
-    """trainer.should_stop mid-epoch (max_time, early stopping): Lightning's epoch-end save used to mark the epoch
-    done while the data order still held its remaining batches, so the resumed run trained an epoch short."""
+@pytest.mark.parametrize("saves", [{}, {"every_n_train_steps": 500}], ids=["every-epoch", "every-500-steps"])
+@pytest.mark.parametrize("max_steps", [-1, 15], ids=["max-epochs", "max-steps"])
+def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(saves, max_steps, tmp_path):
+    """trainer.should_stop mid-epoch (max_time, early stopping, max_steps): Lightning's epoch-end save used to mark
+    the epoch done while the data order still held its remaining batches, so the resumed run trained an epoch short.
+    With the CIFAR-10 recipes' saves (every 500 steps) last.ckpt is written when training ends, after Lightning has
+    counted the epoch completed too, and with max_steps set Lightning takes that count as it is: each resume began
+    the next epoch at the stopped one's place (its last batches untrained, the epochs counted one ahead)."""
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
     class OutOfTime(Callback):  # what Timer does when max_time is up
@@ -661,17 +666,18 @@ def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(
     def fit(folder, callbacks=(), ckpt_path=None):
         pl.seed_everything(0)
         model = tiny()
-        trainer = pl.Trainer(max_epochs=3, limit_train_batches=5, accelerator="cpu", logger=False,
-                             enable_progress_bar=False, enable_model_summary=False,
-                             callbacks=[*callbacks, ModelCheckpoint(dirpath=folder, save_last=True)])
+        trainer = pl.Trainer(max_epochs=3, max_steps=max_steps, limit_train_batches=5, accelerator="cpu",
+                             logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             callbacks=[*callbacks, ModelCheckpoint(dirpath=folder, save_last=True, **saves)])
         trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32), ckpt_path=ckpt_path)
         return model, trainer
 
     fit(tmp_path / "b", [OutOfTime()])
     last = str(tmp_path / "b" / "last.ckpt")
-    assert torch.load(last, weights_only=True)["global_step"] == 8  # 5 + 3 of epoch 1's 5 batches
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 8 and saved["epoch"] == 1  # 5 + 3 of epoch 1's 5 batches
     (straight, a), (resumed, b) = fit(tmp_path / "a"), fit(tmp_path / "c", ckpt_path=last)
-    assert b.global_step == a.global_step == 15
+    assert b.global_step == a.global_step == 15 and b.current_epoch == a.current_epoch == 3
     for (k, x), y in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(x, y), k
 
