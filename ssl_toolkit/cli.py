@@ -708,8 +708,9 @@ def _keep_earlier_config(log_dir: str, saved: dict, config: str, step: int) -> s
             break
         kept = os.path.join(log_dir, f"config.to-step-{step}-{n}.yaml")
     os.replace(path, kept)
+    shown = os.path.relpath(kept)  # under the working directory as such; elsewhere whole (was ../../tmp/runs/...)
     return (f"This run's settings differ from those in its run folder's config.yaml, which is kept as "
-            f"{os.path.relpath(kept)}: the settings up to step {step}.")
+            f"{os.path.abspath(kept) if shown.startswith(os.pardir) else shown}: the settings up to step {step}.")
 
 
 def _refuse_true_precision(trainer) -> None:
@@ -795,7 +796,7 @@ def _left_to_train(ckpt: dict, path: str, trainer) -> str | None:
 
     epochs = ckpt.get("loops", {}).get("fit_loop", {}).get("epoch_progress", {}).get("current", {}).get("processed")
     steps = ckpt.get("global_step", 0)
-    trained = f"{path} has trained {epochs} epochs ({steps} steps)" if epochs is not None else \
+    trained = f"{path} has trained {epochs} epoch{'s' * (epochs != 1)} ({steps} steps)" if epochs is not None else \
         f"{path} has trained {steps} steps"
     limits = [(limit, value, done) for limit, value, done in (("max_epochs", trainer.max_epochs, epochs),
                                                               ("max_steps", trainer.max_steps, steps))

@@ -955,6 +955,24 @@ def test_a_resumed_run_names_the_settings_that_differ_from_its_checkpoints(tmp_p
     assert "all of trainer.max_epochs 3, so nothing is left to train" in capsys.readouterr().err
 
 
+def test_the_kept_config_is_named_by_a_path_that_leads_to_it(tmp_path, monkeypatch):
+    """Named relative to the working directory only under it: a run folder elsewhere was ../../tmp/runs/..."""
+    from ssl_toolkit.cli import _keep_earlier_config, _settings
+
+    run = tmp_path / "runs" / "version_0"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  lr: 0.1\n")
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    line = _keep_earlier_config(str(run), _settings("model:\n  lr: 0.1\n"), "model:\n  lr: 0.2\n", 7)
+    assert f"which is kept as {run / 'config.to-step-7.yaml'}: the settings up to step 7." in line, line
+    (run / "config.yaml").write_text("model:\n  lr: 0.2\n")
+    monkeypatch.chdir(tmp_path)
+    line = _keep_earlier_config(str(run), _settings("model:\n  lr: 0.2\n"), "model:\n  lr: 0.3\n", 7)
+    assert "which is kept as runs/version_0/config.to-step-7-1.yaml: the settings up to step 7." in line, line
+
+
 def test_ckpt_path_last_starts_a_chain_of_jobs_afresh_then_resumes_its_newest_run_while_max_time_lasts(tmp_path, monkeypatch, capsys):
     """Every job of a chain can be the same command. Lightning's own `last` looked in the new run's empty folder
     (version_N+1), and `--ckpt_path last` was refused as a missing file."""
