@@ -1,6 +1,8 @@
 """Reading toolkit checkpoints: the encoder and the data they were trained on, from the file alone."""
 
+import hashlib
 import importlib
+import json
 import os
 import re
 from typing import TYPE_CHECKING
@@ -20,7 +22,7 @@ _HOME, __getattr__, __dir__ = lazy_names(__name__, {
                            "save_last"),
 })
 
-__all__ = ["CheckpointError", "RunStopped", "check_resume", "datamodule_from_checkpoint", "encoder_from_checkpoint",
+__all__ = ["CheckpointError", "RunStopped", "backbone_fingerprint", "check_resume", "datamodule_from_checkpoint", "encoder_from_checkpoint",
            "import_class", "load_backbone", "load_backbone_weights", "load_checkpoint", "method_from_checkpoint",
            "resume_differences",
            "AtomicCheckpointIO", "StopAndSave", "keep_stopped_epoch_open", "save_final_checkpoint", "save_last"]
@@ -30,12 +32,44 @@ if TYPE_CHECKING:  # what editors and type checkers read
                                     save_last)
 
 
+def backbone_fingerprint(ckpt: dict, space: str = "backbone") -> str:
+    """SHA-256 of a checkpoint's backbone weights: which weights made an embedding or an export, wherever the file
+    moved. In the ``joint`` space CLIP's image projection counts too (LiT runs from one locked tower share the
+    backbone)."""
+    prefixes = ("backbone.",) if space == "backbone" else ("backbone.", "image_proj.")
+    h = hashlib.sha256()
+    for k, t in sorted(ckpt["state_dict"].items()):
+        if k.startswith(prefixes):
+            h.update(k.encode())
+            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _exported_from(path: str) -> str | None:
+    """What to pass instead of a file ``ssl-toolkit export`` wrote (its ``<file>.json`` beside it says so), or None."""
+    from ssl_toolkit.export import FORMATS
+
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or meta.get("format") not in FORMATS or "method" not in meta:
+        return None
+    source = meta.get("checkpoint") or f"the {str(meta['method']).rpartition('.')[2]} checkpoint it was made from"
+    return (f"{path} is an `ssl-toolkit export` of a backbone ({meta['format']}), for use without the toolkit; the "
+            f"toolkit's commands take the pretraining checkpoint itself: pass {source}.")
+
+
 def load_checkpoint(path: str) -> dict:
     """Load a checkpoint with ``weights_only=True`` and check it is one of this toolkit's."""
     path = expand(path)  # a recipe's model.image_checkpoint: ~/runs/simclr/.../last.ckpt
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No checkpoint at {os.path.abspath(path)!r}. Pass the .ckpt file pretraining wrote "
                                 "(it prints the path when it ends; look under runs/*/version_*/checkpoints/).")
+    exported = _exported_from(path)  # a TorchScript file was torch.load's advice to load it with weights_only=False
+    if exported:
+        raise CheckpointError(exported)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's unpickler on a file that is not a checkpoint: UnpicklingError, RuntimeError,

@@ -1332,6 +1332,11 @@ def _in_folder(out: str, name: str) -> str:
     return os.path.join(out, name) if out.endswith(("/", os.sep)) or os.path.isdir(out) else out
 
 
+def _now() -> str:
+    """The time, UTC, to the second, as result files record it."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
     """An evaluation command's arguments (knn, probe, retrieval, zeroshot), with its precision set and its result
     path checked before the work (the default is next to the checkpoint)."""
@@ -1351,9 +1356,8 @@ def _write(args, command: str, result: dict, quiet: bool = False) -> None:
     dataset = re.sub(r"[^\w.-]+", "_", result["dataset"]) if args.data else None
     out = args.out or ".".join(filter(None, (args.ckpt, command, dataset, "json")))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out results/knn.json: results/ made
-    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     with open(out + ".partial", "w") as f:
-        json.dump({**result, "command": args.command_line, "date": when, "versions": versions()}, f, indent=2)
+        json.dump({**result, "command": args.command_line, "date": _now(), "versions": versions()}, f, indent=2)
     os.replace(out + ".partial", out)
     if not quiet:
         print(f"wrote {out}")
@@ -1674,7 +1678,10 @@ def export(args: list[str]) -> None:
 
     out = _in_folder(a.out, f"{os.path.basename(a.ckpt)}.{a.format}") if a.out else f"{a.ckpt}.{a.format}"
     _can_write(out)
-    for path in export_backbone(load_checkpoint(a.ckpt), a.format, out):
+    ckpt = load_checkpoint(a.ckpt)
+    made = {"checkpoint": os.path.abspath(a.ckpt), "global_step": ckpt.get("global_step"),
+            "command": shlex.join([*p.prog.split(), *args]), "date": _now(), "versions": versions()}
+    for path in export_backbone(ckpt, a.format, out, made):
         print(f"wrote {path}")
 
 
@@ -1694,9 +1701,9 @@ def embed(args: list[str]) -> None:
     _add_precision(p)
     a = p.parse_args(args)
     _can_write(a.out, folder=True)  # before the folder is embedded
-    from ssl_toolkit.checkpoint import load_checkpoint
-    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, folder_labels, image_embedder,
-                                         list_images, save_embeddings, stale_indexes)
+    from ssl_toolkit.checkpoint import backbone_fingerprint, load_checkpoint
+    from ssl_toolkit.eval.search import (embed_paths, folder_labels, image_embedder, list_images, save_embeddings,
+                                         stale_indexes)
     from ssl_toolkit.export import metadata
 
     _use_precision(a)
@@ -1782,10 +1789,10 @@ def search(args: list[str]) -> None:
     a = p.parse_args(args)
     if a.include_query and a.text:
         p.error("--include-query is for image queries; --text captions are not in the index")
-    from ssl_toolkit.checkpoint import load_checkpoint
+    from ssl_toolkit.checkpoint import backbone_fingerprint, load_checkpoint
     from ssl_toolkit.data.images import decode_files
-    from ssl_toolkit.eval.search import (backbone_fingerprint, embed_paths, embed_texts, faiss, image_embedder,
-                                         index_paths, list_images, neighbour_lists, write_gallery)
+    from ssl_toolkit.eval.search import (embed_paths, embed_texts, faiss, image_embedder, index_paths, list_images,
+                                         neighbour_lists, write_gallery)
 
     if not os.path.isfile(a.index) or not os.path.isfile(a.index + ".json"):
         raise FileNotFoundError(f"No index at {a.index!r} (with its .json). Build one with: ssl-toolkit index "

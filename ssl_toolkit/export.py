@@ -10,8 +10,10 @@ Formats:
     ``onnx``: the same whole encoder as an ONNX graph with a dynamic batch axis (``pip install onnx onnxscript``).
 
 Every format also writes ``<file>.json`` beside the exported file (``model.onnx.json``, so exports of one checkpoint
-in several formats keep their own): the method, the backbone config, the feature dimension and how to prepare
-an image (input size, mean/std, or lightness / tiles / patches).
+in several formats keep their own): the method, the backbone config, the feature dimension, how to prepare
+an image (input size, mean/std, or lightness / tiles / patches), and where it came from: the fingerprint of the
+backbone weights (as ``embed`` records it) and, from ``ssl-toolkit export``, the checkpoint, its step, the command,
+the date and the versions.
 """
 
 import json
@@ -60,13 +62,15 @@ def metadata(ckpt: dict, fmt: str, feature_dim: int) -> dict:
     return meta
 
 
-def export(ckpt: dict, fmt: str, out: str) -> list[str]:
+def export(ckpt: dict, fmt: str, out: str, made: dict | None = None) -> list[str]:
     """Write the backbone of ``ckpt`` in ``fmt`` to ``out`` (suffix added when missing) and ``<that path>.json``.
 
-    Returns the written paths.
+    ``made``: more to record in the JSON (``ssl-toolkit export`` gives the checkpoint's path, the command line, the
+    date and the versions). Returns the written paths.
     """
-    from ssl_toolkit.backbones import RESNETS  # torchvision, and
-    from ssl_toolkit.checkpoint import encoder_from_checkpoint  # Lightning: here, so `export --help` runs without them
+    # imported here, so that `export --help` runs without torchvision and Lightning
+    from ssl_toolkit.backbones import RESNETS
+    from ssl_toolkit.checkpoint import backbone_fingerprint, encoder_from_checkpoint
 
     if fmt not in FORMATS:
         raise ValueError(f"Unknown export format {fmt!r}; use one of {', '.join(FORMATS)}.")
@@ -80,7 +84,7 @@ def export(ckpt: dict, fmt: str, out: str) -> list[str]:
     size = ckpt["hyper_parameters"]["views"]["crop_size"]
     with torch.no_grad():
         dim = encoder(torch.zeros(1, 3, size, size, dtype=torch.uint8)).shape[1]
-    meta = metadata(ckpt, fmt, dim)
+    meta = {**metadata(ckpt, fmt, dim), "fingerprint": backbone_fingerprint(ckpt), **(made or {})}
     state = {k: t.detach().contiguous() for k, t in encoder.backbone.state_dict().items()}
     if fmt == "torchvision":
         torch.save(state, path)

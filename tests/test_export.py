@@ -7,7 +7,7 @@ import torch
 import torchvision
 
 from ssl_toolkit.backbones import BackboneConfig, build_backbone
-from ssl_toolkit.checkpoint import encoder_from_checkpoint, load_checkpoint
+from ssl_toolkit.checkpoint import backbone_fingerprint, encoder_from_checkpoint, load_checkpoint
 from ssl_toolkit.cli import main
 from ssl_toolkit.data import DigitsDataModule, NpzDataModule
 from ssl_toolkit.methods import Colorization, Jigsaw, SimCLR
@@ -58,7 +58,7 @@ def test_torchvision_export_loads_into_a_plain_torchvision_resnet(cifar_stem, tm
         assert torch.allclose(plain((x / 255.0 - 0.3) / 0.3), expected, atol=1e-5)
 
 
-def test_safetensors_export_holds_the_weights_and_the_config(tmp_path):
+def test_safetensors_export_holds_the_weights_and_the_config(tmp_path, capsys):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -80,6 +80,22 @@ def test_safetensors_export_holds_the_weights_and_the_config(tmp_path):
     script, script_meta = exported(tmp_path, ckpt, "torchscript")
     assert script_meta["format"] == "torchscript" and "takes" in script_meta
     assert json.loads(open(path + ".json").read()) == meta and meta["format"] == "safetensors"
+    # where it came from: the weights' fingerprint (as embed records it), the checkpoint and its step, the command,
+    # the date and the versions
+    assert meta["fingerprint"] == backbone_fingerprint(load_checkpoint(ckpt)) and meta["checkpoint"] == ckpt
+    assert meta["global_step"] == 2 and meta["command"].startswith(f"ssl-toolkit export --ckpt {ckpt} --format")
+    assert meta["date"].startswith("20") and {"ssl_toolkit", "torch", "kornia"} <= set(meta["versions"])
+    # the toolkit's commands take the checkpoint, and name it for an export (a TorchScript file was torch.load's
+    # advice to load it with weights_only=False)
+    capsys.readouterr()
+    for exported_file in (path, script):
+        assert main(["knn", "--ckpt", exported_file]) == 1
+        err = capsys.readouterr().err
+        assert f"{exported_file} is an `ssl-toolkit export` of a backbone" in err and f"pass {ckpt}." in err, err
+    older = {k: v for k, v in meta.items() if k != "checkpoint"}  # an export from before it was recorded
+    open(path + ".json", "w").write(json.dumps(older))
+    assert main(["probe", "--ckpt", path]) == 1
+    assert "pass the SimCLR checkpoint it was made from." in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["colorization", "jigsaw", "vit"])

@@ -35,18 +35,6 @@ def list_images(folder: str) -> list[str]:
     return paths
 
 
-def backbone_fingerprint(ckpt: dict, space: str = "backbone") -> str:
-    """SHA-256 of a checkpoint's backbone weights: which weights made an embedding, wherever the file moved. In the
-    ``joint`` space CLIP's image projection counts too (LiT runs from one locked tower share the backbone)."""
-    prefixes = ("backbone.",) if space == "backbone" else ("backbone.", "image_proj.")
-    h = hashlib.sha256()
-    for k, t in sorted(ckpt["state_dict"].items()):
-        if k.startswith(prefixes):
-            h.update(k.encode())
-            h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def _clip_model(ckpt: dict, why: str):
     """The CLIP module of a CLIP checkpoint (Lightning and Kornia load here); another method's gets ``why``."""
     from ssl_toolkit.checkpoint import import_class, method_from_checkpoint
