@@ -682,6 +682,21 @@ def test_a_run_stopped_mid_epoch_by_max_time_resumes_with_the_rest_of_the_epoch(
         assert torch.equal(x, y), k
 
 
+def test_views_larger_than_the_training_images_are_said_before_training(capsys):
+    """An image folder decoded at its default 32 px under 96 px views trained on upsampled images without a word."""
+    said = []
+    for image_size in (8, 16):  # 16 px views of 8 px images, then of 16 px ones
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(tiny(), DigitsDataModule(image_size=image_size, batch_size=16))
+        said.append(capsys.readouterr().err)
+    assert ("views.crop_size 16 is larger than the training images (8x8 px): each view is upsampled, 4.0x the pixels "
+            "for the backbone with no detail added. Decode the images at the crop size where the data takes "
+            "data.image_size (image folders, captions, digits: --data.image_size 16), or lower views.crop_size to 8."
+            ) in said[0], said[0]
+    assert "views.crop_size" not in said[1]
+
+
 def test_last_checkpoint_holds_the_end_state_when_saves_are_every_n_epochs(tmp_path):
     from pytorch_lightning.callbacks import ModelCheckpoint
 
