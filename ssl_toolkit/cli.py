@@ -1265,14 +1265,39 @@ def _encoder_and_data(args):
         dm.setup()
     classes, y_train = listed or (dm.splits.classes, dm.splits.y_train)
     if not classes:
-        raise ValueError(f"{dm.name} has no class labels (unlabelled images, or image-caption data); pass --data "
-                         "with a labelled set (.npz, an image folder with train/<class>/ and val/<class>/, a recipe "
-                         "or 'digits'). For CLIP checkpoints see also `ssl-toolkit retrieval`.")
+        raise ValueError(_split_hint(dm) or (
+            f"{dm.name} has no class labels (unlabelled images, or image-caption data); pass --data with a labelled "
+            "set (.npz, an image folder with train/<class>/ and val/<class>/, a recipe or 'digits'). For CLIP "
+            "checkpoints see also `ssl-toolkit retrieval`."))
     _check_budgets(args, y_train, classes)
     info = _info(args, ckpt, dm, device)  # loads the images
     if listed and getattr(dm, "num_skipped", 0):  # unreadable files left out may have left a class short
         _check_budgets(args, dm.splits.y_train, classes)
     return encoder, dm, info, device
+
+
+def _split_hint(dm) -> str | None:
+    """Why an image folder of class folders reads as unlabelled, and what to pass: one split of a labelled set (its
+    parent holds train/ and val/ or test/), or class folders without the train/val split the evaluators need."""
+    from ssl_toolkit.data import ImageFolderDataModule
+    from ssl_toolkit.data.images import SPLIT_FOLDERS, listed
+
+    if not isinstance(dm, ImageFolderDataModule):
+        return None
+    root = os.path.normpath(dm.root)
+    parent = os.path.dirname(root) or os.curdir
+    if os.path.basename(root) in SPLIT_FOLDERS and os.path.isdir(os.path.join(parent, SPLIT_FOLDERS[0])) and any(
+            os.path.isdir(os.path.join(parent, s)) for s in SPLIT_FOLDERS[1:]):
+        return (f"{root} is one split of the labelled set {parent}, whose train/ class folders give the labels the "
+                f"evaluation trains on and its val/ (or test/) the images it scores: pass --data {parent}")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and listed(e.name))
+    if len(classes) < 2:
+        return None
+    shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
+    return (f"{root} holds {len(classes)} folders ({shown}) but no train/ and val/ (or test/) split, so it reads as "
+            "unlabelled images: the evaluation trains on labelled training images and scores others. Arrange it as "
+            f"{root}/train/<class>/ and {root}/val/<class>/ (the same class folders in both), or pass a labelled set "
+            "(.npz, a recipe or 'digits').")
 
 
 def _check_budgets(args, y_train: torch.Tensor, classes: list[str]) -> None:

@@ -276,6 +276,16 @@ def test_an_image_folder_that_cannot_be_scored_is_refused_from_its_listing(quick
                     "for at most 3 per class") in capsys.readouterr().err
         assert main(["knn", "--ckpt", ckpt, "--data", str(tmp_path / "loose")]) == 1
         assert "error: loose has no class labels" in capsys.readouterr().err
+        # class folders read as unlabelled images: one split of a labelled set, or class folders with no split
+        for split in ("val", "train"):
+            assert main(["probe", "--ckpt", ckpt, "--data", f"{pets}/{split}/"]) == 1
+            assert (f"error: {pets}/{split} is one split of the labelled set {pets}, whose train/ class folders give "
+                    f"the labels the evaluation trains on and its val/ (or test/) the images it scores: pass --data "
+                    f"{pets}") in capsys.readouterr().err
+        shutil.copytree(f"{pets}/train", tmp_path / "kinds")
+        assert main(["knn", "--ckpt", ckpt, "--data", str(tmp_path / "kinds")]) == 1
+        assert (f"error: {tmp_path / 'kinds'} holds 2 folders (cat, dog) but no train/ and val/ (or test/) split, so "
+                f"it reads as unlabelled images") in capsys.readouterr().err
     listings = []
     listing = ImageFolderDataModule._listing
     monkeypatch.setattr(ImageFolderDataModule, "_listing", lambda self: listings.append(1) or listing(self))
