@@ -1658,6 +1658,10 @@ def zeroshot(args: list[str]) -> None:
         raise ValueError("zeroshot needs a labelled --data (an .npz file, an image folder, a recipe or 'digits'); "
                          "its class names make the prompts.")
     model, dm, info, device = _clip(a, test_only=True)
+    if not dm.splits.classes:  # was "the dataset has none"
+        raise ValueError(f"Zero-shot classification makes its prompts from class names; {dm.name} has none "
+                         "(unlabelled images, or image-caption data). Pass --data a labelled set: a folder of class "
+                         "folders (DIR/<class>/*, as ImageNet's val/), an .npz file with labels, a recipe or 'digits'.")
     templates = a.template or list(DEFAULT_TEMPLATES)
     result = zero_shot(model, dm, templates, "test", device, a.batch_size)
     print(f"zero-shot on {info['dataset']} ({dm.num_classes} classes): top-1 {result['top1']:.2f}%, "

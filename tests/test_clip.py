@@ -377,6 +377,12 @@ def test_retrieval_and_zeroshot_commands_reproduce_the_run_from_the_checkpoint(t
     assert main(["zeroshot", "--ckpt", str(path), "--data", str(tmp_path / "folder"), "--out", str(tmp_path / "z.json"),
                  "--template", "a photo of a {}."]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "z.json").read_text())["top1"] == scored["top1"]
+    # its val/ alone, class folders as ImageNet's val/ comes: the same score ("the dataset has none" before)
+    assert main(["zeroshot", "--ckpt", str(path), "--data", str(tmp_path / "folder" / "val"), "--out",
+                 str(tmp_path / "v.json"), "--template", "a photo of a {}."]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "v.json").read_text())["top1"] == scored["top1"]
+    assert main(["zeroshot", "--ckpt", str(path), "--data", str(tmp_path / "folder" / "val" / "dog")]) == 1
+    assert "Zero-shot classification makes its prompts from class names; dog has none" in capsys.readouterr().err
     assert main(["knn", "--ckpt", str(path), "--k", "5"]) == 1  # the checkpoint's data has captions, not labels
     assert "has no class labels" in capsys.readouterr().err
     assert main(["knn", "--ckpt", str(path), "--k", "5", "--data", str(data), "--out", str(tmp_path / "k.json")]) == 0

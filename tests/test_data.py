@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -175,6 +176,22 @@ def test_evaluators_of_the_test_split_load_nothing_else(tmp_path, flickr, count_
     for use in (lambda: dm.split_size("train"), dm.train_dataloader):
         with pytest.raises(RuntimeError, match="was loaded with its test split only"):
             use()
+    # the test split alone needs no train/: class folders as they are (ImageNet's val/), or val/ without train/ (both
+    # were unlabelled, or refused, for zero-shot); training still reads a folder without train/ and val/ as unlabelled
+    shutil.copytree(root / "val", tmp_path / "only" / "val")
+    for folder in (root / "val", tmp_path / "only"):
+        alone = ImageFolderDataModule(str(folder), image_size=16, num_workers=0).only_test()
+        alone.setup()
+        assert alone.splits.classes == ["cat", "dog"] and torch.equal(alone.splits.x_test, full.splits.x_test)
+        assert torch.equal(alone.splits.y_test, full.splits.y_test)
+    unlabelled = ImageFolderDataModule(str(root / "val"), image_size=16, num_workers=0)
+    unlabelled.setup()
+    assert unlabelled.num_classes == 0 and len(unlabelled.splits.x_train) == 6
+    shutil.copy(root / "val" / "cat" / "0.png", root / "val" / "loose.png")  # images of its own: a collection
+    loose = ImageFolderDataModule(str(root / "val"), image_size=16, num_workers=0).only_test()
+    loose.setup()
+    assert loose.num_classes == 0 and len(loose.splits.x_test) == 7
+    (root / "val" / "loose.png").unlink()
 
     read = []
     getitem = np.lib.npyio.NpzFile.__getitem__

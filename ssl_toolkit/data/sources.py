@@ -256,6 +256,10 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
                                     "folder of images (unlabelled) or with train/<class>/* and val/<class>/* images.")
         train_dir = root / SPLIT_FOLDERS[0]
         eval_dir = next((root / d for d in SPLIT_FOLDERS[1:] if (root / d).is_dir()), None)
+        if self.test_only and not train_dir.is_dir():  # zero-shot scores labelled images and trains on none
+            labelled = self._files(eval_dir) if eval_dir is not None else self._class_folders(root)
+            if labelled is not None:
+                return labelled[0], [(str(eval_dir or root), labelled[1], labelled[2])]
         if not train_dir.is_dir() and eval_dir is None:
             paths = image_files(root)
             if not paths:
@@ -275,6 +279,19 @@ class ImageFolderDataModule(DecodesFiles, InMemoryDataModule):
             raise ValueError(f"{eval_dir} has classes {found} but train/ has {classes}; both splits need the same "
                              "class folders.")
         return classes, [(str(train_dir), train_paths, train_labels), (str(eval_dir), test_paths, test_labels)]
+
+    def _class_folders(self, root: Path) -> tuple[list[str], list[str], list[int]] | None:
+        """``root``'s folders as classes (as :meth:`_files` lists a split), for the commands that score the test split
+        alone: an ImageNet-style ``val/<class>/`` folder given as it is. None where it holds images of its own, fewer
+        than two folders, or a folder without images (a collection sorted into folders, read as unlabelled)."""
+        entries = list(os.scandir(root))
+        if any(e.is_file() and listed(e.name) and os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS
+               for e in entries) or sum(e.is_dir() and listed(e.name) for e in entries) < 2:
+            return None
+        try:
+            return self._files(root)
+        except FileNotFoundError:
+            return None
 
     test_part = 1  # of _parts: train/, then val/ (or test/)
 
