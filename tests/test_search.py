@@ -302,7 +302,7 @@ def test_embedding_lists_every_unreadable_file_not_the_first_chunks(tmp_path, ca
     assert capsys.readouterr().err == ""
 
 
-def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):
+def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys, monkeypatch):
     root, ckpt = gallery
     emb = tmp_path / "emb"
     assert main(["embed", "--ckpt", ckpt, "--images", str(root / "images"), "--out", str(emb)]) == 0
@@ -316,13 +316,25 @@ def test_map_png_and_tensorboard_projector(gallery, tmp_path, capsys):
     assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", str(tmp_path / "pca.png")]) == 0
     assert (tmp_path / "pca.png").exists()
     capsys.readouterr()
+    # a larger folder draws a seeded sample (t-SNE of 50,000 took minutes, a million hours); the projector holds all
+    drawn = []
+    monkeypatch.setattr("ssl_toolkit.eval.search.embedding_map", lambda e, m: drawn.append(e) or e[:, :2])
+    for _ in range(2):
+        assert main(["map", "--embeddings", str(emb), "--max-points", "30", "--out", str(tmp_path / "some.png"),
+                     "--tensorboard", str(tmp_path / "tb30")]) == 0
+        assert f"wrote {tmp_path / 'some.png'} (tsne of 30 of 90 images in" in capsys.readouterr().out
+    every, _, _ = load_embeddings(str(emb))
+    rows = [next(i for i, e in enumerate(every) if np.array_equal(e, d)) for d in drawn[0]]
+    assert len(rows) == 30 == len(set(rows)) and rows == sorted(rows) and np.array_equal(drawn[0], drawn[1])
+    assert len(next((tmp_path / "tb30").rglob("metadata.tsv")).read_text().splitlines()) == 91
     # --out a folder wrote "<folder>.png" beside it and said "wrote <folder>"; a name without a suffix got .png
     # unsaid; a --tensorboard that cannot be written was a traceback after the PNG
     (tmp_path / "maps").mkdir()
     for given, written in (("maps", "maps/map.png"), ("plain", "plain.png"), ("new/", "new/map.png")):
         # "new/", a folder not made yet, wrote new/.png, a hidden file
         assert main(["map", "--embeddings", str(emb), "--method", "pca", "--out", f"{tmp_path}/{given}"]) == 0
-        assert f"wrote {tmp_path / written} (pca in" in capsys.readouterr().out and (tmp_path / written).is_file()
+        assert f"wrote {tmp_path / written} (pca of 90 images in" in capsys.readouterr().out
+        assert (tmp_path / written).is_file()
     assert not (tmp_path / "maps.png").exists()
     (tmp_path / "taken").write_text("a file")
     assert main(["map", "--embeddings", str(emb), "--tensorboard", str(tmp_path / "taken"), "--out",
