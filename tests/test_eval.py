@@ -380,6 +380,30 @@ def test_knn_report_says_when_a_k_was_more_than_the_training_images():
     assert "more than" not in cb.report(SimpleNamespace(datamodule=SimpleNamespace(name="mine")))[-1]
 
 
+@pytest.mark.parametrize("ends", ["max_steps", "should_stop"])
+def test_a_run_that_max_steps_or_max_time_ends_before_a_due_epoch_is_scored_at_its_end(ends, tmp_path):
+    """Evaluations came every every_n_epochs epochs and after max_epochs: a run ended by max_steps, max_time or early
+    stopping in between had no final score (no kNN lines, no knn.json)."""
+    import pytorch_lightning as pl
+
+    from ssl_toolkit.data import DigitsDataModule
+    from ssl_toolkit.eval import KNNCallback
+
+    class OutOfTime(pl.Callback):  # what the Timer does when max_time is up
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 7:
+                trainer.should_stop = True
+
+    model, _ = _tiny_run("cpu")
+    knn = KNNCallback(every_n_epochs=10, k=[5])
+    trainer = pl.Trainer(max_epochs=20, max_steps=7 if ends == "max_steps" else -1, limit_train_batches=5,
+                         accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[knn] + ([OutOfTime()] if ends == "should_stop" else []))
+    trainer.fit(model, DigitsDataModule(image_size=16, batch_size=32))
+    assert trainer.global_step == 7  # in its second epoch of 5 batches, eight before the first due one
+    assert set(knn.results) == {"init", "trained"} and knn.results["trained"][5] > 0
+
+
 def test_online_probe_refuses_batches_of_one():
     """Its probe's batch norm stopped the first step with "Expected more than 1 value per channel"."""
     from ssl_toolkit.eval import OnlineProbe

@@ -16,9 +16,15 @@ from ssl_toolkit.progress import reporting_progress
 
 
 def is_due(trainer: pl.Trainer, every_n_epochs: int) -> bool:
-    """True at the end of every ``every_n_epochs``-th epoch and of the last one."""
+    """True at the end of every ``every_n_epochs``-th epoch and of the run's last one: ``max_epochs``, or an epoch
+    that ``max_steps``, ``max_time`` or early stopping ends the run in (a run they ended before its next due epoch
+    was never scored: no final kNN line, no ``knn.json``). A signal that stops a job to resume it later ends the run
+    before the epoch-end hooks, and evaluates nothing."""
     epoch = trainer.current_epoch + 1
-    return epoch % every_n_epochs == 0 or (trainer.max_epochs is not None and epoch >= trainer.max_epochs)
+    if epoch % every_n_epochs == 0 or (trainer.max_epochs is not None and epoch >= trainer.max_epochs):
+        return True
+    steps = trainer.max_steps
+    return bool(trainer.should_stop) or (steps is not None and steps >= 0 and trainer.global_step >= steps)
 
 
 class PeriodicEvaluation(pl.Callback):
