@@ -22,9 +22,9 @@ _HOME, __getattr__, __dir__ = lazy_names(__name__, {
                            "save_last"),
 })
 
-__all__ = ["CheckpointError", "RunStopped", "backbone_fingerprint", "check_resume", "datamodule_from_checkpoint", "encoder_from_checkpoint",
-           "import_class", "load_backbone", "load_backbone_weights", "load_checkpoint", "method_from_checkpoint",
-           "resume_differences",
+__all__ = ["CheckpointError", "RunStopped", "backbone_fingerprint", "check_resume", "datamodule_from_checkpoint",
+           "encoder_from_checkpoint", "import_class", "load_backbone", "load_backbone_weights", "load_checkpoint",
+           "method_from_checkpoint", "resume_differences",
            "AtomicCheckpointIO", "StopAndSave", "keep_stopped_epoch_open", "save_final_checkpoint", "save_last"]
 
 if TYPE_CHECKING:  # what editors and type checkers read

@@ -1886,7 +1886,7 @@ def map_(args: list[str]) -> None:
     p.add_argument("--out", type=_path, help="PNG path, or a folder to write map.png in (default: EMBEDDINGS/map.png)")
     p.add_argument("--tensorboard", type=_path,
                    help="also write the projector here (view with tensorboard --logdir DIR)")
-    p.add_argument("--max-points", type=functools.partial(_count, least=0), default=10_000,
+    p.add_argument("--max-points", type=functools.partial(_count, least=0),
                    help="images the map draws: a random sample (seeded) of a larger folder (default 10000: t-SNE took "
                         "40 s for 10,000 on 2 CPU cores, and grows faster than the count; 0: all); the projector "
                         "holds all of them")

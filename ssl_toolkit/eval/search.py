@@ -261,7 +261,7 @@ def neighbour_lists(queries: list[str], scores: np.ndarray, ids: np.ndarray, pat
     """Each query's neighbours as ``(path, score)``, best first, at most ``k`` of them, from an index search's
     ``(Q, K)`` scores and row ids (ids of -1, which an IVF index gives when its searched cells hold too few vectors,
     are dropped). With ``leave_out_query``, a query that is one of the indexed files is not listed among its own
-    neighbours (search ``k + 1`` for ``k`` others); also returns how many queries were.
+    neighbours (search ``k + 1`` for ``k`` others); also returns how many queries were left out of their own.
 
     Example:
         >>> neighbour_lists(["/a.png"], np.array([[1.0, 0.9]]), np.array([[0, 1]]), ["/a.png", "/b.png"], k=1)
@@ -323,15 +323,16 @@ def write_gallery(out: str, queries: list[str], neighbours: list[list[tuple[str,
 MAP_POINTS = 10_000  # t-SNE of CIFAR-10 embeddings on 2 CPU cores: 5,000 in 20 s, 10,000 in 40 s, 20,000 in 109 s
 
 
-def map_sample(count: int, max_points: int = MAP_POINTS, seed: int = 0) -> np.ndarray:
+def map_sample(count: int, max_points: int | None = None, seed: int = 0) -> np.ndarray:
     """The rows a map draws: all ``count`` of them, or a seeded random ``max_points`` of them (sorted) when there are
-    more (``max_points`` 0: all). t-SNE's time grows faster than the count (50,000 embeddings took minutes and a
-    photo library's million hours), and a scatter of that many points is a blot.
+    more (``None``: :data:`MAP_POINTS`; 0: all). t-SNE's time grows faster than the count (50,000 embeddings took
+    minutes and a photo library's million hours), and a scatter of that many points is a blot.
 
     Example:
         >>> map_sample(5, max_points=10).tolist(), len(map_sample(50_000, max_points=10))
         ([0, 1, 2, 3, 4], 10)
     """
+    max_points = MAP_POINTS if max_points is None else max_points
     if not max_points or count <= max_points:
         return np.arange(count)
     return np.sort(np.random.default_rng(seed).choice(count, max_points, replace=False))
