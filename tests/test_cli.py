@@ -1215,6 +1215,8 @@ def test_pretrain_runs_under_ddp_with_two_cpu_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [p.name.split("-")[:2] for p in (tmp_path / "cache").iterdir()] == [["labelled", "32px"]]
     assert "MEMBER: 2/2" in proc.stderr + proc.stdout  # two processes joined one process group (gloo on CPU)
+    assert proc.stderr.count("2 processes x data.batch_size 128 = 256 images a step; optim.lr 0.003 and the schedules "
+                             "are the config's, for that batch") == 1, proc.stderr[-3000:]  # rank 0's line
     assert "kNN top-1" in proc.stdout
     assert "sync_dist=True" not in proc.stderr  # Lightning's warning on the kNN monitor's epoch-level metrics
     from ssl_toolkit.checkpoint import load_checkpoint

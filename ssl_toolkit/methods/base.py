@@ -429,12 +429,24 @@ class BaseSSLModule(pl.LightningModule):
                          "share": rates[0][0] / rates[1][0] if all(rates) else None}
 
     def on_fit_start(self) -> None:
-        """Say when the views are larger than the training images (:func:`upsampling_note`), before training."""
+        """Say, before training, when the views are larger than the training images (:func:`upsampling_note`), and
+        under DDP how many images a step takes: ``data.batch_size`` is per process, so a single-GPU command given
+        ``--trainer.devices 8`` trained at 8x the batch its learning rate was set for, without a word."""
+        if not self.trainer.is_global_zero:
+            return
         splits = getattr(self.trainer.datamodule, "splits", None)
-        if self.trainer.is_global_zero and splits is not None and len(splits.x_train):
+        if splits is not None and len(splits.x_train):
             note = upsampling_note(self.view_config.crop_size, tuple(splits.x_train.shape[-2:]))
             if note:
                 print(note, file=sys.stderr, flush=True)
+        world, batch = self.trainer.world_size, getattr(self.trainer.datamodule, "batch_size", None)
+        if world > 1 and batch:
+            accumulate = self.trainer.accumulate_grad_batches
+            times = f" x {accumulate} accumulated" if accumulate > 1 else ""
+            print(f"{world} processes x data.batch_size {batch}{times} = {world * batch * accumulate:,} images a step; "
+                  f"optim.lr {self.optim_config.lr:g} and the schedules are the config's, for that batch "
+                  "(recipes/multi-gpu divide data.batch_size by the processes to keep a recipe's).",
+                  file=sys.stderr, flush=True)
 
     def on_train_start(self) -> None:
         """Say when a resumed run's schedules span another length than the checkpoint's run did: ``max_epochs``,
