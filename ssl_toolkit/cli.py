@@ -1294,10 +1294,10 @@ def _split_hint(dm) -> str | None:
     if len(classes) < 2:
         return None
     shown = ", ".join(classes[:3]) + (", ..." if len(classes) > 3 else "")
-    return (f"{root} holds {len(classes)} folders ({shown}) but no train/ and val/ (or test/) split, so it reads as "
-            "unlabelled images: the evaluation trains on labelled training images and scores others. Arrange it as "
-            f"{root}/train/<class>/ and {root}/val/<class>/ (the same class folders in both), or pass a labelled set "
-            "(.npz, a recipe or 'digits').")
+    return (f"{dm.name} has no class labels: the {len(classes)} folders in {root} ({shown}) are read as unlabelled "
+            "images, since it has no train/ and val/ (or test/) split for the evaluation to train on and score. If they "
+            f"are classes, arrange them as {root}/train/<class>/ and {root}/val/<class>/ (the same class folders in "
+            "both); otherwise pass --data a labelled set (.npz, a recipe or 'digits').")
 
 
 def _check_budgets(args, y_train: torch.Tensor, classes: list[str]) -> None:

@@ -284,8 +284,8 @@ def test_an_image_folder_that_cannot_be_scored_is_refused_from_its_listing(quick
                     f"{pets}") in capsys.readouterr().err
         shutil.copytree(f"{pets}/train", tmp_path / "kinds")
         assert main(["knn", "--ckpt", ckpt, "--data", str(tmp_path / "kinds")]) == 1
-        assert (f"error: {tmp_path / 'kinds'} holds 2 folders (cat, dog) but no train/ and val/ (or test/) split, so "
-                f"it reads as unlabelled images") in capsys.readouterr().err
+        assert (f"error: kinds has no class labels: the 2 folders in {tmp_path / 'kinds'} (cat, dog) are read as "
+                f"unlabelled images, since it has no train/ and val/ (or test/) split") in capsys.readouterr().err
     listings = []
     listing = ImageFolderDataModule._listing
     monkeypatch.setattr(ImageFolderDataModule, "_listing", lambda self: listings.append(1) or listing(self))
