@@ -1357,16 +1357,18 @@ def _in_folder(out: str, name: str) -> str:
     return os.path.join(out, name) if out.endswith(("/", os.sep)) or os.path.isdir(out) else out
 
 
-def _now() -> str:
-    """The time, UTC, to the second, as result files record it."""
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+def _made(p: argparse.ArgumentParser, args: list[str]) -> dict:
+    """What a result or export file needs to be reproduced or compared months later: the command line, when it ran
+    (UTC) and the versions of ssl-toolkit and the libraries it ran on."""
+    return {"command": shlex.join([*p.prog.split(), *args]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "versions": versions()}
 
 
 def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespace:
     """An evaluation command's arguments (knn, probe, retrieval, zeroshot), with its precision set and its result
     path checked before the work (the default is next to the checkpoint)."""
     a = p.parse_args(args)
-    a.command_line = shlex.join([*p.prog.split(), *args])  # for the result JSON: what to run again
+    a.made = functools.partial(_made, p, args)  # for the result JSON: what to run again, when, on what
     _use_precision(a)
     _can_write(a.out or a.ckpt + ".json")
     return a
@@ -1375,14 +1377,13 @@ def _parse_eval(p: argparse.ArgumentParser, args: list[str]) -> argparse.Namespa
 def _write(args, command: str, result: dict, quiet: bool = False) -> None:
     """The result as JSON to ``--out`` or next to the checkpoint: ``<ckpt>.<command>.json`` on the checkpoint's own
     data, ``<ckpt>.<command>.<dataset>.json`` with another ``--data``, so scores on several sets all stay. It ends
-    with what a score needs to be reproduced or compared months later: the command line, when it ran (UTC) and the
-    versions of ssl-toolkit and the libraries it ran on. The file is replaced whole (written beside, then renamed), so
+    with :func:`_made` (the command line, the date, the versions), as exports do. The file is replaced whole (written beside, then renamed), so
     a job killed while writing leaves the previous version; ``quiet``: no "wrote" line."""
     dataset = re.sub(r"[^\w.-]+", "_", result["dataset"]) if args.data else None
     out = args.out or ".".join(filter(None, (args.ckpt, command, dataset, "json")))
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)  # --out results/knn.json: results/ made
     with open(out + ".partial", "w") as f:
-        json.dump({**result, "command": args.command_line, "date": _now(), "versions": versions()}, f, indent=2)
+        json.dump({**result, **args.made()}, f, indent=2)
     os.replace(out + ".partial", out)
     if not quiet:
         print(f"wrote {out}")
@@ -1708,8 +1709,7 @@ def export(args: list[str]) -> None:
     out = _in_folder(a.out, f"{os.path.basename(a.ckpt)}.{a.format}") if a.out else f"{a.ckpt}.{a.format}"
     _can_write(out)
     ckpt = load_checkpoint(a.ckpt)
-    made = {"checkpoint": os.path.abspath(a.ckpt), "global_step": ckpt.get("global_step"),
-            "command": shlex.join([*p.prog.split(), *args]), "date": _now(), "versions": versions()}
+    made = {"checkpoint": os.path.abspath(a.ckpt), "global_step": ckpt.get("global_step"), **_made(p, args)}
     for path in export_backbone(ckpt, a.format, out, made):
         print(f"wrote {path}")
 

@@ -231,7 +231,8 @@ def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight
     from ssl_toolkit.progress import Progress
     from ssl_toolkit.views import functional as VF
 
-    what = "The augmented probe" if backbone_lr is None else "Fine-tuning"
+    tuned = backbone_lr is not None
+    what = "Fine-tuning" if tuned else "The augmented probe"
     if (epochs < 1 or not 0 < lr < math.inf or not 0 <= weight_decay < math.inf or not 0 < scale[0] <= scale[1] <= 1
             or not 0 <= flip_p <= 1):
         raise ValueError(f"{what} needs epochs >= 1, a finite lr > 0 and weight_decay >= 0, "
@@ -244,7 +245,6 @@ def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight
     if len(y_all) < 2:  # batch norm trains on two or more
         raise ValueError(f"{what} needs two or more training images; {datamodule.name} has {len(y_all)}.")
     size = getattr(encoder, "input_size", None) or x_all.shape[-1]
-    tuned = backbone_lr is not None
     encoder = (copy.deepcopy(encoder) if tuned else encoder).to(device)
     with torch.no_grad(), evaluating(encoder, device):
         dim = encoder(x_all[:2].to(device)).shape[1]
@@ -259,7 +259,7 @@ def _train_on_crops(encoder: Encoder, datamodule, epochs: int, lr: float, weight
         per_epoch = len(y_all) // batch_size + (len(y_all) % batch_size > 1)
         steps = epochs * per_epoch
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        report, step = Progress(steps, "steps", "augmented probe" if backbone_lr is None else "fine-tuning"), 0
+        report, step = Progress(steps, "steps", "fine-tuning" if tuned else "augmented probe"), 0
         for epoch in range(epochs):
             for idx in torch.randperm(len(y_all)).split(batch_size)[:per_epoch]:
                 x = x_all[idx].to(device).float() / 255.0  # (b, 3, H, W) in [0, 1]

@@ -133,9 +133,9 @@ def upsampling_note(crop_size: int, image_size: tuple[int, int]) -> str | None:
         >>> upsampling_note(32, (32, 32)) is None
         True
     """
-    if crop_size <= min(image_size):
-        return None
     side = min(image_size)
+    if crop_size <= side:
+        return None
     return (f"views.crop_size {crop_size} is larger than the training images ({image_size[0]}x{image_size[1]} px): "
             f"each view is upsampled, {(crop_size / side) ** 2:.1f}x the pixels for the backbone with no detail added. "
             f"Decode the images at the crop size where the data takes data.image_size (image folders, captions, "
